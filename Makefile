@@ -1,0 +1,31 @@
+# Fresh machine: `make run` (full pipeline on the bundled sample) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+SAMPLE_DIR := outputs/sample/breastmnist-dicom
+CONFIG ?= configs/breast_ultrasound.yaml
+# Air-gapped sites: the embedded Prefect server sends no usage telemetry.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install run sample test clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(SAMPLE_DIR)/manifest.csv: $(VENV)/.installed sample_data/breastmnist.npz
+	$(PY) -m sample_data.breastmnist $(SAMPLE_DIR)
+
+sample: $(SAMPLE_DIR)/manifest.csv
+
+run: sample
+	$(PY) -m flows.pipeline $(CONFIG)
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf outputs .cache

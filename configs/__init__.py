@@ -1,0 +1,197 @@
+"""Typed pipeline configuration, loaded from the YAML files in this folder.
+
+Every section forbids unknown keys, so a typo fails before any work starts with
+the file and the dotted key named.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent
+SALT_ENV_VAR = "MEDXFER_PATIENT_SALT"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskKind(str, Enum):
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+
+
+class FreezeStrategy(str, Enum):
+    HEAD = "head"  # backbone frozen, only the new head trains
+    PARTIAL = "partial"  # stem and the first `frozen_stages` residual stages frozen
+    FULL = "full"  # everything trains
+    AUTO = "auto"  # head below `auto_full_threshold` training images, full above
+
+
+class SplitConfig(Strict):
+    """Fractions used when the manifest has no `split` column."""
+
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.15
+    test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
+
+
+class DataConfig(Strict):
+    root: Path  # folder that holds the images
+    manifest: Path  # CSV: path, label | age, optional patient_id, split
+    task: TaskKind
+    label_names: list[str] = []  # classification: class names, in output order
+    positive_label: str | None = None  # classification: the class ROC AUC etc. refer to
+    age_range: tuple[float, float] = (0.0, 120.0)  # regression: plausible ages, years
+    # Our column name -> the CSV's, for manifests that name things their own way.
+    columns: dict[Literal["path", "label", "age", "patient_id", "split"], str] = {}
+    use_manifest_split: bool = True  # False: ignore a `split` column and make new splits
+    split: SplitConfig = SplitConfig()
+    patient_salt: str | None = None  # else read from $MEDXFER_PATIENT_SALT
+
+    @model_validator(mode="after")
+    def _labels_fit_task(self) -> "DataConfig":
+        if self.task is TaskKind.CLASSIFICATION:
+            if len(self.label_names) < 2:
+                raise ValueError("label_names: classification needs at least two class names")
+            if self.positive_label is not None and self.positive_label not in self.label_names:
+                raise ValueError(f"positive_label: {self.positive_label!r} is not in label_names")
+        elif self.label_names:
+            raise ValueError("label_names: only used for classification")
+        return self
+
+    @property
+    def positive_index(self) -> int:
+        """Index of the positive class: `positive_label`, else the last class."""
+        if self.positive_label is None:
+            return len(self.label_names) - 1
+        return self.label_names.index(self.positive_label)
+
+
+
+class PreprocessConfig(Strict):
+    resize: Annotated[int, Field(gt=0)] = 256  # short side, before the centre crop
+    crop: Annotated[int, Field(gt=0)] = 224
+    cache_dir: Path = Path(".cache/medxfer/preprocessed")
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> "PreprocessConfig":
+        if self.crop > self.resize:
+            raise ValueError("crop: must not exceed resize")
+        return self
+
+
+class ModelConfig(Strict):
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    # "imagenet" (torchvision weights API, TORCH_HOME cache), "none", or a checkpoint path
+    weights: str = "imagenet"
+    weights_sha256: str | None = None  # checked when `weights` is a file
+    freeze: FreezeStrategy = FreezeStrategy.AUTO
+    frozen_stages: Annotated[int, Field(ge=0, le=4)] = 2  # for `partial`
+    auto_full_threshold: Annotated[int, Field(gt=0)] = 1000  # training images
+
+    @model_validator(mode="after")
+    def _sha_needs_file(self) -> "ModelConfig":
+        if self.weights_sha256 and self.weights in ("imagenet", "none"):
+            raise ValueError("weights_sha256: only used when weights is a file path")
+        return self
+
+
+class TrainConfig(Strict):
+    epochs: Annotated[int, Field(gt=0)] = 10
+    batch_size: Annotated[int, Field(gt=0)] = 32
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    patience: Annotated[int, Field(gt=0)] = 3  # epochs without val improvement
+    num_workers: Annotated[int, Field(ge=0)] = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_train_samples: Annotated[int, Field(gt=0)] | None = None  # for quick runs
+
+
+class RegistryConfig(Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "medxfer"
+    model_name: str
+
+
+class ExportConfig(Strict):
+    opset: Annotated[int, Field(ge=17)] = 18
+    max_abs_diff: Annotated[float, Field(gt=0)] = 1e-4
+    parity_samples: Annotated[int, Field(gt=0)] = 32
+
+
+class ScheduleConfig(Strict):
+    cron: str = "0 2 * * 0"  # weekly retraining, Sunday 02:00
+    timezone: str = "UTC"
+
+
+class PipelineConfig(Strict):
+    name: str
+    seed: int = 42
+    output_dir: Path = Path("outputs")
+    data: DataConfig
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    registry: RegistryConfig
+    export: ExportConfig = ExportConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    def patient_salt(self) -> str:
+        """Salt for patient-id hashes: config, else $MEDXFER_PATIENT_SALT, else a random
+        salt made once and kept (owner-only) in the output folder. Never logged."""
+        configured = self.data.patient_salt or os.environ.get(SALT_ENV_VAR)
+        if configured:
+            return configured
+        salt_file = self.output_dir / ".patient_salt"
+        if not salt_file.exists():
+            salt_file.parent.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(salt_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return salt_file.read_text().strip()
+
+
+def _format_errors(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<top level>"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, *, check_paths: bool = True) -> PipelineConfig:
+    """Read and validate a YAML config; with `check_paths`, the data must exist."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None
+    if check_paths:
+        for key, value in (("data.root", config.data.root), ("data.manifest", config.data.manifest)):
+            if not value.exists():
+                raise ConfigError(f"{path}: {key}: path does not exist: {value}")
+    return config
