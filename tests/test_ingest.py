@@ -1,0 +1,140 @@
+import shutil
+
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from configs import DataConfig, TaskKind
+from tasks.ingest import ManifestError, dicom_age, ingest_dataset, parse_dicom_age, patient_key
+
+SALT = "test-salt"
+
+
+def classification_data(root, **extra) -> DataConfig:
+    return DataConfig(root=root, manifest=root / "manifest.csv", task=TaskKind.CLASSIFICATION,
+                      label_names=["benign", "malignant"], **extra)
+
+
+def copy_dataset(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bundled_dicoms_ingest_with_official_splits_and_hashed_patients(breast_dicom_dir):
+    result = ingest_dataset(classification_data(breast_dicom_dir), seed=0, salt=SALT)
+    manifest = result.manifest
+    assert result.discovered == 120 and len(manifest) == 120 and result.rejects.empty
+    assert manifest["split"].value_counts().to_dict() == {"train": 40, "val": 40, "test": 40}
+    assert set(manifest["label"]) == {"benign", "malignant"}
+    assert (manifest["format"] == "dicom").all()
+    # Patient ids come from the DICOM header and appear only as salted hashes.
+    first = pydicom.dcmread(breast_dicom_dir / manifest.loc[0, "path"])
+    assert manifest.loc[0, "patient_key"] == patient_key(first.PatientID, SALT)
+    assert not manifest.astype(str).apply(lambda col: col.str.contains("BMN-")).any().any()
+
+
+def test_bad_rows_and_files_are_rejected_with_reasons(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv")
+    (root / "stray.txt").write_text("not listed anywhere")
+    extra = pd.DataFrame([
+        {"path": "train/missing.dcm", "label": "benign", "split": "train"},
+        {"path": manifest.loc[1, "path"], "label": "malignant", "split": "train"},  # duplicate
+        {"path": manifest.loc[2, "path"].replace(".dcm", ".dcm"), "label": "2", "split": "train"},
+    ])
+    manifest = manifest.drop(index=2)  # row 2 re-listed above with a label of the wrong kind
+    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
+
+    result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
+    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
+    assert reasons["train/missing.dcm"].endswith("file not found")
+    assert reasons["stray.txt"] == "not listed in the manifest"
+    assert "all name this file" in reasons[manifest.loc[1, "path"]]
+    assert "label '2' is not one of ['benign', 'malignant']" in reasons[extra.loc[2, "path"]]
+    assert reasons[extra.loc[2, "path"]].startswith("row ")
+    assert result.discovered == len(result.manifest) + len(result.rejects)
+    assert len(result.manifest) == 120 - 2  # the duplicated file and the mislabelled one
+
+
+def test_dicom_age_from_header_dates_and_patient_age():
+    rg1 = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"), stop_before_pixels=True)
+    assert rg1.get("PatientAge") is None
+    assert dicom_age(rg1) == pytest.approx(64.47, abs=0.01)  # 1940-03-05 to 2004-08-26
+    assert parse_dicom_age("064Y") == 64
+    assert parse_dicom_age("006M") == pytest.approx(0.5)
+    assert parse_dicom_age("081") == 81
+    assert parse_dicom_age("0x4Y") is None
+
+
+def test_regression_ages_from_header_and_bad_ages_rejected(tmp_path):
+    root = tmp_path / "cr"
+    root.mkdir()
+    files = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCR.dcm", "US1_UNCR.dcm", "MR_small.dcm", "CT_small.dcm"]
+    for name in files:
+        shutil.copy(get_testdata_file(name), root / name)
+    pd.DataFrame({"path": files, "age": ["", "", "", "40", "sixty", "200"],
+                  "split": ["train", "train", "val", "test", "test", "test"]}).to_csv(root / "manifest.csv", index=False)
+    data = DataConfig(root=root, manifest=root / "manifest.csv", task=TaskKind.REGRESSION)
+    result = ingest_dataset(data, seed=0, salt=SALT)
+    ages = dict(zip(result.manifest["path"], result.manifest["target"]))
+    assert ages == pytest.approx({"RG1_UNCR.dcm": 64.47, "RG1_J2KR.dcm": 64.47, "RG3_UNCR.dcm": 25.38,
+                                  "US1_UNCR.dcm": 40.0}, abs=0.01)
+    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
+    assert reasons == {"MR_small.dcm": "row 6: age 'sixty' is not a number",
+                       "CT_small.dcm": "row 7: age 200 is outside the plausible range 0-120"}
+    # One patient (RG1) in two files gets one key.
+    keys = dict(zip(result.manifest["path"], result.manifest["patient_key"]))
+    assert keys["RG1_UNCR.dcm"] == keys["RG1_J2KR.dcm"] != keys["RG3_UNCR.dcm"]
+
+
+def test_given_split_missing_a_split_is_an_error(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv")
+    manifest.loc[manifest["split"] == "test", "split"] = "val"
+    manifest.to_csv(root / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match="'test' split is empty"):
+        ingest_dataset(classification_data(root), seed=0, salt=SALT)
+
+
+def test_generated_splits_are_patient_disjoint_stratified_and_deterministic(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv").drop(columns="split")
+    manifest["patient_id"] = [f"P{i // 3}" for i in range(len(manifest))]  # 3 images per patient
+    manifest.to_csv(root / "manifest.csv", index=False)
+    data = classification_data(root)
+    first = ingest_dataset(data, seed=7, salt=SALT).manifest
+    again = ingest_dataset(data, seed=7, salt=SALT).manifest
+    other = ingest_dataset(data, seed=8, salt=SALT).manifest
+    assert first["split"].tolist() == again["split"].tolist()
+    assert first["split"].tolist() != other["split"].tolist()
+    assert (first.groupby("patient_key")["split"].nunique() == 1).all()
+    for split in ("train", "val", "test"):
+        assert set(first.loc[first["split"] == split, "label"]) == {"benign", "malignant"}
+    test_share = (first["split"] == "test").mean()
+    assert 0.1 < test_share < 0.3
+
+
+def test_given_splits_that_share_a_patient_fail_loudly(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv")
+    manifest["patient_id"] = "same-person"
+    manifest.to_csv(root / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match="puts 1 patients in more than one split"):
+        ingest_dataset(classification_data(root), seed=0, salt=SALT)
+
+
+def test_split_without_a_class_is_an_error(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv")
+    manifest = manifest[~((manifest["split"] == "val") & (manifest["label"] == "malignant"))]
+    manifest.to_csv(root / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match=r"'val' split has no \['malignant'\] samples"):
+        ingest_dataset(classification_data(root), seed=0, salt=SALT)
+
+
+def test_manifest_without_label_column_is_an_error(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    pd.read_csv(root / "manifest.csv").drop(columns="label").to_csv(root / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match="needs a 'label' column"):
+        ingest_dataset(classification_data(root), seed=0, salt=SALT)

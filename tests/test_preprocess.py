@@ -1,0 +1,386 @@
+"""Behaviour of tasks/preprocess.py on real DICOM files from pydicom-data (offline)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from configs import PreprocessConfig
+from tasks import preprocess as pp
+from tasks.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    UnreadableImage,
+    load_grey,
+    preprocess_file,
+    resize_and_crop,
+    to_model_input,
+)
+
+
+def data_file(name: str) -> Path:
+    return Path(get_testdata_file(name))
+
+
+def region_mean(grey: np.ndarray, rows: tuple[float, float], cols: tuple[float, float]) -> float:
+    h, w = grey.shape
+    return float(grey[int(rows[0] * h) : int(rows[1] * h), int(cols[0] * w) : int(cols[1] * w)].mean())
+
+
+# The full-size chest CR (1955x1841) takes ~0.5 s to decode: decode it once.
+@pytest.fixture(scope="module")
+def rg1_uncr():
+    return load_grey(data_file("RG1_UNCR.dcm"))
+
+
+@pytest.fixture(scope="module")
+def rg1_j2kr():
+    return load_grey(data_file("RG1_J2KR.dcm"))
+
+
+@pytest.fixture
+def config(tmp_path) -> PreprocessConfig:
+    return PreprocessConfig(resize=256, crop=224, cache_dir=tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- chest CR
+
+
+def test_chest_cr_monochrome1_is_bone_bright_air_dark(rg1_uncr):
+    grey, provenance = rg1_uncr
+    assert grey.dtype == np.float32 and grey.shape == (1955, 1841)
+    assert 0.0 <= grey.min() and grey.max() <= 1.0
+    # Regions picked from the rendered image: spine/mediastinum in the middle
+    # column, upper lung fields either side, air above the shoulders in the
+    # top corners (below the bright collimator strip at the very top).
+    mediastinum = region_mean(grey, (0.30, 0.60), (0.46, 0.55))
+    lungs = [region_mean(grey, (0.14, 0.28), (0.18, 0.36)), region_mean(grey, (0.14, 0.28), (0.60, 0.76))]
+    air = [region_mean(grey, (0.03, 0.08), (0.0, 0.10)), region_mean(grey, (0.03, 0.08), (0.90, 1.0))]
+    assert mediastinum > max(lungs) + 0.2
+    assert min(lungs) > max(air) + 0.15
+    assert provenance[1:] == ["voi:window(c=15000,w=30000)", "invert:MONOCHROME1"]
+
+
+def test_window_maps_linearly_to_unit_range(rg1_uncr):
+    # DICOM LINEAR window, then MONOCHROME1 inversion, from the stored values.
+    grey, _ = rg1_uncr
+    stored = pydicom.dcmread(data_file("RG1_UNCR.dcm")).pixel_array.astype(np.float64)
+    c, w = 15000.0, 30000.0
+    expected = 1.0 - np.clip((stored - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+    np.testing.assert_allclose(grey, expected, atol=1e-5)
+
+
+def test_jpeg2000_lossless_matches_uncompressed(rg1_uncr, rg1_j2kr):
+    a = resize_and_crop(rg1_uncr[0], 256, 224).astype(np.float64)
+    b = resize_and_crop(rg1_j2kr[0], 256, 224).astype(np.float64)
+    assert np.abs(a - b).mean() / 255 < 0.01
+    assert rg1_j2kr[1][0] == "decode:dicom(JPEG 2000 Image Compression (Lossless Only))"
+    assert rg1_j2kr[1][1:] == rg1_uncr[1][1:]
+
+
+def test_png_export_gives_same_tensor_as_dicom(rg1_uncr, tmp_path, config):
+    png = tmp_path / "rg1.png"
+    Image.fromarray(np.round(rg1_uncr[0] * 255).astype(np.uint8)).save(png)
+    from_png, key_png, prov_png, _ = preprocess_file(png, config)
+    from_dcm, key_dcm, _, _ = preprocess_file(data_file("RG1_UNCR.dcm"), config)
+    assert from_png.shape == from_dcm.shape == (224, 224) and from_png.dtype == np.uint8
+    assert np.abs(from_png.astype(int) - from_dcm.astype(int)).max() <= 2
+    assert key_png != key_dcm  # different bytes, different entries
+    assert prov_png[0] == "decode:png(mode=L)"
+    # ...and as a model batch the two agree to within 2/255 of a pixel.
+    batch = to_model_input(torch.from_numpy(np.stack([from_png, from_dcm])))
+    assert (batch[0] - batch[1]).abs().max() <= 2 / 255 / min(IMAGENET_STD) + 1e-6
+
+
+# ---------------------------------------------------------------- other formats
+
+
+def test_sixteen_bit_png_is_scaled_to_unit_range(tmp_path):
+    values = np.array([[0, 16384, 32768, 65535]] * 4, dtype=np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path)
+    grey, provenance = load_grey(path)
+    np.testing.assert_allclose(grey, values / 65535.0, atol=1e-6)
+    assert "scale:/65535" in provenance
+
+
+def test_jpeg_is_read_as_grey(rg1_uncr, tmp_path):
+    path = tmp_path / "rg1.jpg"
+    Image.fromarray(np.round(rg1_uncr[0] * 255).astype(np.uint8)).save(path, quality=95)
+    grey, _ = load_grey(path)
+    assert grey.shape == rg1_uncr[0].shape
+    assert np.abs(grey - rg1_uncr[0]).mean() < 0.01
+
+
+@pytest.mark.parametrize("name", ["SC_rgb.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"])
+def test_rgb_dicom_becomes_bt601_luminance(name):
+    rgb = pydicom.dcmread(data_file("SC_rgb.dcm")).pixel_array.astype(np.float64) / 255
+    expected = rgb @ np.array([0.299, 0.587, 0.114])
+    grey, provenance = load_grey(data_file(name))
+    np.testing.assert_allclose(grey, expected, atol=1e-5)
+    assert provenance[-1] == "colour:luminance(BT.601)"
+
+
+def test_ybr_full_422_is_converted_to_rgb_first():
+    rgb, _ = load_grey(data_file("SC_rgb.dcm"))
+    ybr, provenance = load_grey(data_file("SC_ybr_full_422_uncompressed.dcm"))
+    assert np.abs(rgb - ybr).max() < 6 / 255  # YCbCr round-trip rounding only
+    assert "colour:YBR_FULL_422->RGB(decoder)" in provenance
+
+
+def test_palette_colour_without_file_meta_or_preamble():
+    # OT-PAL-8-face.dcm has neither the 128-byte preamble nor file meta.
+    grey, provenance = load_grey(data_file("OT-PAL-8-face.dcm"))
+    assert grey.shape == (480, 640)
+    assert "colour:palette_lut" in provenance
+    assert grey.std() > 0.1  # a real picture, not a flat field
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "emri_small_RLE.dcm",
+        "emri_small_jpeg_2k_lossless.dcm",
+        "emri_small_jpeg_ls_lossless.dcm",
+        "emri_small_big_endian.dcm",
+    ],
+)
+def test_multiframe_middle_frame_same_across_transfer_syntaxes(name):
+    # 10-frame MR: the middle frame (index 5), percentile window, and the same
+    # pixels whatever the encoding.
+    ds = pydicom.dcmread(data_file("emri_small.dcm"))
+    frame = ds.pixel_array[5].astype(np.float64)
+    lo, hi = np.percentile(frame, [0.5, 99.5])
+    expected = np.clip((frame - lo) / (hi - lo), 0, 1)
+    reference, ref_prov = load_grey(data_file("emri_small.dcm"))
+    np.testing.assert_allclose(reference, expected, atol=1e-6)
+    assert ref_prov[1:] == ["frame:middle(5/10)", "voi:percentile(0.5,99.5)"]
+    grey, provenance = load_grey(data_file(name))
+    np.testing.assert_array_equal(grey, reference)
+    assert provenance[1:] == ref_prov[1:]
+
+
+def test_dicom_detected_by_content_not_name(tmp_path):
+    original = data_file("CT_small.dcm")
+    reference, _ = load_grey(original)
+    no_suffix = tmp_path / "image"
+    shutil.copyfile(original, no_suffix)
+    no_preamble = tmp_path / "no_preamble.bin"
+    no_preamble.write_bytes(original.read_bytes()[132:])  # drop preamble + "DICM"
+    for path in (no_suffix, no_preamble):
+        grey, provenance = load_grey(path)
+        np.testing.assert_array_equal(grey, reference)
+        assert provenance[1] == "modality_lut:rescale(slope=1,intercept=-1024)"
+
+
+def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    path = tmp_path / "mono1.dcm"
+    ds.save_as(path)
+    mono2, _ = load_grey(data_file("CT_small.dcm"))
+    mono1, provenance = load_grey(path)
+    np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
+    assert provenance[-1] == "invert:MONOCHROME1"
+
+
+def test_pixel_padding_excluded_from_window_and_shown_dark(tmp_path):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))  # PixelPaddingValue -2000
+    arr = ds.pixel_array.copy()
+    arr[:10, :10] = -2000
+    ds.PixelData = arr.tobytes()
+    path = tmp_path / "padded.dcm"
+    ds.save_as(path)
+    grey, provenance = load_grey(path)
+    assert (grey[:10, :10] == 0).all()
+    assert "padding:zeroed(100px)" in provenance
+    # The window comes from the real pixels only.
+    real = arr.astype(np.float64)[arr != -2000] - 1024
+    lo, hi = np.percentile(real, [0.5, 99.5])
+    inside = np.clip((arr[20:, 20:] - 1024 - lo) / (hi - lo), 0, 1)
+    np.testing.assert_allclose(grey[20:, 20:], inside, atol=1e-6)
+
+
+# ---------------------------------------------------------------- rejects
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_rejects_truncated_dicom(tmp_path):
+    for name in ("CT_small.dcm", "emri_small_jpeg_2k_lossless.dcm"):  # native, encapsulated
+        data = data_file(name).read_bytes()
+        path = tmp_path / f"half_{name}"
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(UnreadableImage, match="^corrupt DICOM: ") as info:
+            load_grey(path)
+        assert info.value.path == path
+
+
+def test_rejects_text_file(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_text("patient,label\n1,normal\n")
+    with pytest.raises(UnreadableImage, match="^not a DICOM, PNG or JPEG file$"):
+        load_grey(path)
+
+
+def test_rejects_empty_and_truncated_png(tmp_path, rg1_uncr):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(UnreadableImage, match="empty file"):
+        load_grey(empty)
+    full = tmp_path / "full.png"
+    Image.fromarray(np.round(rg1_uncr[0][:400, :400] * 255).astype(np.uint8)).save(full)
+    half = tmp_path / "half.png"
+    half.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(UnreadableImage, match="^corrupt PNG: "):
+        load_grey(half)
+
+
+def test_rejects_dicom_without_pixel_data(tmp_path):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    del ds.PixelData
+    path = tmp_path / "no_pixels.dcm"
+    ds.save_as(path)
+    with pytest.raises(UnreadableImage, match="^DICOM has no pixel data$"):
+        load_grey(path)
+
+
+def test_missing_decoder_names_transfer_syntax(monkeypatch):
+    class NoPlugins:
+        is_available = False
+        missing_dependencies = ["pylibjpeg - requires pylibjpeg-openjpeg"]
+
+    monkeypatch.setattr(pp, "get_decoder", lambda uid: NoPlugins())
+    with pytest.raises(UnreadableImage) as info:
+        load_grey(data_file("JPEG2000.dcm"))
+    assert str(info.value) == (
+        "no decoder for transfer syntax JPEG 2000 Image Compression "
+        "(install pylibjpeg - requires pylibjpeg-openjpeg)"
+    )
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def test_resize_and_crop_short_side_then_centre():
+    grey = np.zeros((1000, 500), dtype=np.float32)
+    grey[:500] = 1.0  # top half bright
+    out = resize_and_crop(grey, 256, 224)
+    assert out.shape == (224, 224) and out.dtype == np.uint8
+    # 1000x500 -> 512x256; the centre 224 rows are rows 144..367, so the
+    # bright/dark edge (row 256) sits at crop row 112.
+    assert (out[:110] == 255).all() and (out[114:] == 0).all()
+    flat = resize_and_crop(np.full((300, 400), 0.4, np.float32), 256, 224)
+    assert (flat == 102).all()  # 0.4 * 255 = 102, no drift from the filter
+
+
+# ---------------------------------------------------------------- cache
+
+
+def _entries(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.rglob("*.npz"))
+
+
+def test_cache_hit_does_not_decode(tmp_path, config, monkeypatch):
+    src = data_file("CT_small.dcm")
+    first, key, provenance, first_hit = preprocess_file(src, config)
+    assert not first_hit
+    assert _entries(config.cache_dir) == [pp._cache_path(config.cache_dir, key)]
+    assert provenance[-3:] == ["resize:short_side(256,bilinear,antialias)", "crop:centre(224)", "quantize:uint8"]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("cache hit must not decode")
+
+    monkeypatch.setattr(pp, "load_grey", no_decoding)
+    second, key2, provenance2, second_hit = preprocess_file(src, config)
+    assert second_hit
+    np.testing.assert_array_equal(second, first)
+    assert (key2, provenance2) == (key, provenance)
+    # Keyed by content: the same bytes under another name are a hit too.
+    renamed = tmp_path / "renamed_without_suffix"
+    shutil.copyfile(src, renamed)
+    assert preprocess_file(renamed, config)[1] == key
+
+
+def test_cache_key_depends_on_settings(config):
+    src = data_file("CT_small.dcm")
+    _, key, _, _ = preprocess_file(src, config)
+    key_resize = preprocess_file(src, config.model_copy(update={"resize": 288})).cache_key
+    key_crop = preprocess_file(src, config.model_copy(update={"crop": 192})).cache_key
+    assert len({key, key_resize, key_crop}) == 3
+    assert len(_entries(config.cache_dir)) == 3
+
+
+def test_cache_key_depends_on_pipeline_version(config, monkeypatch):
+    src = data_file("CT_small.dcm")
+    _, key, _, _ = preprocess_file(src, config)
+    monkeypatch.setattr(pp, "PIPELINE_VERSION", pp.PIPELINE_VERSION + 1)
+    assert preprocess_file(src, config)[1] != key
+
+
+def test_stale_tmp_file_is_never_read(config):
+    src = data_file("CT_small.dcm")
+    expected = resize_and_crop(load_grey(src)[0], config.resize, config.crop)
+    key = pp._cache_key(pp.hashlib.sha256(src.read_bytes()).hexdigest(), config)
+    entry = pp._cache_path(config.cache_dir, key)
+    entry.parent.mkdir(parents=True)
+    # What a killed writer leaves: a complete-looking but wrong .tmp, and a
+    # half-written one.
+    with open(entry.parent / f"{entry.name}.abc123.tmp", "wb") as f:
+        np.savez(f, image=np.zeros((224, 224), np.uint8), provenance=np.array(["bogus"]))
+    (entry.parent / f"{entry.name}.def456.tmp").write_bytes(b"PK\x03\x04partial")
+    image, _, provenance, _ = preprocess_file(src, config)
+    np.testing.assert_array_equal(image, expected)
+    assert "bogus" not in provenance
+    assert entry.exists()
+
+
+def test_killed_write_leaves_no_entry(config, monkeypatch):
+    src = data_file("CT_small.dcm")
+
+    def dies_mid_write(file, **arrays):
+        file.write(b"PK\x03\x04half an entry")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pp.np, "savez", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_file(src, config)
+    monkeypatch.undo()
+    assert _entries(config.cache_dir) == []
+    assert list(config.cache_dir.rglob("*.tmp")) == []
+    image, _, _, _ = preprocess_file(src, config)
+    assert image.shape == (224, 224)
+
+
+def test_unreadable_cache_entry_is_rebuilt(config):
+    src = data_file("CT_small.dcm")
+    image, key, _, _ = preprocess_file(src, config)
+    entry = pp._cache_path(config.cache_dir, key)
+    entry.write_bytes(entry.read_bytes()[:50])
+    again, _, _, _ = preprocess_file(src, config)
+    np.testing.assert_array_equal(again, image)
+    assert np.load(entry)["image"].shape == (224, 224)
+
+
+# ---------------------------------------------------------------- model input
+
+
+def test_to_model_input_shape_and_normalisation():
+    images = torch.zeros((2, 224, 224), dtype=torch.uint8)
+    images[1, 10, 20] = 200
+    x = to_model_input(images)
+    assert x.shape == (2, 3, 224, 224) and x.dtype == torch.float32
+    for c in range(3):
+        assert x[1, c, 10, 20].item() == pytest.approx((200 / 255 - IMAGENET_MEAN[c]) / IMAGENET_STD[c], abs=1e-6)
+        assert x[0, c, 0, 0].item() == pytest.approx(-IMAGENET_MEAN[c] / IMAGENET_STD[c], abs=1e-6)
+    single = to_model_input(images[1])
+    assert single.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(single[0], x[1])
+    with pytest.raises(TypeError):
+        to_model_input(images.float())
