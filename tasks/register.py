@@ -1,0 +1,125 @@
+"""Register: the MLflow run, the model registry, and the champion/challenger aliases."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from configs import PipelineConfig
+from tasks.export import update_metadata
+from models.resnet import sha256_file
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_ARTIFACT = "model"
+ONNX_ARTIFACT_DIR = "onnx"
+TEST_METRIC_PREFIX = "test_"
+# Pinned so logging the model does not spend minutes inferring an environment.
+# Never leaves the machine: hashes made with a known salt could be reversed.
+SECRET_FIELDS = {"data": {"patient_salt"}}
+MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
+
+
+def redacted_params(config: PipelineConfig) -> dict[str, str]:
+    """Flattened config for MLflow params; the patient salt never leaves the machine."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", config.model_dump(mode="json", exclude=SECRET_FIELDS))
+    return flat
+
+
+@contextmanager
+def tracking_run(config: PipelineConfig, run_name: str) -> Iterator[str]:
+    """An MLflow run for the pipeline; yields its id, marks it FAILED if the block raises."""
+    mlflow.set_tracking_uri(config.registry.tracking_uri)
+    mlflow.set_experiment(config.registry.experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params(redacted_params(config))
+        yield run.info.run_id
+
+
+@dataclass(frozen=True)
+class Registration:
+    model_name: str
+    version: str
+    run_id: str
+    is_champion: bool
+    reason: str
+    onnx_uri: str
+
+
+def champion_metric(client: MlflowClient, name: str, metric: str) -> tuple[str, float] | None:
+    """(version, test metric) of the current champion, or None if there is none."""
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    value = client.get_run(version.run_id).data.metrics.get(TEST_METRIC_PREFIX + metric)
+    return (version.version, value) if value is not None else None
+
+
+def beats(new: float, old: float, higher_is_better: bool) -> bool:
+    return new > old if higher_is_better else new < old
+
+
+def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, onnx_path: Path,
+                   metric: str, higher_is_better: bool, example: torch.Tensor) -> Registration:
+    """Log model and ONNX to the run, create a registry version, and move the aliases.
+
+    The version is deleted again if any later step fails, so a failed run leaves
+    no version behind.
+    """
+    client = MlflowClient(config.registry.tracking_uri)
+    name = config.registry.model_name
+    new_value = client.get_run(run_id).data.metrics[TEST_METRIC_PREFIX + metric]
+    active = mlflow.active_run()
+    in_run = nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
+    with in_run:
+        # MLflow 3 saves a torch.export (pt2) graph traced on this example: no pickled code.
+        info = mlflow.pytorch.log_model(model.eval(), name=MODEL_ARTIFACT, input_example=example.numpy(),
+                                        pip_requirements=MODEL_PIP_REQUIREMENTS)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
+    try:
+        update_metadata(onnx_path, {"model_name": name, "model_version": str(version.version)})
+        client.log_artifact(run_id, str(onnx_path), ONNX_ARTIFACT_DIR)
+        onnx_uri = f"runs:/{run_id}/{ONNX_ARTIFACT_DIR}/{onnx_path.name}"
+        client.set_model_version_tag(name, version.version, "onnx_uri", onnx_uri)
+        client.set_model_version_tag(name, version.version, "onnx_sha256", sha256_file(onnx_path))
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
+        current = champion_metric(client, name, metric)
+        if current is None:
+            promote, reason = True, "no champion yet"
+        else:
+            promote = beats(new_value, current[1], higher_is_better)
+            verdict = "beats" if promote else "does not beat"
+            reason = (f"test {metric} {new_value:.4f} {verdict} champion v{current[0]} "
+                      f"({current[1]:.4f})")
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+    except Exception:
+        client.delete_model_version(name, version.version)
+        raise
+    log.info("registered %s v%s; %s: %s", name, version.version,
+             "champion" if promote else "challenger only", reason)
+    return Registration(name, str(version.version), run_id, promote, reason, onnx_uri)

@@ -1,0 +1,100 @@
+"""Export parity and the registry's champion/challenger rules, on a real MLflow SQLite store."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from configs import ModelConfig, PipelineConfig, TaskKind
+from models.resnet import build_model
+from tasks.export import check_parity, export_onnx, read_metadata
+from tasks.register import CHALLENGER, CHAMPION, register_model, tracking_run
+
+
+@pytest.fixture(scope="module")
+def real_images(breast_dicom_dir):
+    from tasks.preprocess import preprocess_file
+    from configs import PreprocessConfig
+
+    paths = sorted(breast_dicom_dir.glob("test/*.dcm"))[:8]
+    config = PreprocessConfig(cache_dir=breast_dicom_dir.parent / "cache-export")
+    return np.stack([preprocess_file(p, config).image for p in paths])
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    return build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_file(tmp_path_factory, classifier):
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return export_onnx(classifier, TaskKind.CLASSIFICATION, path, crop=224, opset=18,
+                       metadata={"task": "classification", "label_names": json.dumps(["benign", "malignant"])})
+
+
+def test_onnx_matches_pytorch_on_real_images_with_dynamic_batch(onnx_file, classifier, real_images):
+    report = check_parity(onnx_file, classifier, real_images, tolerance=1e-4)
+    assert report.passed and report.samples == 8 and report.provider == "CPUExecutionProvider"
+    single = check_parity(onnx_file, classifier, real_images[:1], tolerance=1e-4)  # another batch size
+    assert single.passed
+    assert read_metadata(onnx_file)["task"] == "classification"
+
+
+def test_parity_fails_for_a_different_model(onnx_file, real_images):
+    torch.manual_seed(1)
+    other = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
+    assert not check_parity(onnx_file, other, real_images, tolerance=1e-4).passed
+
+
+def test_regression_export_outputs_years(tmp_path, real_images):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="none"), TaskKind.REGRESSION, 1, target_mean=60.0, target_std=12.0)[0].eval()
+    path = export_onnx(model, TaskKind.REGRESSION, tmp_path / "age.onnx", crop=224, opset=18, metadata={})
+    report = check_parity(path, model, real_images[:4], tolerance=1e-4)
+    assert report.passed
+
+
+def registry_config(tmp_path) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "name": "registry-test", "output_dir": str(tmp_path / "out"),
+        "data": {"root": str(tmp_path), "manifest": str(tmp_path / "m.csv"), "task": "classification",
+                 "label_names": ["benign", "malignant"]},
+        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "reg-test"},
+    })
+
+
+def run_with_auc(config, classifier, onnx_file, tmp_path, auc, onnx_override=None):
+    local_onnx = tmp_path / f"model-{auc}.onnx"
+    local_onnx.write_bytes(onnx_file.read_bytes())
+    with tracking_run(config, "t") as run_id:
+        mlflow.log_metric("test_roc_auc", auc)
+        return register_model(config, run_id, classifier, onnx_override or local_onnx, "roc_auc", True,
+                              torch.zeros(1, 3, 224, 224))
+
+
+def test_champion_moves_only_when_beaten_and_failures_leave_no_version(tmp_path, classifier, onnx_file):
+    config = registry_config(tmp_path)
+    client = MlflowClient(config.registry.tracking_uri)
+    first = run_with_auc(config, classifier, onnx_file, tmp_path, 0.70)
+    assert first.is_champion and first.version == "1"
+    assert read_metadata(tmp_path / "model-0.7.onnx")["model_version"] == "1"
+
+    worse = run_with_auc(config, classifier, onnx_file, tmp_path, 0.60)
+    assert not worse.is_champion and "does not beat champion v1" in worse.reason
+    assert str(client.get_model_version_by_alias("reg-test", CHAMPION).version) == "1"
+    assert str(client.get_model_version_by_alias("reg-test", CHALLENGER).version) == "2"
+
+    with pytest.raises(Exception):
+        run_with_auc(config, classifier, onnx_file, tmp_path, 0.99, onnx_override=tmp_path / "missing.onnx")
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='reg-test'"))
+    assert versions == [1, 2]  # the failed registration was removed again
+
+    better = run_with_auc(config, classifier, onnx_file, tmp_path, 0.80)
+    assert better.is_champion and better.version == "4"
+    assert str(client.get_model_version_by_alias("reg-test", CHAMPION).version) == "4"
+    assert client.get_model_version("reg-test", "4").tags["onnx_uri"].endswith("onnx/model-0.8.onnx")
