@@ -1,0 +1,207 @@
+"""The training pipeline as a Prefect flow: ingest -> preprocess -> train -> evaluate -> export -> register.
+
+Each task is a thin wrapper over a pure function in `tasks/`: it writes the
+stage's files, logs to MLflow and publishes what the ops team reads in the UI.
+The model is exported and checked before it is registered, so the registry
+never holds a version whose ONNX file failed its parity check.
+
+Run: python -m flows.pipeline configs/breast_ultrasound.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from configs import PipelineConfig, TaskKind, load_config
+from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
+from tasks.export import ParityError, check_parity, export_onnx
+from tasks.ingest import IngestResult, ingest_dataset
+from tasks.io import write_csv_atomic, write_text_atomic
+from tasks.preprocess import PreparedData, preprocess_dataset
+from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
+from tasks.train import EpochResult, TrainResult, train_model
+
+# Large in-memory inputs (models, arrays): Prefect should not hash them for caching.
+stage = task(cache_policy=NO_CACHE)
+
+
+def _slug(name: str) -> str:
+    return name.replace("_", "-").lower()
+
+
+@stage(name="ingest")
+def ingest(config: PipelineConfig, run_dir: Path) -> IngestResult:
+    result = ingest_dataset(config.data, config.seed, config.patient_salt())
+    counts = result.summary()
+    get_run_logger().info("ingest: %s", counts)
+    write_csv_atomic(result.rejects, run_dir / "rejects_ingest.csv")
+    mlflow.log_metrics({f"ingest_{k}": v for k, v in counts.items()})
+    return result
+
+
+@stage(name="preprocess")
+def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) -> PreparedData:
+    prepared = preprocess_dataset(ingested.manifest, config.data.root, config.preprocess)
+    rejects = prepared.rejects_with(ingested.rejects)
+    if ingested.discovered != len(prepared.manifest) + len(rejects):
+        raise RuntimeError(f"counts do not reconcile: discovered {ingested.discovered}, "
+                           f"usable {len(prepared.manifest)}, rejected {len(rejects)}")
+    write_csv_atomic(prepared.manifest, run_dir / "manifest.csv")
+    write_csv_atomic(rejects, run_dir / "rejects.csv")
+    mlflow.log_artifact(str(run_dir / "manifest.csv"), "data")
+    mlflow.log_artifact(str(run_dir / "rejects.csv"), "data")
+    mlflow.log_metrics({"usable": len(prepared.manifest), "rejected": len(rejects),
+                        "cache_hits": prepared.cache_hits})
+    create_table_artifact(
+        key=f"{_slug(config.name)}-rejects",
+        table=rejects.to_dict(orient="records") or [{"path": "-", "reason": "no rejects"}],
+        description=(f"Discovered {ingested.discovered} = usable {len(prepared.manifest)} "
+                     f"+ rejected {len(rejects)}"),
+    )
+    return prepared
+
+
+@stage(name="train")
+def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainResult:
+    logger = get_run_logger()
+    client = MlflowClient(config.registry.tracking_uri)
+
+    def report(epoch: EpochResult) -> None:
+        logger.info("epoch %d: train loss %.4f, val %s %.4f, %.1f images/s", epoch.epoch,
+                    epoch.train_loss, primary_metric(config.data.task)[0], epoch.val_metric,
+                    epoch.images_per_second)
+        for key in ("train_loss", "val_metric", "lr", "images_per_second"):
+            client.log_metric(run_id, key, getattr(epoch, key), step=epoch.epoch)
+
+    result = train_model(config, prepared.split("train"), prepared.split("val"), on_epoch_end=report)
+    logger.info("backbone: %s; strategy %s (%s)", result.weights.describe(),
+                result.strategy.value, result.strategy_reason)
+    if not result.weights.pretrained:
+        logger.warning("trained from random initialisation: no pretrained weights were used")
+    mlflow.log_params({"weights_name": result.weights.name,
+                       "weights_sha256": result.weights.sha256 or "none",
+                       "weights_pretrained": result.weights.pretrained,
+                       "freeze_strategy_used": result.strategy.value,
+                       "freeze_reason": result.strategy_reason, "device": result.device})
+    mlflow.log_metrics({"best_epoch": result.best_epoch, f"val_{result.metric_name}": result.best_metric})
+    return result
+
+
+@stage(name="evaluate")
+def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Evaluation:
+    test = prepared.split("test")
+    outputs = predict(trained.model, test.images, config.train.batch_size, trained.device)
+    evaluation = evaluate_predictions(config.data.task, test.targets, outputs, run_dir / "plots",
+                                      config.data.label_names, config.data.positive_index)
+    mlflow.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
+    for plot in evaluation.plots:
+        mlflow.log_artifact(str(plot), "plots")
+    report = evaluation.markdown(f"{config.name}: test set ({len(test)} images)", config.data.label_names)
+    report += f"\n\nBackbone: {trained.weights.describe()}; strategy {trained.strategy.value}."
+    write_text_atomic(run_dir / "evaluation.md", report)
+    mlflow.log_artifact(str(run_dir / "evaluation.md"))
+    create_markdown_artifact(key=f"{_slug(config.name)}-evaluation", markdown=report,
+                             description="Held-out test metrics")
+    return evaluation
+
+
+@stage(name="export")
+def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Path:
+    metadata = {
+        "task": config.data.task.value,
+        "label_names": json.dumps(config.data.label_names),
+        "positive_label": config.data.label_names[config.data.positive_index]
+        if config.data.task is TaskKind.CLASSIFICATION else "",
+        "input_name": "image",
+        "input_size": json.dumps([3, config.preprocess.crop, config.preprocess.crop]),
+        "preprocess": json.dumps({"resize_short_side": config.preprocess.resize,
+                                  "center_crop": config.preprocess.crop,
+                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
+        "weights_name": trained.weights.name,
+        "weights_sha256": trained.weights.sha256 or "none",
+        "model_name": config.registry.model_name,
+    }
+    path = export_onnx(trained.model, config.data.task, run_dir / "model.onnx",
+                       config.preprocess.crop, config.export.opset, metadata)
+    test = prepared.split("test")
+    report = check_parity(path, trained.model, test.images[: config.export.parity_samples],
+                          config.export.max_abs_diff)
+    write_text_atomic(run_dir / "onnx_parity.json", report.to_json())
+    mlflow.log_artifact(str(run_dir / "onnx_parity.json"), "onnx")
+    mlflow.log_metrics({"onnx_max_abs_diff": report.max_abs_diff})
+    mlflow.set_tag("onnx_provider", report.provider)
+    get_run_logger().info("ONNX Runtime ran on %s: max |diff| %.2e over %d test images",
+                          report.provider, report.max_abs_diff, report.samples)
+    if not report.passed:
+        raise ParityError(f"ONNX output differs from PyTorch: {report.to_json()}")
+    return path
+
+
+@stage(name="register")
+def register(config: PipelineConfig, trained: TrainResult, onnx_path: Path, run_id: str,
+             prepared: PreparedData) -> Registration:
+    example = prepared.example_input()
+    metric, higher_is_better = primary_metric(config.data.task)
+    registration = register_model(config, run_id, trained.model.cpu(), onnx_path, metric,
+                                  higher_is_better, example)
+    get_run_logger().info("registered %s version %s (%s)", registration.model_name,
+                          registration.version, registration.reason)
+    return registration
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    run_dir: Path
+    onnx_path: Path
+    registration: Registration
+    test_metrics: dict[str, float]
+    weights: str
+
+    def text(self) -> str:
+        metrics = ", ".join(f"{k} {v:.3f}" for k, v in self.test_metrics.items())
+        role = "champion" if self.registration.is_champion else "challenger"
+        return (f"model {self.registration.model_name} v{self.registration.version} "
+                f"({role}: {self.registration.reason})\n"
+                f"test: {metrics}\nbackbone: {self.weights}\n"
+                f"ONNX: {self.onnx_path}\noutputs: {self.run_dir}")
+
+
+@flow(name="train-pipeline")
+def train_pipeline(config_path: str) -> PipelineSummary:
+    """Ingest, preprocess, fine-tune, evaluate, export and register one dataset."""
+    config = load_config(config_path)
+    with tracking_run(config, run_name=config.name) as run_id:
+        run_dir = config.run_dir / run_id
+        mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json", exclude=SECRET_FIELDS)),
+                        "config/config.yaml")
+        ingested = ingest(config, run_dir)
+        prepared = preprocess(config, ingested, run_dir)
+        trained = train(config, prepared, run_id)
+        evaluation = evaluate(config, trained, prepared, run_dir)
+        onnx_path = export(config, trained, prepared, run_dir)
+        registration = register(config, trained, onnx_path, run_id, prepared)
+    summary = PipelineSummary(run_dir, onnx_path, registration, evaluation.metrics,
+                              trained.weights.describe())
+    get_run_logger().info("pipeline finished\n%s", summary.text())
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the medxfer training pipeline")
+    parser.add_argument("config", type=Path, help="YAML config, e.g. configs/breast_ultrasound.yaml")
+    args = parser.parse_args()
+    print(train_pipeline(str(args.config)).text())
+
+
+if __name__ == "__main__":
+    main()
