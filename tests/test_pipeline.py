@@ -72,6 +72,9 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert run.data.params["weights_name"] == "none" and run.data.params["weights_pretrained"] == "False"
     assert 0.0 <= run.data.metrics["test_roc_auc"] <= 1.0
     assert "patient_salt" not in json.dumps(run.data.params)
+    artifacts = config.output_dir / "mlartifacts"
+    assert run.info.artifact_uri.startswith(artifacts.resolve().as_uri())
+    assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
 
     # The ONNX file runs in ONNX Runtime and agrees with PyTorch on held-out images.
     onnx_path = summary.onnx_path
