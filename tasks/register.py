@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from configs import PipelineConfig
 from tasks.export import update_metadata
-from models.resnet import sha256_file
+from tasks.io import sha256_file
 
 log = logging.getLogger(__name__)
 
