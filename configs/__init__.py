@@ -39,6 +39,17 @@ class FreezeStrategy(str, Enum):
     AUTO = "auto"  # head below `auto_full_threshold` training images, full above
 
 
+class ClassBalance(str, Enum):
+    NONE = "none"
+    WEIGHTED_LOSS = "weighted_loss"  # cross-entropy weighted by inverse class frequency
+    BALANCED_SAMPLER = "balanced_sampler"  # every class drawn equally often, with replacement
+
+
+class Precision(str, Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"  # torch.autocast to bfloat16 (CPU and CUDA); weights and optimizer stay fp32
+
+
 class SplitConfig(Strict):
     """Fractions used when the manifest has no `split` column."""
 
@@ -93,9 +104,10 @@ class PreprocessConfig(Strict):
 
 class ModelConfig(Strict):
     arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    # "imagenet" (torchvision weights API, TORCH_HOME cache), "none", or a checkpoint path
+    # "imagenet" (torchvision weights API, TORCH_HOME cache), "none", a checkpoint path,
+    # or a registered source model "mlflow:/<name>@<alias>" (see flows/pretrain.py)
     weights: str = "imagenet"
-    weights_sha256: str | None = None  # checked when `weights` is a file
+    weights_sha256: str | None = None  # checked when `weights` is a file or an MLflow source model
     freeze: FreezeStrategy = FreezeStrategy.AUTO
     frozen_stages: Annotated[int, Field(ge=0, le=4)] = 2  # for `partial`
     auto_full_threshold: Annotated[int, Field(gt=0)] = 1000  # training images
@@ -103,16 +115,46 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _sha_needs_file(self) -> "ModelConfig":
         if self.weights_sha256 and self.weights in ("imagenet", "none"):
-            raise ValueError("weights_sha256: only used when weights is a file path")
+            raise ValueError("weights_sha256: only used when weights is a file or an MLflow source model")
+        return self
+
+
+class AugmentConfig(Strict):
+    """Training-only augmentation for medical images: small, anatomy-preserving changes."""
+
+    enabled: bool = False
+    rotation_degrees: Annotated[float, Field(ge=0, le=30)] = 10.0
+    translate_fraction: Annotated[float, Field(ge=0, le=0.2)] = 0.05
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.85, 1.0)
+    crop_ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.9, 1.1)
+    # Off by default: left and right are not interchangeable in most anatomy (a chest's heart).
+    allow_flip: bool = False
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> "AugmentConfig":
+        for key in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise ValueError(f"{key}: lower bound {low} exceeds upper bound {high}")
         return self
 
 
 class TrainConfig(Strict):
     epochs: Annotated[int, Field(gt=0)] = 10
     batch_size: Annotated[int, Field(gt=0)] = 32
-    lr: Annotated[float, Field(gt=0)] = 1e-3
+    lr: Annotated[float, Field(gt=0)] = 1e-3  # the head's learning rate
+    # partial/full: backbone lr = lr * backbone_lr_factor (discriminative learning rates)
+    backbone_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.1
+    # partial/full: train only the head for this many epochs, then unfreeze per the strategy
+    warmup_head_epochs: Annotated[int, Field(ge=0)] = 0
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
     patience: Annotated[int, Field(gt=0)] = 3  # epochs without val improvement
+    class_balance: ClassBalance = ClassBalance.NONE  # classification only
+    augment: AugmentConfig = AugmentConfig()
+    precision: Precision = Precision.FP32
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model; CUDA only, ignored (with a log line) on CPU
+    resume: bool = True  # continue from the run's last checkpoint when one matches
     num_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_train_samples: Annotated[int, Field(gt=0)] | None = None  # for quick runs
@@ -149,6 +191,12 @@ class PipelineConfig(Strict):
     registry: RegistryConfig
     export: ExportConfig = ExportConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _balance_needs_classes(self) -> "PipelineConfig":
+        if self.train.class_balance is not ClassBalance.NONE and self.data.task is not TaskKind.CLASSIFICATION:
+            raise ValueError("train.class_balance: only used for classification")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,12 @@ log = logging.getLogger(__name__)
 
 IMAGENET = "imagenet"
 NO_WEIGHTS = "none"
+# A source model registered by flows/pretrain.py: "mlflow:/<registered name>@<alias>".
+MLFLOW_WEIGHTS = re.compile(r"^mlflow:/(?P<name>[^@/]+)@(?P<alias>[^@/]+)$")
+# What a registered source model version holds: the backbone state dict, and its sha256 as a tag.
+SOURCE_ARTIFACT_DIR = "source_model"
+SOURCE_BACKBONE_FILE = "backbone.pt"
+SOURCE_SHA256_TAG = "backbone_sha256"
 # The stages of a torchvision ResNet, input to output; `partial` freezes a prefix.
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
@@ -62,11 +70,15 @@ class TransferResNet(nn.Module):
         """Head output before de-standardisation: logits, or z-scored age."""
         return self.head(self.backbone(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.standardised(x)
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """`forward` from backbone features: logits, or age in years."""
+        out = self.head(features)
         if self.task is TaskKind.REGRESSION:
             return out.squeeze(-1) * self.target_std + self.target_mean
         return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.from_features(self.backbone(x))
 
 
 def _imagenet_state(arch: str) -> tuple[dict, WeightsInfo] | None:
@@ -103,8 +115,41 @@ def _file_state(path: Path, expected_sha256: str | None) -> tuple[dict, WeightsI
     return state, WeightsInfo(name=path.name, sha256=actual, pretrained=True)
 
 
-def load_backbone_weights(model: TransferResNet, config: ModelConfig) -> WeightsInfo:
-    """Fill the backbone from config.weights; the new head keeps its fresh init."""
+def _mlflow_state(name: str, alias: str, tracking_uri: str | None,
+                  expected_sha256: str | None) -> tuple[dict, WeightsInfo]:
+    """The backbone of registered source model `name@alias`, checked against its sha256 tag."""
+    import mlflow  # imported here: only this weights source needs it
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise WeightsError(f"model.weights: no source model mlflow:/{name}@{alias} "
+                           f"in {tracking_uri or mlflow.get_tracking_uri()}: {exc.message}") from None
+    recorded = version.tags.get(SOURCE_SHA256_TAG)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = Path(client.download_artifacts(
+                version.run_id, f"{SOURCE_ARTIFACT_DIR}/{SOURCE_BACKBONE_FILE}", tmp))
+        except (MlflowException, OSError) as exc:
+            raise WeightsError(f"model.weights: mlflow:/{name}@{alias} (v{version.version}) has no "
+                               f"{SOURCE_ARTIFACT_DIR}/{SOURCE_BACKBONE_FILE}: not a source model ({exc})") from None
+        actual = sha256_file(path)
+        for expected, what in ((recorded, f"its {SOURCE_SHA256_TAG} tag"), (expected_sha256, "the config")):
+            if expected and actual != expected.lower():
+                raise WeightsError(f"model.weights: mlflow:/{name}@{alias} (v{version.version}) has "
+                                   f"sha256 {actual}, {what} expects {expected}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    return state, WeightsInfo(name=f"mlflow:/{name}@{alias} (v{version.version})", sha256=actual, pretrained=True)
+
+
+def load_backbone_weights(model: TransferResNet, config: ModelConfig,
+                          tracking_uri: str | None = None) -> WeightsInfo:
+    """Fill the backbone from config.weights; the new head keeps its fresh init.
+
+    `tracking_uri` is where `mlflow:/` source models are looked up.
+    """
     if config.weights == NO_WEIGHTS:
         return WeightsInfo(name=NO_WEIGHTS, sha256=None, pretrained=False)
     if config.weights == IMAGENET:
@@ -112,6 +157,9 @@ def load_backbone_weights(model: TransferResNet, config: ModelConfig) -> Weights
         if found is None:
             return WeightsInfo(name=NO_WEIGHTS, sha256=None, pretrained=False)
         state, info = found
+    elif registered := MLFLOW_WEIGHTS.match(config.weights):
+        state, info = _mlflow_state(registered["name"], registered["alias"], tracking_uri,
+                                    config.weights_sha256)
     else:
         state, info = _file_state(Path(config.weights), config.weights_sha256)
     backbone_state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head."))}
@@ -150,22 +198,32 @@ def frozen_modules(model: TransferResNet, strategy: FreezeStrategy, frozen_stage
 
 
 def apply_freeze(model: TransferResNet, strategy: FreezeStrategy, frozen_stages: int) -> list[nn.Module]:
-    """Stop gradients in the frozen parts; returns them for `set_train_mode`."""
+    """Gradients everywhere except the frozen parts; returns those for `set_train_mode`.
+
+    Idempotent, so gradual unfreezing can call it again with the next phase's strategy.
+    """
     frozen = frozen_modules(model, strategy, frozen_stages)
+    model.requires_grad_(True)
     for module in frozen:
         module.requires_grad_(False)
     return frozen
 
 
 def set_train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
-    """Train mode, except frozen parts stay in eval so BatchNorm keeps ImageNet statistics."""
+    """Train mode, except frozen parts stay in eval so BatchNorm keeps its pretrained statistics.
+
+    A frozen BatchNorm in train mode would still update its running mean and variance from
+    the new data's batches (and normalise with batch statistics), silently changing the
+    "frozen" features; eval mode keeps them exactly as pretrained.
+    """
     model.train()
     for module in frozen:
         module.eval()
 
 
 def build_model(config: ModelConfig, task: TaskKind, num_outputs: int,
-                target_mean: float = 0.0, target_std: float = 1.0) -> tuple[TransferResNet, WeightsInfo]:
+                target_mean: float = 0.0, target_std: float = 1.0,
+                tracking_uri: str | None = None) -> tuple[TransferResNet, WeightsInfo]:
     model = TransferResNet(config.arch, num_outputs, task, target_mean, target_std)
-    info = load_backbone_weights(model, config)
+    info = load_backbone_weights(model, config, tracking_uri)
     return model, info

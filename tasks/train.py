@@ -1,37 +1,58 @@
-"""Fine-tune: one readable training loop (AdamW, cosine schedule, early stopping)."""
+"""Fine-tune: one readable training loop (AdamW, cosine schedule, early stopping).
+
+`head` trains the new head on backbone features computed once and cached, so each epoch
+is a few matrix products. `partial` and `full` train through the backbone with
+discriminative learning rates (backbone lr = head lr x `backbone_lr_factor`), optional
+head-only warm-up epochs, optional augmentation, bf16 autocast and channels_last. With a
+checkpoint folder, every epoch is checkpointed atomically and a restarted run resumes.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
+from torchvision.transforms import v2
 from tqdm import tqdm
 
-from configs import FreezeStrategy, PipelineConfig, TaskKind
+from configs import AugmentConfig, ClassBalance, FreezeStrategy, PipelineConfig, Precision, TaskKind
 from models.resnet import TransferResNet, WeightsInfo, apply_freeze, build_model, resolve_freeze, set_train_mode
 from tasks.evaluate import compute_metrics, predict, primary_metric
+from tasks.io import atomic_path
 from tasks.preprocess import SplitData, to_model_input
 
 log = logging.getLogger(__name__)
 
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 class ImageDataset(Dataset):
-    def __init__(self, split: SplitData):
+    """uint8 images (H, W) and targets; `augment` (training only) maps a uint8 (1, H, W) image."""
+
+    def __init__(self, split: SplitData, augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.split = split
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(np.asarray(self.split.images[index])), torch.tensor(self.split.targets[index])
+        image = torch.from_numpy(np.asarray(self.split.images[index]))
+        if self.augment is not None:
+            image = self.augment(image[None])[0]
+        return image, torch.tensor(self.split.targets[index])
 
 
 @dataclass
@@ -39,9 +60,11 @@ class EpochResult:
     epoch: int
     train_loss: float
     val_metric: float
-    lr: float
+    lr: float  # the head's learning rate at the end of the epoch
     seconds: float
     images_per_second: float
+    data_seconds: float = 0.0  # waiting for the data loader
+    compute_seconds: float = 0.0  # forward, backward and optimizer step
 
 
 @dataclass
@@ -55,6 +78,10 @@ class TrainResult:
     best_epoch: int
     best_metric: float
     history: list[EpochResult] = field(default_factory=list)
+    cached_features: bool = False  # `head`: the head trained on features computed once
+    feature_seconds: float = 0.0  # time to compute those features (train + val)
+    precision: str = Precision.FP32.value
+    resumed_from_epoch: int = 0  # 0: trained from the start
 
 
 @dataclass
@@ -93,81 +120,270 @@ def select_device(preference: str) -> torch.device:
     return torch.device(preference)
 
 
-def make_loader(split: SplitData, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
+def autocast(device: torch.device, precision: Precision) -> AbstractContextManager:
+    """bf16 autocast on CPU or CUDA; a no-op context for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision is Precision.BF16)
+
+
+def build_augmentation(config: AugmentConfig, size: int) -> v2.Compose | None:
+    """Small rotations and shifts and a mild random resized crop; flips only when anatomy allows."""
+    if not config.enabled:
+        return None
+    steps = [v2.RandomResizedCrop(size, scale=config.crop_scale, ratio=config.crop_ratio, antialias=True),
+             v2.RandomAffine(degrees=config.rotation_degrees,
+                             translate=(config.translate_fraction, config.translate_fraction))]
+    if config.allow_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so a balanced set gets weight 1 everywhere."""
+    counts = np.bincount(targets.astype(int), minlength=num_classes)
+    if (counts == 0).any():
+        missing = np.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"train.class_balance: class index(es) {missing} have no training images")
+    return torch.tensor(len(targets) / (num_classes * counts), dtype=torch.float32)
+
+
+def make_loader(dataset: Dataset, targets: np.ndarray, batch_size: int, seed: int, num_workers: int,
+                balance: ClassBalance = ClassBalance.NONE, num_classes: int = 0) -> DataLoader:
+    """Shuffled batches, or class-balanced draws with replacement; order fixed by `seed`.
+
+    The loader's one generator drives the order (and the workers' seeds), so saving its
+    state in a checkpoint is enough to replay the remaining epochs exactly.
+    """
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageDataset(split), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator, num_workers=num_workers, drop_last=False)
+    if balance is ClassBalance.BALANCED_SAMPLER:
+        per_sample = class_weights(targets, num_classes)[targets.astype(int)].double()
+        sampler = WeightedRandomSampler(per_sample, num_samples=len(targets), replacement=True,
+                                        generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=generator,
+                          num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                      num_workers=num_workers)
 
 
-def loss_fn(model: TransferResNet, task: TaskKind) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Cross-entropy on logits, or MSE on standardised ages."""
+def make_criterion(model: TransferResNet, task: TaskKind, weight: torch.Tensor | None = None) -> Criterion:
+    """Loss on head outputs: (weighted) cross-entropy on logits, or MSE on standardised ages."""
     if task is TaskKind.CLASSIFICATION:
-        return lambda x, y: nn.functional.cross_entropy(model.standardised(x), y.long())
-    return lambda x, y: nn.functional.mse_loss(
-        model.standardised(x).squeeze(-1), (y.float() - model.target_mean) / model.target_std)
+        return lambda out, y: nn.functional.cross_entropy(out.float(), y.long(), weight=weight)
+    return lambda out, y: nn.functional.mse_loss(
+        out.float().squeeze(-1), (y.float() - model.target_mean) / model.target_std)
+
+
+def param_groups(model: TransferResNet, lr: float, backbone_lr_factor: float) -> list[dict]:
+    """The head at `lr`, the trainable backbone at `lr * backbone_lr_factor`."""
+    groups = [{"params": list(model.head.parameters()), "lr": lr}]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_factor})
+    return groups
+
+
+@torch.no_grad()  # not inference_mode: the cached features feed the head's autograd graph
+def extract_features(model: TransferResNet, images: np.ndarray, batch_size: int, device: torch.device,
+                     precision: Precision, channels_last: bool) -> torch.Tensor:
+    """The frozen backbone's features (N, feature_dim) as float32 on the CPU, computed once."""
+    model.backbone.eval()
+    features = []
+    for start in range(0, len(images), batch_size):
+        batch = model_input(torch.from_numpy(np.asarray(images[start:start + batch_size])), device, channels_last)
+        with autocast(device, precision):
+            features.append(model.backbone(batch).float().cpu())
+    return torch.cat(features) if features else torch.zeros(0, model.feature_dim)
+
+
+def model_input(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 batch -> normalised float batch on `device` (normalised there: 4x less to copy)."""
+    x = to_model_input(images.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.no_grad()
+def outputs_from_features(model: TransferResNet, features: torch.Tensor) -> np.ndarray:
+    """Class probabilities (N, C) or ages (N,) from cached features, as `predict` gives from images."""
+    out = model.from_features(features.to(model.target_mean.device)).float().cpu()
+    return (out.softmax(dim=1) if out.ndim == 2 else out).numpy()
+
+
+def run_fingerprint(config: PipelineConfig, train: SplitData, val: SplitData) -> str:
+    """What must match for a checkpoint to be resumed: the settings that shape training, and the data."""
+    settings = config.model_dump(mode="json", include={
+        "seed": True, "model": True, "train": True, "data": {"task", "label_names", "positive_label"}},
+        exclude={"train": {"resume"}})
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for split in (train, val):
+        digest.update(np.ascontiguousarray(split.images).tobytes())
+        digest.update(np.ascontiguousarray(split.targets).tobytes())
+    return digest.hexdigest()
+
+
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy_keys": torch.from_numpy(numpy_state[1].copy()),
+            "numpy_rest": (numpy_state[0], *numpy_state[2:]), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, *rest = state["numpy_rest"]
+    np.random.set_state((kind, state["numpy_keys"].numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Written beside `path` and renamed into place: a kill mid-write leaves the previous one."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
-                on_epoch_end: Callable[[EpochResult], None] | None = None) -> TrainResult:
-    """Train from config; returns the model with its best validation weights loaded."""
+                on_epoch_end: Callable[[EpochResult], None] | None = None,
+                checkpoint_dir: Path | None = None) -> TrainResult:
+    """Train from config; returns the model with its best validation weights loaded.
+
+    With `checkpoint_dir`, each epoch ends with an atomic checkpoint (model, optimizer,
+    scheduler, early stopping, RNG and data-order state); a later call with the same
+    config and data resumes from it (`train.resume`) and ends with the same weights as
+    an uninterrupted run. The checkpoint is removed once training finishes.
+    """
     seed_everything(config.seed)
-    task = config.data.task
-    device = select_device(config.train.device)
+    task, settings = config.data.task, config.train
+    device = select_device(settings.device)
     if task is TaskKind.CLASSIFICATION:
         num_outputs, mean, std = len(config.data.label_names), 0.0, 1.0
     else:
         num_outputs, mean, std = 1, float(train.targets.mean()), float(train.targets.std() or 1.0)
-    model, weights = build_model(config.model, task, num_outputs, mean, std)
+    model, weights = build_model(config.model, task, num_outputs, mean, std,
+                                 tracking_uri=config.registry.tracking_uri)
     strategy, reason = resolve_freeze(config.model, len(train), weights.pretrained)
     log.info("backbone: %s; strategy %s (%s)", weights.describe(), strategy.value, reason)
-    frozen = apply_freeze(model, strategy, config.model.frozen_stages)
-    model.to(device)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
-    loader = make_loader(train, config.train.batch_size, True, config.seed, config.train.num_workers)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs * len(loader))
-    compute_loss = loss_fn(model, task)
-    metric_name, higher_is_better = primary_metric(task)
+    apply_freeze(model, strategy, config.model.frozen_stages)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    cached = strategy is FreezeStrategy.HEAD
 
     result = TrainResult(model=model, weights=weights, strategy=strategy, strategy_reason=reason,
-                         device=str(device), metric_name=metric_name, best_epoch=0, best_metric=float("nan"))
-    stopper = EarlyStopping(config.train.patience, higher_is_better)
+                         device=str(device), metric_name=primary_metric(task)[0], best_epoch=0,
+                         best_metric=float("nan"), cached_features=cached, precision=settings.precision.value)
+    if cached:
+        if settings.augment.enabled or settings.warmup_head_epochs:
+            log.info("head strategy: features are computed once, so augmentation and warm-up are off")
+        started = time.perf_counter()
+        train_features, val_features = (
+            extract_features(model, split.images, settings.batch_size, device, settings.precision,
+                             settings.channels_last) for split in (train, val))
+        result.feature_seconds = time.perf_counter() - started
+        log.info("cached %d train + %d val backbone features in %.1f s", len(train), len(val),
+                 result.feature_seconds)
+        dataset: Dataset = TensorDataset(train_features, torch.from_numpy(train.targets))
+        prepare = lambda features: features.to(device)  # noqa: E731
+        forward: Callable[[torch.Tensor], torch.Tensor] = model.head
+        validate = lambda: outputs_from_features(model, val_features)  # noqa: E731
+    else:
+        augment = build_augmentation(settings.augment, train.images.shape[-1])
+        dataset = ImageDataset(train, augment)
+        prepare = lambda images: model_input(images, device, settings.channels_last)  # noqa: E731
+        forward = model.standardised
+        if settings.compile and device.type == "cuda":
+            forward = torch.compile(model.standardised)
+        elif settings.compile:
+            log.info("train.compile: ignored on %s (torch.compile is used on CUDA only)", device)
+        validate = lambda: predict(model, val.images, settings.batch_size, device)  # noqa: E731
+
+    weight = None
+    if settings.class_balance is ClassBalance.WEIGHTED_LOSS:
+        weight = class_weights(train.targets, num_outputs).to(device)
+    criterion = make_criterion(model, task, weight)
+    loader = make_loader(dataset, train.targets, settings.batch_size, config.seed, settings.num_workers,
+                         settings.class_balance, num_outputs)
+    optimizer = torch.optim.AdamW(param_groups(model, settings.lr, settings.backbone_lr_factor),
+                                  lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * len(loader))
+    stopper = EarlyStopping(settings.patience, primary_metric(task)[1])
     best_state = copy.deepcopy(model.state_dict())
-    for epoch in range(1, config.train.epochs + 1):
+    warmup_epochs = 0 if cached else settings.warmup_head_epochs
+
+    fingerprint = run_fingerprint(config, train, val)
+    checkpoint = checkpoint_dir / f"train-{fingerprint[:16]}.pt" if checkpoint_dir else None
+    start_epoch = 1
+    if checkpoint and settings.resume and checkpoint.exists():
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        stopper = EarlyStopping(**saved["stopper"])
+        best_state = saved["best_state"]
+        result.best_epoch, result.best_metric = saved["best_epoch"], saved["best_metric"]
+        result.history = [EpochResult(**epoch) for epoch in saved["history"]]
+        loader.generator.set_state(saved["loader_generator"])
+        _set_rng_state(saved["rng"])
+        start_epoch = result.resumed_from_epoch = saved["epoch"] + 1
+        log.info("resumed from %s after epoch %d", checkpoint, saved["epoch"])
+
+    for epoch in range(start_epoch, settings.epochs + 1):
+        if stopper.should_stop:
+            log.info("early stop after epoch %d: no %s gain for %d epochs", epoch - 1,
+                     result.metric_name, stopper.stale_epochs)
+            break
+        # Gradual unfreezing: head only for the warm-up epochs, then the strategy's own freeze.
+        phase = FreezeStrategy.HEAD if epoch <= warmup_epochs else strategy
+        frozen = apply_freeze(model, phase, config.model.frozen_stages)
         set_train_mode(model, frozen)
-        started, total_loss, seen = time.perf_counter(), 0.0, 0
-        for images, targets in tqdm(loader, desc=f"epoch {epoch}/{config.train.epochs}", leave=False,
-                                    disable=None):
-            images, targets = to_model_input(images).to(device), targets.to(device)
-            loss = compute_loss(images, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            total_loss += loss.item() * len(targets)
-            seen += len(targets)
-        seconds = time.perf_counter() - started
-        val_metric = validation_metric(model, val, config, device)
-        epoch_result = EpochResult(epoch, total_loss / seen, val_metric, scheduler.get_last_lr()[0],
-                                   seconds, seen / seconds)
+        loss, seen, data_seconds, compute_seconds = run_epoch(
+            loader, prepare, forward, criterion, optimizer, scheduler, device, settings.precision,
+            f"epoch {epoch}/{settings.epochs}")
+        seconds = data_seconds + compute_seconds
+        val_metric = compute_metrics(task, val.targets, validate(), config.data.positive_index)[result.metric_name]
+        epoch_result = EpochResult(epoch, loss / seen, val_metric, scheduler.get_last_lr()[0], seconds,
+                                   seen / seconds, data_seconds, compute_seconds)
         result.history.append(epoch_result)
-        if on_epoch_end:
-            on_epoch_end(epoch_result)
         if stopper.improved(val_metric):
             result.best_epoch, result.best_metric = epoch, val_metric
             best_state = copy.deepcopy(model.state_dict())
-        elif stopper.should_stop:
-            log.info("early stop at epoch %d: no %s gain for %d epochs", epoch, metric_name, stopper.stale_epochs)
-            break
+        if checkpoint:
+            save_checkpoint(checkpoint, {
+                "fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "stopper": asdict(stopper), "best_state": best_state, "best_epoch": result.best_epoch,
+                "best_metric": result.best_metric, "history": [asdict(e) for e in result.history],
+                "loader_generator": loader.generator.get_state(), "rng": _rng_state()})
+        if on_epoch_end:
+            on_epoch_end(epoch_result)
     model.load_state_dict(best_state)
+    model.to(memory_format=torch.contiguous_format)
+    model.requires_grad_(True)
     model.eval()
+    if checkpoint:
+        checkpoint.unlink(missing_ok=True)
     return result
 
 
-def validation_metric(model: TransferResNet, split: SplitData, config: PipelineConfig,
-                      device: torch.device) -> float:
-    """The primary metric (AUC or MAE) of `model` on `split`."""
-    outputs = predict(model, split.images, config.train.batch_size, device)
-    metrics = compute_metrics(config.data.task, split.targets, outputs, config.data.positive_index)
-    return metrics[primary_metric(config.data.task)[0]]
+def run_epoch(loader: DataLoader, prepare: Callable[[torch.Tensor], torch.Tensor],
+              forward: Callable[[torch.Tensor], torch.Tensor], criterion: Criterion,
+              optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+              device: torch.device, precision: Precision, description: str) -> tuple[float, int, float, float]:
+    """One pass over `loader`: (summed loss, samples seen, seconds waiting for data, seconds computing)."""
+    total_loss, seen, data_seconds, compute_seconds = 0.0, 0, 0.0, 0.0
+    waiting_since = time.perf_counter()
+    for inputs, targets in tqdm(loader, desc=description, leave=False, disable=None):
+        ready = time.perf_counter()
+        data_seconds += ready - waiting_since
+        inputs, targets = prepare(inputs), targets.to(device)
+        with autocast(device, precision):
+            outputs = forward(inputs)
+        loss = criterion(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(targets)  # .item() waits for the device: timings are real
+        seen += len(targets)
+        waiting_since = time.perf_counter()
+        compute_seconds += waiting_since - ready
+    return total_loss, seen, data_seconds, compute_seconds
+

@@ -1,0 +1,166 @@
+"""Training strategies on real BreastMNIST images at 64 px: cached-feature heads, discriminative
+learning rates and gradual unfreezing, class balance, augmentation, bf16 and resume."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from configs import AugmentConfig, ClassBalance, FreezeStrategy, ModelConfig, PipelineConfig, Precision, TaskKind
+from models.resnet import apply_freeze, build_model
+from tasks.evaluate import compute_metrics, predict
+from tasks.train import (ImageDataset, build_augmentation, class_weights, extract_features, make_loader,
+                         param_groups, train_model)
+from tests.test_train_evaluate import breast_splits, config_for  # noqa: F401  (module fixture)
+
+
+@pytest.fixture(scope="module")
+def backbone_file(tmp_path_factory):
+    """A ResNet-18 state dict on disk, standing in for a site's pretrained source model."""
+    torch.manual_seed(7)
+    path = tmp_path_factory.mktemp("weights") / "source.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def configured(tmp_path, model: dict | None = None, **train) -> PipelineConfig:
+    base = config_for(tmp_path, "classification", **train)
+    return base.model_copy(update={"model": ModelConfig(**model)}) if model else base
+
+
+def backbone_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.backbone.state_dict().items()}
+
+
+def test_head_trains_on_cached_features_and_gives_the_same_model(tmp_path, breast_splits, backbone_file):
+    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, epochs=3, patience=5)
+    result = train_model(config, breast_splits["train"], breast_splits["val"])
+    assert result.cached_features and result.strategy.value == "head" and result.feature_seconds > 0
+    reference, _ = build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)
+    for key, value in backbone_state(reference).items():  # backbone, BatchNorm statistics included, untouched
+        assert torch.equal(result.model.backbone.state_dict()[key], value), key
+    assert not torch.equal(result.model.head.weight, reference.head.weight)
+    # The returned model (backbone + trained head) scores the val images as the cached run did.
+    outputs = predict(result.model, breast_splits["val"].images, 16)
+    auc = compute_metrics(TaskKind.CLASSIFICATION, breast_splits["val"].targets, outputs)["roc_auc"]
+    assert auc == pytest.approx(result.best_metric, abs=1e-6)
+
+
+def test_random_backbone_is_never_trained_as_cached_head(tmp_path, breast_splits):
+    result = train_model(configured(tmp_path, {"weights": "none", "freeze": "head"}, epochs=1),
+                         breast_splits["train"], breast_splits["val"])
+    assert not result.cached_features and result.strategy.value == "full"
+
+
+def test_backbone_learns_at_a_fraction_of_the_head_rate(backbone_file):
+    model, _ = build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)
+    apply_freeze(model, FreezeStrategy.PARTIAL, frozen_stages=3)
+    head, backbone = param_groups(model, lr=1e-3, backbone_lr_factor=0.1)
+    assert head["lr"] == 1e-3 and backbone["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.layer4.parameters()}
+
+
+def test_warmup_epochs_train_the_head_only_then_unfreeze(tmp_path, breast_splits, backbone_file):
+    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "full"}, epochs=2,
+                        warmup_head_epochs=1, patience=5)
+    reference = backbone_state(build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)[0])
+    changed_after = {}
+
+    def inspect_checkpoint(epoch):  # the checkpoint holds the weights as they are after this epoch
+        saved = torch.load(next((tmp_path / "ckpt").glob("train-*.pt")), weights_only=True)["model"]
+        changed_after[epoch.epoch] = {k for k, v in reference.items() if not torch.equal(saved[f"backbone.{k}"], v)}
+
+    result = train_model(config, breast_splits["train"], breast_splits["val"], on_epoch_end=inspect_checkpoint,
+                         checkpoint_dir=tmp_path / "ckpt")
+    assert not result.cached_features
+    # Warm-up: frozen BatchNorm stays in eval mode, so not even its running statistics move.
+    assert changed_after[1] == set()
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight"} <= changed_after[2]
+
+
+def test_class_weights_are_inverse_frequency():
+    weights = class_weights(np.array([0, 0, 0, 1]), 2)
+    assert weights.tolist() == pytest.approx([4 / 6, 2.0])
+    with pytest.raises(ValueError, match="class index"):
+        class_weights(np.array([0, 0]), 2)
+
+
+def test_balanced_sampler_draws_classes_equally(breast_splits):
+    targets = breast_splits["train"].targets
+    minority = min(np.bincount(targets.astype(int)))
+    assert minority < len(targets) / 3  # the real split is imbalanced
+    dataset = torch.utils.data.TensorDataset(torch.arange(len(targets)))
+    loader = make_loader(dataset, targets, 8, seed=0, num_workers=0,
+                         balance=ClassBalance.BALANCED_SAMPLER, num_classes=2)
+    drawn = np.concatenate([np.concatenate([targets[batch[0].numpy()] for batch in loader]) for _ in range(25)])
+    assert abs(drawn.mean() - 0.5) < 0.05
+
+
+def test_class_balance_is_refused_for_regression(tmp_path):
+    with pytest.raises(ValueError, match="class_balance"):
+        config_for(tmp_path, "regression", class_balance="weighted_loss")
+
+
+def test_augmentation_is_small_uint8_and_flips_only_when_allowed(breast_splits):
+    split = breast_splits["train"]
+    augment_config = AugmentConfig(enabled=True)
+    augment = build_augmentation(augment_config, 64)
+    names = [type(step).__name__ for step in augment.transforms]
+    assert names == ["RandomResizedCrop", "RandomAffine"]
+    assert "RandomHorizontalFlip" in [type(s).__name__ for s in
+                                      build_augmentation(AugmentConfig(enabled=True, allow_flip=True), 64).transforms]
+    assert build_augmentation(AugmentConfig(enabled=False), 64) is None
+    torch.manual_seed(0)
+    image, _ = ImageDataset(split, augment)[0]
+    original, _ = ImageDataset(split)[0]
+    assert image.dtype == torch.uint8 and image.shape == original.shape == (64, 64)
+    assert not torch.equal(image, original)
+    assert torch.equal(original, torch.from_numpy(split.images[0]))
+
+
+def test_bf16_and_channels_last_train_and_hand_back_an_fp32_model(tmp_path, breast_splits, backbone_file):
+    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "partial", "frozen_stages": 3},
+                        epochs=1, precision="bf16", channels_last=True)
+    result = train_model(config, breast_splits["train"], breast_splits["val"])
+    assert result.precision == "bf16" and np.isfinite(result.history[0].train_loss)
+    assert result.model.head.weight.dtype == torch.float32
+    assert result.model.backbone.conv1.weight.is_contiguous()
+    epoch = result.history[0]
+    assert epoch.data_seconds > 0 and epoch.compute_seconds > 0
+    assert epoch.seconds == pytest.approx(epoch.data_seconds + epoch.compute_seconds)
+
+
+def test_bf16_features_are_close_to_fp32(breast_splits, backbone_file):
+    model, _ = build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)
+    images = breast_splits["val"].images[:8]
+    fp32 = extract_features(model, images, 8, torch.device("cpu"), Precision.FP32, False)
+    bf16 = extract_features(model, images, 8, torch.device("cpu"), Precision.BF16, True)
+    assert fp32.shape == (8, 512) and bf16.dtype == torch.float32
+    assert torch.allclose(bf16, fp32, rtol=0.1, atol=0.05 * float(fp32.abs().mean()))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tmp_path, breast_splits, backbone_file):
+    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "full"}, epochs=3, patience=5,
+                        augment={"enabled": True}, class_balance="balanced_sampler", warmup_head_epochs=1)
+    train, val = breast_splits["train"], breast_splits["val"]
+    uninterrupted = train_model(config, train, val, checkpoint_dir=tmp_path / "a")
+    assert uninterrupted.resumed_from_epoch == 0 and not list((tmp_path / "a").glob("*.pt"))
+
+    def kill_after_first_epoch(epoch):
+        if epoch.epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_model(config, train, val, on_epoch_end=kill_after_first_epoch, checkpoint_dir=tmp_path / "b")
+    assert len(list((tmp_path / "b").glob("train-*.pt"))) == 1
+    resumed = train_model(config, train, val, checkpoint_dir=tmp_path / "b")
+    assert resumed.resumed_from_epoch == 2 and len(resumed.history) == len(uninterrupted.history) == 3
+    for key in ("val_metric", "train_loss", "lr"):
+        assert [getattr(e, key) for e in resumed.history] == pytest.approx(
+            [getattr(e, key) for e in uninterrupted.history], abs=1e-6), key
+    for key, value in uninterrupted.model.state_dict().items():
+        assert torch.allclose(resumed.model.state_dict()[key].float(), value.float(), atol=1e-6), key
