@@ -224,6 +224,51 @@ class PipelineConfig(Strict):
         return salt_file.read_text().strip()
 
 
+class SourceDataConfig(Strict):
+    """A MedMNIST-style .npz: `{train,val,test}_images` (N, H, W) uint8, `{split}_labels` (N,) or (N, 1)."""
+
+    npz: Path
+    label_names: list[str]  # class names, in label-index order
+    # Images are resized to this square size: pretraining may run below 224 to fit a CPU budget;
+    # the backbone is fully convolutional, so the fine-tuned model still takes 224.
+    resolution: Annotated[int, Field(ge=32)] = 64
+    max_train_samples: Annotated[int, Field(gt=0)] | None = None  # quick runs and tests
+
+    @model_validator(mode="after")
+    def _two_classes(self) -> "SourceDataConfig":
+        if len(self.label_names) < 2:
+            raise ValueError("label_names: classification needs at least two class names")
+        return self
+
+
+class SourceRegistryConfig(Strict):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "medxfer-source-models"
+    model_name: str  # the fine-tune config names it as `model.weights: mlflow:/<model_name>@<alias>`
+    alias: str = "source"
+
+
+class PretrainConfig(Strict):
+    """Train a source model from random initialisation on a larger dataset and register it."""
+
+    name: str
+    seed: int = 42
+    output_dir: Path = Path("outputs")
+    source: SourceDataConfig
+    model: ModelConfig = ModelConfig(weights="none", freeze=FreezeStrategy.FULL)
+    train: TrainConfig = TrainConfig()
+    registry: SourceRegistryConfig
+
+    def as_pipeline_config(self) -> PipelineConfig:
+        """The same settings in the shape `tasks.train.train_model` takes."""
+        return PipelineConfig(
+            name=self.name, seed=self.seed, output_dir=self.output_dir, model=self.model, train=self.train,
+            data=DataConfig(root=self.source.npz.parent, manifest=self.source.npz,
+                            task=TaskKind.CLASSIFICATION, label_names=self.source.label_names),
+            registry=RegistryConfig(tracking_uri=self.registry.tracking_uri,
+                                    experiment=self.registry.experiment, model_name=self.registry.model_name))
+
+
 def _format_errors(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
     for item in error.errors():
@@ -233,9 +278,7 @@ def _format_errors(path: Path, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path, *, check_paths: bool = True) -> PipelineConfig:
-    """Read and validate a YAML config; with `check_paths`, the data must exist."""
-    path = Path(path)
+def _validated(path: Path, schema: type[Strict]) -> Strict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
@@ -245,11 +288,30 @@ def load_config(path: str | Path, *, check_paths: bool = True) -> PipelineConfig
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     try:
-        config = PipelineConfig.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(path, exc)) from None
+
+
+def _check_exists(path: Path, key: str, value: Path) -> None:
+    if not value.exists():
+        raise ConfigError(f"{path}: {key}: path does not exist: {value}")
+
+
+def load_config(path: str | Path, *, check_paths: bool = True) -> PipelineConfig:
+    """Read and validate a YAML config; with `check_paths`, the data must exist."""
+    path = Path(path)
+    config = _validated(path, PipelineConfig)
     if check_paths:
-        for key, value in (("data.root", config.data.root), ("data.manifest", config.data.manifest)):
-            if not value.exists():
-                raise ConfigError(f"{path}: {key}: path does not exist: {value}")
+        _check_exists(path, "data.root", config.data.root)
+        _check_exists(path, "data.manifest", config.data.manifest)
+    return config
+
+
+def load_pretrain_config(path: str | Path, *, check_paths: bool = True) -> PretrainConfig:
+    """Read and validate a pretrain YAML config (see flows/pretrain.py)."""
+    path = Path(path)
+    config = _validated(path, PretrainConfig)
+    if check_paths:
+        _check_exists(path, "source.npz", config.source.npz)
     return config

@@ -80,10 +80,15 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
         logger.info("epoch %d: train loss %.4f, val %s %.4f, %.1f images/s", epoch.epoch,
                     epoch.train_loss, primary_metric(config.data.task)[0], epoch.val_metric,
                     epoch.images_per_second)
-        for key in ("train_loss", "val_metric", "lr", "images_per_second"):
+        for key in ("train_loss", "val_metric", "lr", "images_per_second", "data_seconds", "compute_seconds"):
             client.log_metric(run_id, key, getattr(epoch, key), step=epoch.epoch)
 
-    result = train_model(config, prepared.split("train"), prepared.split("val"), on_epoch_end=report)
+    # Checkpoints live outside the MLflow run's folder: a re-run of a killed flow gets a new
+    # run id but the same config and data, and resumes from there.
+    result = train_model(config, prepared.split("train"), prepared.split("val"), on_epoch_end=report,
+                         checkpoint_dir=config.run_dir / "checkpoints")
+    if result.resumed_from_epoch:
+        logger.info("resumed from a checkpoint at epoch %d", result.resumed_from_epoch)
     logger.info("backbone: %s; strategy %s (%s)", result.weights.describe(),
                 result.strategy.value, result.strategy_reason)
     if not result.weights.pretrained:
@@ -92,8 +97,11 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
                        "weights_sha256": result.weights.sha256 or "none",
                        "weights_pretrained": result.weights.pretrained,
                        "freeze_strategy_used": result.strategy.value,
-                       "freeze_reason": result.strategy_reason, "device": result.device})
-    mlflow.log_metrics({"best_epoch": result.best_epoch, f"val_{result.metric_name}": result.best_metric})
+                       "freeze_reason": result.strategy_reason, "device": result.device,
+                       "cached_features": result.cached_features, "precision_used": result.precision,
+                       "resumed_from_epoch": result.resumed_from_epoch})
+    mlflow.log_metrics({"best_epoch": result.best_epoch, f"val_{result.metric_name}": result.best_metric,
+                        "feature_cache_seconds": result.feature_seconds})
     return result
 
 

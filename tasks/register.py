@@ -80,6 +80,15 @@ def beats(new: float, old: float, higher_is_better: bool) -> bool:
     return new > old if higher_is_better else new < old
 
 
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create registered model `name` unless it exists."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, onnx_path: Path,
                    metric: str, higher_is_better: bool, example: torch.Tensor) -> Registration:
     """Log model and ONNX to the run, create a registry version, and move the aliases.
@@ -96,11 +105,7 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
         # MLflow 3 saves a torch.export (pt2) graph traced on this example: no pickled code.
         info = mlflow.pytorch.log_model(model.eval(), name=MODEL_ARTIFACT, input_example=example.numpy(),
                                         pip_requirements=MODEL_PIP_REQUIREMENTS)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+    ensure_registered_model(client, name)
     version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
     try:
         update_metadata(onnx_path, {"model_name": name, "model_version": str(version.version)})
