@@ -241,10 +241,10 @@ class SourceDataConfig(Strict):
         return self
 
 
-class SourceRegistryConfig(Strict):
-    tracking_uri: str = "sqlite:///mlflow.db"
+class SourceRegistryConfig(RegistryConfig):
+    """Where a source model is registered; fine-tunes name it `mlflow:/<model_name>@<alias>`."""
+
     experiment: str = "medxfer-source-models"
-    model_name: str  # the fine-tune config names it as `model.weights: mlflow:/<model_name>@<alias>`
     alias: str = "source"
 
 
@@ -265,8 +265,7 @@ class PretrainConfig(Strict):
             name=self.name, seed=self.seed, output_dir=self.output_dir, model=self.model, train=self.train,
             data=DataConfig(root=self.source.npz.parent, manifest=self.source.npz,
                             task=TaskKind.CLASSIFICATION, label_names=self.source.label_names),
-            registry=RegistryConfig(tracking_uri=self.registry.tracking_uri,
-                                    experiment=self.registry.experiment, model_name=self.registry.model_name))
+            registry=RegistryConfig(**self.registry.model_dump(exclude={"alias"})))
 
 
 def _format_errors(path: Path, error: ValidationError) -> str:
