@@ -46,12 +46,6 @@ def test_head_trains_on_cached_features_and_gives_the_same_model(tmp_path, breas
     assert auc == pytest.approx(result.best_metric, abs=1e-6)
 
 
-def test_random_backbone_is_never_trained_as_cached_head(tmp_path, breast_splits):
-    result = train_model(configured(tmp_path, {"weights": "none", "freeze": "head"}, epochs=1),
-                         breast_splits["train"], breast_splits["val"])
-    assert not result.cached_features and result.strategy.value == "full"
-
-
 def test_backbone_learns_at_a_fraction_of_the_head_rate(backbone_file):
     model, _ = build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)
     apply_freeze(model, FreezeStrategy.PARTIAL, frozen_stages=3)
@@ -144,7 +138,7 @@ class Interrupted(Exception):
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tmp_path, breast_splits, backbone_file):
-    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "full"}, epochs=3, patience=5,
+    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "full"}, epochs=2, patience=5,
                         augment={"enabled": True}, class_balance="balanced_sampler", warmup_head_epochs=1)
     train, val = breast_splits["train"], breast_splits["val"]
     uninterrupted = train_model(config, train, val, checkpoint_dir=tmp_path / "a")
@@ -158,7 +152,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tmp_path, bre
         train_model(config, train, val, on_epoch_end=kill_after_first_epoch, checkpoint_dir=tmp_path / "b")
     assert len(list((tmp_path / "b").glob("train-*.pt"))) == 1
     resumed = train_model(config, train, val, checkpoint_dir=tmp_path / "b")
-    assert resumed.resumed_from_epoch == 2 and len(resumed.history) == len(uninterrupted.history) == 3
+    assert resumed.resumed_from_epoch == 2 and len(resumed.history) == len(uninterrupted.history) == 2
     for key in ("val_metric", "train_loss", "lr"):
         assert [getattr(e, key) for e in resumed.history] == pytest.approx(
             [getattr(e, key) for e in uninterrupted.history], abs=1e-6), key
