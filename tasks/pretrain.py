@@ -13,9 +13,8 @@ from mlflow import MlflowClient
 from torchvision.transforms.v2 import functional as TF
 
 from configs import PretrainConfig, SourceDataConfig
-from models.resnet import (SOURCE_ARTIFACT_DIR, SOURCE_BACKBONE_FILE, SOURCE_SHA256_TAG, TransferResNet,
-                           sha256_file)
-from tasks.io import atomic_path
+from models.resnet import SOURCE_ARTIFACT_DIR, SOURCE_BACKBONE_FILE, SOURCE_SHA256_TAG, TransferResNet
+from tasks.io import atomic_path, sha256_file
 from tasks.preprocess import PreparedData
 from tasks.register import ensure_registered_model
 
