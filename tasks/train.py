@@ -301,7 +301,9 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
     criterion = make_criterion(model, task, weight)
     loader = make_loader(dataset, train.targets, settings.batch_size, config.seed, settings.num_workers,
                          settings.class_balance, num_outputs)
-    optimizer = torch.optim.AdamW(param_groups(model, settings.lr, settings.backbone_lr_factor),
+    # Discriminative rates protect pretrained features; a random backbone has none to protect.
+    backbone_lr_factor = settings.backbone_lr_factor if weights.pretrained else 1.0
+    optimizer = torch.optim.AdamW(param_groups(model, settings.lr, backbone_lr_factor),
                                   lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * len(loader))
     stopper = EarlyStopping(settings.patience, primary_metric(task)[1])

@@ -61,8 +61,11 @@ def test_warmup_epochs_train_the_head_only_then_unfreeze(tmp_path, breast_splits
     changed_after = {}
 
     def inspect_checkpoint(epoch):  # the checkpoint holds the weights as they are after this epoch
-        saved = torch.load(next((tmp_path / "ckpt").glob("train-*.pt")), weights_only=True)["model"]
-        changed_after[epoch.epoch] = {k for k, v in reference.items() if not torch.equal(saved[f"backbone.{k}"], v)}
+        saved = torch.load(next((tmp_path / "ckpt").glob("train-*.pt")), weights_only=True)
+        changed_after[epoch.epoch] = {k for k, v in reference.items()
+                                      if not torch.equal(saved["model"][f"backbone.{k}"], v)}
+        head_group, backbone_group = saved["optimizer"]["param_groups"]
+        assert backbone_group["lr"] == pytest.approx(0.1 * head_group["lr"])  # backbone_lr_factor default
 
     result = train_model(config, breast_splits["train"], breast_splits["val"], on_epoch_end=inspect_checkpoint,
                          checkpoint_dir=tmp_path / "ckpt")
