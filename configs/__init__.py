@@ -83,6 +83,7 @@ class PreprocessConfig(Strict):
     resize: Annotated[int, Field(gt=0)] = 256  # short side, before the centre crop
     crop: Annotated[int, Field(gt=0)] = 224
     cache_dir: Path = Path(".cache/medxfer/preprocessed")
+    workers: Annotated[int, Field(ge=1)] | None = None  # decode processes; None: all cores
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "PreprocessConfig":

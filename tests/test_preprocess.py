@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 import torch
@@ -384,3 +386,41 @@ def test_to_model_input_shape_and_normalisation():
     torch.testing.assert_close(single[0], x[1])
     with pytest.raises(TypeError):
         to_model_input(images.float())
+
+
+# ---------------------------------------------------------------- whole dataset
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
+    """Real files in several syntaxes and colour models, with a corrupt and a text file between them."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm", "US1_UNCR.dcm", "JPEG2000.dcm",
+             "emri_small_RLE.dcm", "MR_small_bigendian.dcm", "SC_ybr_full_422_uncompressed.dcm"]
+    for name in names:
+        shutil.copyfile(data_file(name), root / name)
+    (root / "cut.dcm").write_bytes(data_file("CT_small.dcm").read_bytes()[:-500])
+    (root / "notes.dcm").write_text("not an image")
+    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", *names[5:]]
+    return root, pd.DataFrame({"path": order, "label": "x"})
+
+
+def test_parallel_preprocessing_matches_serial_in_order(mixed_folder, config):
+    root, manifest = mixed_folder
+    serial = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 1}))
+    shutil.rmtree(config.cache_dir)  # the parallel run must decode, not read the serial run's cache
+    parallel = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 2}))
+    assert parallel.cache_hits == 0
+    pd.testing.assert_frame_equal(parallel.manifest, serial.manifest)
+    pd.testing.assert_frame_equal(parallel.rejects, serial.rejects)
+    np.testing.assert_array_equal(parallel.images, serial.images)
+    assert list(parallel.manifest["path"]) == [p for p in manifest["path"] if p not in ("cut.dcm", "notes.dcm")]
+    assert list(parallel.rejects["path"]) == ["cut.dcm", "notes.dcm"]
+    cut, notes = parallel.rejects["reason"]
+    assert cut.startswith("corrupt DICOM") and notes == "not a DICOM, PNG or JPEG file"
+
+
+def test_workers_default_to_every_usable_core():
+    assert pp.resolve_workers(None) == len(os.sched_getaffinity(0))
+    assert pp.resolve_workers(3) == 3
