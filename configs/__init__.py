@@ -58,6 +58,8 @@ class DataConfig(Strict):
     use_manifest_split: bool = True  # False: ignore a `split` column and make new splits
     split: SplitConfig = SplitConfig()
     patient_salt: str | None = None  # else read from $MEDXFER_PATIENT_SALT
+    # The flow stops when a class (regression: the whole set) has fewer usable samples.
+    min_usable_per_class: Annotated[int, Field(ge=1)] = 10
 
     @model_validator(mode="after")
     def _labels_fit_task(self) -> "DataConfig":

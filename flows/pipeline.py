@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig, TaskKind, load_config
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import ParityError, check_parity, export_onnx
-from tasks.ingest import IngestResult, ingest_dataset
+from tasks.ingest import IngestResult, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
@@ -68,6 +68,7 @@ def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) ->
         description=(f"Discovered {ingested.discovered} = usable {len(prepared.manifest)} "
                      f"+ rejected {len(rejects)}"),
     )
+    check_enough_samples(prepared.manifest, config.data)  # after the reports, so the reasons are kept
     return prepared
 
 

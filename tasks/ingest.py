@@ -7,11 +7,13 @@ discovered = usable + rejected always holds.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import MediaStorageDirectoryStorage
 from sklearn.model_selection import StratifiedGroupKFold
 
 from configs import DataConfig, TaskKind
@@ -37,6 +40,10 @@ _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25, "": 365.25}
 
 class ManifestError(ValueError):
     """A manifest that cannot be used at all; the message names the file and column or row."""
+
+
+class NotEnoughData(ValueError):
+    """Too few usable samples (of some class) to train on; the message gives the counts."""
 
 
 @dataclass
@@ -107,17 +114,70 @@ def file_sha256(path: Path) -> str:
 
 
 def discover_files(root: Path, manifest_path: Path) -> list[str]:
-    """Files under root, as sorted POSIX paths relative to root; hidden files and the manifest skipped."""
-    manifest_path = manifest_path.resolve()
+    """Files under root, as sorted POSIX paths relative to root; hidden files and the manifest skipped.
+
+    Folder links are followed, except to a folder already scanned (a symlink
+    loop, or a second link to the same folder): such a link is listed itself,
+    so it is rejected with its reason rather than silently skipped or walked forever.
+    """
+    manifest_path = os.path.realpath(manifest_path)
+    scanned = {os.path.realpath(root)}
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        descend = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(Path(dirpath) / name)
+            if real in scanned:
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+            else:
+                scanned.add(real)
+                descend.append(name)
+        dirnames[:] = descend
         for name in filenames:
             full = Path(dirpath) / name
-            if name.startswith(".") or full.resolve() == manifest_path:
+            # realpath, not Path.resolve: a symlink loop must be listed, not raise.
+            if name.startswith(".") or os.path.realpath(full) == manifest_path:
                 continue
             found.append(full.relative_to(root).as_posix())
     return sorted(found)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an image file, in words; None when it can be opened and has bytes."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "broken symlink: its target does not exist" if path.is_symlink() else "file not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop: the link leads back to itself"
+        return f"cannot read the file: {exc.strerror}"
+    if stat.S_ISDIR(info.st_mode):
+        if path.is_symlink():
+            return "symlink loop: a folder link to a folder that is already scanned"
+        return "a folder, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror} (check its permissions)"
+    return None
+
+
+def is_dicomdir(header: pydicom.Dataset | None) -> bool:
+    """A DICOMDIR: the index of a DICOM CD or folder, which holds no image itself."""
+    if header is None:
+        return False
+    meta = getattr(header, "file_meta", None)
+    return (meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage) \
+        or "DirectoryRecordSequence" in header
+
+
+DICOMDIR_REASON = "DICOMDIR: the index of a DICOM CD or folder, not an image"
 
 
 def read_manifest(path: Path, data: DataConfig) -> pd.DataFrame:
@@ -175,6 +235,21 @@ def _split_value(row: pd.Series) -> tuple[str | None, str | None]:
     return SPLIT_ALIASES[raw], None
 
 
+def check_enough_samples(manifest: pd.DataFrame, data: DataConfig) -> None:
+    """Raise NotEnoughData when a class (or, for regression, the whole set) has fewer than
+    `data.min_usable_per_class` usable samples."""
+    minimum = data.min_usable_per_class
+    if data.task is TaskKind.CLASSIFICATION:
+        counts = manifest["label"].value_counts().reindex(data.label_names, fill_value=0)
+    else:
+        counts = pd.Series({"all ages": len(manifest)})
+    short = counts[counts < minimum]
+    if not short.empty:
+        found = ", ".join(f"{name}: {count}" for name, count in short.items())
+        raise NotEnoughData(f"{data.manifest}: fewer usable samples than data.min_usable_per_class "
+                            f"({minimum}): {found}; see the rejects report for what was dropped")
+
+
 def assign_splits(keys: pd.Series, strata: pd.Series, data: DataConfig, seed: int) -> pd.Series:
     """Patient-disjoint train/val/test, stratified by `strata`, deterministic for a seed."""
     def holdout(index: pd.Index, fraction: float, salt: int) -> pd.Index:
@@ -222,10 +297,14 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
 
     for _, row in table[~table["rel"].isin(duplicated.index)].iterrows():
         rel, full = row["rel"], row["full"]
-        if not full.is_file():
-            rejects.append((rel, f"row {row['row']}: file not found"))
+        problem = file_problem(full)
+        if problem:
+            rejects.append((rel, f"row {row['row']}: {problem}"))
             continue
         header = read_dicom_header(full)
+        if is_dicomdir(header):
+            rejects.append((rel, f"row {row['row']}: {DICOMDIR_REASON}"))
+            continue
         if data.task is TaskKind.CLASSIFICATION:
             target, problem = _class_target(row, data)
         else:
@@ -253,7 +332,9 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         })
 
     for rel in sorted(on_disk - listed):
-        rejects.append((rel, "not listed in the manifest"))
+        full = root / rel
+        problem = file_problem(full) or (DICOMDIR_REASON if is_dicomdir(read_dicom_header(full)) else None)
+        rejects.append((rel, f"{problem}; not listed in the manifest" if problem else "not listed in the manifest"))
 
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if manifest.empty:

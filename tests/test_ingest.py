@@ -1,4 +1,7 @@
+import errno
+import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pydicom
@@ -6,7 +9,17 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from configs import DataConfig, TaskKind
-from tasks.ingest import ManifestError, dicom_age, ingest_dataset, parse_dicom_age, patient_key
+from tasks import ingest
+from tasks.ingest import (
+    DICOMDIR_REASON,
+    ManifestError,
+    NotEnoughData,
+    check_enough_samples,
+    dicom_age,
+    ingest_dataset,
+    parse_dicom_age,
+    patient_key,
+)
 
 SALT = "test-salt"
 
@@ -138,3 +151,53 @@ def test_manifest_without_label_column_is_an_error(tmp_path, breast_dicom_dir):
     pd.read_csv(root / "manifest.csv").drop(columns="label").to_csv(root / "manifest.csv", index=False)
     with pytest.raises(ManifestError, match="needs a 'label' column"):
         ingest_dataset(classification_data(root), seed=0, salt=SALT)
+
+
+def test_unreadable_files_are_rejected_in_words_and_the_run_goes_on(tmp_path, breast_dicom_dir, monkeypatch):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv")
+    (root / "train" / "empty.dcm").write_bytes(b"")
+    locked = root / "train" / "locked.dcm"
+    shutil.copyfile(root / manifest.loc[0, "path"], locked)
+    locked.chmod(0)
+    if os.geteuid() == 0:
+        # root reads a mode-000 file anyway, so the permission error chmod gives
+        # other users is raised by hand here, for this one file only.
+        def denied(path, *args, **kwargs):
+            if Path(path) == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return open(path, *args, **kwargs)
+        monkeypatch.setattr(ingest, "open", denied, raising=False)
+    (root / "train" / "ring_a.dcm").symlink_to("ring_b.dcm")
+    (root / "train" / "ring_b.dcm").symlink_to("ring_a.dcm")
+    (root / "train" / "back_to_root").symlink_to(root, target_is_directory=True)
+    shutil.copyfile(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
+    shutil.copyfile(get_testdata_file("DICOMDIR"), root / "train" / "index")
+    listed = ["train/empty.dcm", "train/locked.dcm", "train/ring_a.dcm", "train/index"]
+    extra = pd.DataFrame({"path": listed, "label": "benign", "split": "train"})
+    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
+
+    result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
+    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
+    first_extra_row = len(manifest) + 2
+    assert reasons["train/empty.dcm"] == f"row {first_extra_row}: empty file (0 bytes)"
+    assert reasons["train/locked.dcm"] == (f"row {first_extra_row + 1}: cannot read the file: "
+                                           "Permission denied (check its permissions)")
+    assert reasons["train/ring_a.dcm"] == f"row {first_extra_row + 2}: symlink loop: the link leads back to itself"
+    assert reasons["train/index"] == f"row {first_extra_row + 3}: {DICOMDIR_REASON}"
+    assert reasons["train/ring_b.dcm"] == "symlink loop: the link leads back to itself; not listed in the manifest"
+    assert reasons["train/back_to_root"] == ("symlink loop: a folder link to a folder that is already "
+                                             "scanned; not listed in the manifest")
+    assert reasons["DICOMDIR"] == f"{DICOMDIR_REASON}; not listed in the manifest"
+    assert len(result.manifest) == 120 and len(result.rejects) == 7
+    assert result.discovered == len(result.manifest) + len(result.rejects)
+
+
+def test_too_few_usable_samples_of_a_class_is_an_error(breast_dicom_dir):
+    result = ingest_dataset(classification_data(breast_dicom_dir), seed=0, salt=SALT)
+    counts = result.manifest["label"].value_counts()
+    check_enough_samples(result.manifest, classification_data(breast_dicom_dir,
+                                                              min_usable_per_class=int(counts.min())))
+    with pytest.raises(NotEnoughData, match=rf"malignant: {counts['malignant']}"):
+        check_enough_samples(result.manifest, classification_data(breast_dicom_dir,
+                                                                  min_usable_per_class=counts["malignant"] + 1))

@@ -424,3 +424,10 @@ def test_parallel_preprocessing_matches_serial_in_order(mixed_folder, config):
 def test_workers_default_to_every_usable_core():
     assert pp.resolve_workers(None) == len(os.sched_getaffinity(0))
     assert pp.resolve_workers(3) == 3
+
+
+def test_symlink_loop_is_an_unreadable_image_not_a_crash(tmp_path, config):
+    loop = tmp_path / "loop.dcm"
+    loop.symlink_to(loop)
+    with pytest.raises(UnreadableImage, match="cannot read the file: Too many levels of symbolic links"):
+        preprocess_file(loop, config)
