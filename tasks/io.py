@@ -36,3 +36,13 @@ def write_csv_atomic(frame: pd.DataFrame, path: Path) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table of `frame` (its columns as the header)."""
+    def row(cells) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [row(frame.columns), "|" + "---|" * len(frame.columns)]
+    lines += [row(values) for values in frame.itertuples(index=False)]
+    return "\n".join(lines)
