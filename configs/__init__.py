@@ -81,11 +81,21 @@ class DataConfig(Strict):
 
 
 
+class FramePolicy(str, Enum):
+    """Which frames of a multi-frame DICOM become samples."""
+
+    MIDDLE = "middle"
+    FIRST = "first"
+    ALL = "all"  # every frame its own sample, all sharing the file's patient and split
+
+
 class PreprocessConfig(Strict):
     resize: Annotated[int, Field(gt=0)] = 256  # short side, before the centre crop
     crop: Annotated[int, Field(gt=0)] = 224
     cache_dir: Path = Path(".cache/medxfer/preprocessed")
     workers: Annotated[int, Field(ge=1)] | None = None  # decode processes; None: all cores
+    frames: FramePolicy = FramePolicy.MIDDLE
+    voi_window: Annotated[int, Field(ge=0)] = 0  # which header window / VOI LUT; the first if absent
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "PreprocessConfig":
