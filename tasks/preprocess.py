@@ -320,8 +320,15 @@ def _colour_to_grey(arr: np.ndarray, pi: str, ds: pydicom.Dataset, provenance: l
 
 def _monochrome_to_grey(arr: np.ndarray, ds: pydicom.Dataset, voi_window: int,
                         provenance: list[str]) -> np.ndarray:
-    """Modality LUT, then VOI (LUT, window or percentile), scaled to [0, 1]."""
-    values = apply_modality_lut(arr, ds)
+    """Modality LUT, then VOI (LUT, window or percentile), scaled to [0, 1].
+
+    The header transforms are elementwise, so for 8/16-bit integer pixels they
+    run once per stored value in arr.min()..arr.max() and the result is looked
+    up per pixel: the same numbers, and a 3.6-megapixel CR needs at most 65,536
+    evaluations of pydicom's float64 windowing instead of 3.6 million.
+    """
+    stored, lookup = _stored_value_table(arr)
+    values = apply_modality_lut(stored, ds)
     if ds.get("ModalityLUTSequence"):
         provenance.append("modality_lut:lut_sequence")
     elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
@@ -346,9 +353,21 @@ def _monochrome_to_grey(arr: np.ndarray, ds: pydicom.Dataset, voi_window: int,
         provenance.append(f"voi:ignored({exc})")
         grey = None
     if grey is None:
+        values = values if lookup is None else values[lookup]
         grey = _percentile_window(values, _padding_mask(arr, ds))
         provenance.append("voi:percentile({:g},{:g})".format(*PERCENTILE_WINDOW))
+    elif lookup is not None:
+        grey = grey[lookup]
     return np.clip(grey, 0.0, 1.0).astype(np.float32)
+
+
+def _stored_value_table(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(every value from arr.min() to arr.max(), each pixel's index into it) for 8/16-bit
+    integer pixels; (arr, None) otherwise."""
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2 or arr.size == 0:
+        return arr, None
+    low, high = int(arr.min()), int(arr.max())
+    return np.arange(low, high + 1, dtype=np.int64), np.subtract(arr, low, dtype=np.int32)
 
 
 def _has_voi_lut(ds: pydicom.Dataset) -> bool:
