@@ -69,6 +69,8 @@ class DataConfig(Strict):
     use_manifest_split: bool = True  # False: ignore a `split` column and make new splits
     split: SplitConfig = SplitConfig()
     patient_salt: str | None = None  # else read from $MEDXFER_PATIENT_SALT
+    # The flow stops when a class (regression: the whole set) has fewer usable samples.
+    min_usable_per_class: Annotated[int, Field(ge=1)] = 10
 
     @model_validator(mode="after")
     def _labels_fit_task(self) -> "DataConfig":
@@ -90,10 +92,21 @@ class DataConfig(Strict):
 
 
 
+class FramePolicy(str, Enum):
+    """Which frames of a multi-frame DICOM become samples."""
+
+    MIDDLE = "middle"
+    FIRST = "first"
+    ALL = "all"  # every frame its own sample, all sharing the file's patient and split
+
+
 class PreprocessConfig(Strict):
     resize: Annotated[int, Field(gt=0)] = 256  # short side, before the centre crop
     crop: Annotated[int, Field(gt=0)] = 224
     cache_dir: Path = Path(".cache/medxfer/preprocessed")
+    workers: Annotated[int, Field(ge=1)] | None = None  # decode processes; None: all cores
+    frames: FramePolicy = FramePolicy.MIDDLE
+    voi_window: Annotated[int, Field(ge=0)] = 0  # which header window / VOI LUT; the first if absent
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "PreprocessConfig":

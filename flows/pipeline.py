@@ -25,9 +25,10 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig, TaskKind, load_config
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import ParityError, check_parity, export_onnx
-from tasks.ingest import IngestResult, ingest_dataset
+from tasks.ingest import IngestResult, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.preprocess import PreparedData, preprocess_dataset
+from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
 
@@ -53,13 +54,18 @@ def ingest(config: PipelineConfig, run_dir: Path) -> IngestResult:
 def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) -> PreparedData:
     prepared = preprocess_dataset(ingested.manifest, config.data.root, config.preprocess)
     rejects = prepared.rejects_with(ingested.rejects)
-    if ingested.discovered != len(prepared.manifest) + len(rejects):
+    usable_files = prepared.manifest["path"].nunique()  # `frames: all` gives several rows per file
+    if ingested.discovered != usable_files + len(rejects):
         raise RuntimeError(f"counts do not reconcile: discovered {ingested.discovered}, "
-                           f"usable {len(prepared.manifest)}, rejected {len(rejects)}")
+                           f"usable {usable_files}, rejected {len(rejects)}")
     write_csv_atomic(prepared.manifest, run_dir / "manifest.csv")
     write_csv_atomic(rejects, run_dir / "rejects.csv")
-    mlflow.log_artifact(str(run_dir / "manifest.csv"), "data")
-    mlflow.log_artifact(str(run_dir / "rejects.csv"), "data")
+    qc = qc_report(config.name, prepared.manifest, rejects, ingested.duplicates)
+    write_text_atomic(run_dir / "qc_report.md", qc)
+    for name in ("manifest.csv", "rejects.csv", "qc_report.md"):
+        mlflow.log_artifact(str(run_dir / name), "data")
+    create_markdown_artifact(key=f"{_slug(config.name)}-qc", markdown=qc,
+                             description="Data QC: header facts, rejects, duplicates, split sizes")
     mlflow.log_metrics({"usable": len(prepared.manifest), "rejected": len(rejects),
                         "cache_hits": prepared.cache_hits})
     create_table_artifact(
@@ -68,6 +74,7 @@ def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) ->
         description=(f"Discovered {ingested.discovered} = usable {len(prepared.manifest)} "
                      f"+ rejected {len(rejects)}"),
     )
+    check_enough_samples(prepared.manifest, config.data)  # after the reports, so the reasons are kept
     return prepared
 
 

@@ -7,11 +7,14 @@ discovered = usable + rejected always holds.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import logging
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -20,17 +23,26 @@ import numpy as np
 import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import MediaStorageDirectoryStorage
+from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 
 from configs import DataConfig, TaskKind
-from tasks.io import sha256_file
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-MANIFEST_COLUMNS = ["path", "format", "patient_key", "split", "target", "label", "sha256"]
+# No column holds a name, id, date, UID or institution: patients, studies and
+# instances appear only as salted hashes, and the rest is what the QC report counts.
+MANIFEST_COLUMNS = ["path", "format", "patient_key", "study_key", "instance_key", "split", "target",
+                    "label", "sha256", "pixel_sha256", "modality", "photometric", "transfer_syntax",
+                    "image_size", "frames"]
 REJECT_COLUMNS = ["path", "reason"]
+DUPLICATE_COLUMNS = ["path", "duplicate_of", "same"]
+# Samples that share any of these must share a split (the QC report names the last two).
+LEAKAGE_KEYS = {"patient_key": "patient", "study_key": "study",
+                "instance_key": "SOPInstanceUID", "pixel_sha256": "stored pixels"}
 AGE_BINS = 5  # regression splits are stratified on age quintiles
 _AGE_PATTERN = re.compile(r"^(\d{1,3})([DWMY]?)$")
 _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25, "": 365.25}
@@ -40,12 +52,17 @@ class ManifestError(ValueError):
     """A manifest that cannot be used at all; the message names the file and column or row."""
 
 
+class NotEnoughData(ValueError):
+    """Too few usable samples (of some class) to train on; the message gives the counts."""
+
+
 @dataclass
 class IngestResult:
     manifest: pd.DataFrame  # MANIFEST_COLUMNS, one row per usable sample
     rejects: pd.DataFrame  # REJECT_COLUMNS
     discovered: int
     patients_from_files: int  # samples with no patient id: each file is its own patient
+    duplicates: pd.DataFrame  # DUPLICATE_COLUMNS: usable copies, each in its original's split
 
     def summary(self) -> dict[str, int]:
         counts = {"discovered": self.discovered, "usable": len(self.manifest),
@@ -91,26 +108,105 @@ def dicom_age(ds: pydicom.Dataset) -> float | None:
     return None
 
 
-def read_dicom_header(path: Path) -> pydicom.Dataset | None:
-    """The header of a DICOM file (pixel data left unread), or None if it is not DICOM."""
+def read_dicom_header(source: Path | bytes) -> pydicom.Dataset | None:
+    """A DICOM data set (from a path, pixel data left unread), or None if it is not DICOM."""
     try:
-        return pydicom.dcmread(path, defer_size=1024)
+        if isinstance(source, bytes):
+            return pydicom.dcmread(io.BytesIO(source))
+        return pydicom.dcmread(source, defer_size=1024)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
 
 
+def image_facts(data: bytes, header: pydicom.Dataset | None) -> dict[str, object]:
+    """What the QC report counts (no patient data): modality, photometric interpretation,
+    transfer syntax, size, frames, and a hash of the stored pixels."""
+    if header is None:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                size, mode, kind = img.size, img.mode, img.format or ""
+        except (UnidentifiedImageError, OSError, ValueError):
+            size, mode, kind = (0, 0), "", ""
+        return {"modality": "", "photometric": mode, "transfer_syntax": kind,
+                "image_size": f"{size[1]}x{size[0]}", "frames": 1,
+                "pixel_sha256": hashlib.sha256(data).hexdigest()}
+    syntax = getattr(header, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    pixels = header.get("PixelData")
+    # Stored pixels plus their geometry: a re-exported copy with edited tags still matches.
+    geometry = f"{header.get('Rows')}x{header.get('Columns')}x{header.get('NumberOfFrames', 1)}"
+    pixel_hash = hashlib.sha256(geometry.encode() + bytes(pixels)).hexdigest() if pixels else ""
+    return {"modality": str(header.get("Modality", "")),
+            "photometric": str(header.get("PhotometricInterpretation", "")),
+            "transfer_syntax": syntax.name if syntax else "none in file (inferred)",
+            "image_size": f"{header.get('Rows', 0)}x{header.get('Columns', 0)}",
+            "frames": int(header.get("NumberOfFrames") or 1), "pixel_sha256": pixel_hash}
+
+
 def discover_files(root: Path, manifest_path: Path) -> list[str]:
-    """Files under root, as sorted POSIX paths relative to root; hidden files and the manifest skipped."""
-    manifest_path = manifest_path.resolve()
+    """Files under root, as sorted POSIX paths relative to root; hidden files and the manifest skipped.
+
+    Folder links are followed, except to a folder already scanned (a symlink
+    loop, or a second link to the same folder): such a link is listed itself,
+    so it is rejected with its reason rather than silently skipped or walked forever.
+    """
+    manifest_path = os.path.realpath(manifest_path)
+    scanned = {os.path.realpath(root)}
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        descend = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            real = os.path.realpath(Path(dirpath) / name)
+            if real in scanned:
+                found.append((Path(dirpath) / name).relative_to(root).as_posix())
+            else:
+                scanned.add(real)
+                descend.append(name)
+        dirnames[:] = descend
         for name in filenames:
             full = Path(dirpath) / name
-            if name.startswith(".") or full.resolve() == manifest_path:
+            # realpath, not Path.resolve: a symlink loop must be listed, not raise.
+            if name.startswith(".") or os.path.realpath(full) == manifest_path:
                 continue
             found.append(full.relative_to(root).as_posix())
     return sorted(found)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an image file, in words; None when it can be opened and has bytes."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "broken symlink: its target does not exist" if path.is_symlink() else "file not found"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop: the link leads back to itself"
+        return f"cannot read the file: {exc.strerror}"
+    if stat.S_ISDIR(info.st_mode):
+        if path.is_symlink():
+            return "symlink loop: a folder link to a folder that is already scanned"
+        return "a folder, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    if info.st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return f"cannot read the file: {exc.strerror} (check its permissions)"
+    return None
+
+
+def is_dicomdir(header: pydicom.Dataset | None) -> bool:
+    """A DICOMDIR: the index of a DICOM CD or folder, which holds no image itself."""
+    if header is None:
+        return False
+    meta = getattr(header, "file_meta", None)
+    return (meta is not None and meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage) \
+        or "DirectoryRecordSequence" in header
+
+
+DICOMDIR_REASON = "DICOMDIR: the index of a DICOM CD or folder, not an image"
 
 
 def read_manifest(path: Path, data: DataConfig) -> pd.DataFrame:
@@ -168,8 +264,24 @@ def _split_value(row: pd.Series) -> tuple[str | None, str | None]:
     return SPLIT_ALIASES[raw], None
 
 
+def check_enough_samples(manifest: pd.DataFrame, data: DataConfig) -> None:
+    """Raise NotEnoughData when a class (or, for regression, the whole set) has fewer than
+    `data.min_usable_per_class` usable samples."""
+    minimum = data.min_usable_per_class
+    if data.task is TaskKind.CLASSIFICATION:
+        counts = manifest["label"].value_counts().reindex(data.label_names, fill_value=0)
+    else:
+        counts = pd.Series({"all ages": len(manifest)})
+    short = counts[counts < minimum]
+    if not short.empty:
+        found = ", ".join(f"{name}: {count}" for name, count in short.items())
+        raise NotEnoughData(f"{data.manifest}: fewer usable samples than data.min_usable_per_class "
+                            f"({minimum}): {found}; see the rejects report for what was dropped")
+
+
 def assign_splits(keys: pd.Series, strata: pd.Series, data: DataConfig, seed: int) -> pd.Series:
-    """Patient-disjoint train/val/test, stratified by `strata`, deterministic for a seed."""
+    """Group-disjoint train/val/test (`keys`: patient, or leakage_groups), stratified by
+    `strata`, deterministic for a seed."""
     def holdout(index: pd.Index, fraction: float, salt: int) -> pd.Index:
         n_splits = max(2, round(1 / fraction))
         n_groups = keys[index].nunique()
@@ -188,16 +300,62 @@ def assign_splits(keys: pd.Series, strata: pd.Series, data: DataConfig, seed: in
     return split
 
 
+def leakage_groups(manifest: pd.DataFrame) -> pd.Series:
+    """A group id per sample: samples that share a patient, study, SOPInstanceUID or stored
+    pixels (directly or through others) share a group, and a group must stay in one split."""
+    parent = list(range(len(manifest)))
+
+    def root_of(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for column in LEAKAGE_KEYS:
+        first: dict[str, int] = {}
+        for i, value in enumerate(manifest[column]):
+            if value:
+                parent[root_of(i)] = root_of(first.setdefault(value, i))
+    return pd.Series([root_of(i) for i in range(len(manifest))], index=manifest.index)
+
+
+def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Each later sample with the same SOPInstanceUID or stored pixels as an earlier one."""
+    found = {}
+    for column in ("instance_key", "pixel_sha256"):
+        keyed = manifest[manifest[column] != ""]
+        originals = keyed.groupby(column)["path"].transform("first")
+        for path, original in zip(keyed["path"], originals):
+            if path != original and path not in found:
+                found[path] = (original, LEAKAGE_KEYS[column])
+    return pd.DataFrame([(path, *found[path]) for path in found], columns=DUPLICATE_COLUMNS)
+
+
+def _reject_duplicates_across_given_splits(manifest: pd.DataFrame, duplicates: pd.DataFrame,
+                                           rejects: list[tuple[str, str]]) -> pd.DataFrame:
+    """Given splits are the site's own: a copy filed under another split than its original is
+    rejected (it would leak), and a copy in the same split is kept."""
+    split_of = dict(zip(manifest["path"], manifest["split"]))
+    crosses = [split_of[p] != split_of[o] for p, o in zip(duplicates["path"], duplicates["duplicate_of"])]
+    leaking = duplicates.loc[np.array(crosses, dtype=bool)]
+    for path, original, same in leaking.itertuples(index=False):
+        rejects.append((path, f"duplicate of {original} (same {same}), which is in the "
+                              f"{split_of[original]!r} split"))
+    return manifest[~manifest["path"].isin(leaking["path"])]
+
+
 def _check_given_splits(manifest: pd.DataFrame, source: Path) -> None:
-    per_patient = manifest.groupby("patient_key")["split"].nunique()
-    shared = int((per_patient > 1).sum())
-    if shared:
-        raise ManifestError(f"{source}: the split column puts {shared} patients in more than one "
-                            "split; fix it, or drop the column to let medxfer make patient-disjoint splits")
+    for column, what in (("patient_key", "patients"), ("study_key", "studies")):
+        keyed = manifest[manifest[column] != ""]
+        shared = int((keyed.groupby(column)["split"].nunique() > 1).sum())
+        if shared:
+            raise ManifestError(f"{source}: the split column puts {shared} {what} in more than one "
+                                "split; fix it, or drop the column to let medxfer make patient-disjoint splits")
 
 
 def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
-    """Match manifest rows to files, read DICOM headers, and split by patient."""
+    """Match manifest rows to files, read DICOM headers, find duplicates, and split so that no
+    patient, study or duplicated image spans two splits."""
     root = Path(data.root)
     table = read_manifest(data.manifest, data)
     on_disk = set(discover_files(root, data.manifest))
@@ -215,10 +373,15 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
 
     for _, row in table[~table["rel"].isin(duplicated.index)].iterrows():
         rel, full = row["rel"], row["full"]
-        if not full.is_file():
-            rejects.append((rel, f"row {row['row']}: file not found"))
+        problem = file_problem(full)
+        if problem:
+            rejects.append((rel, f"row {row['row']}: {problem}"))
             continue
-        header = read_dicom_header(full)
+        content = full.read_bytes()
+        header = read_dicom_header(content)
+        if is_dicomdir(header):
+            rejects.append((rel, f"row {row['row']}: {DICOMDIR_REASON}"))
+            continue
         if data.task is TaskKind.CLASSIFICATION:
             target, problem = _class_target(row, data)
         else:
@@ -228,31 +391,41 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         if problem:
             rejects.append((rel, problem))
             continue
-        sha = sha256_file(full)
+        sha = hashlib.sha256(content).hexdigest()
         patient_id = str(row.get("patient_id", "")).strip()
         if not patient_id and header is not None:
             patient_id = str(header.get("PatientID", "")).strip()
         if not patient_id:
             no_patient += 1
             patient_id = f"file:{sha}"
+        study_uid = str(header.get("StudyInstanceUID", "")).strip() if header is not None else ""
+        instance_uid = str(header.get("SOPInstanceUID", "")).strip() if header is not None else ""
         rows.append({
             "path": rel,
             "format": "dicom" if header is not None else "image",
             "patient_key": patient_key(patient_id, salt),
+            "study_key": patient_key(f"study:{study_uid}", salt) if study_uid else "",
+            "instance_key": patient_key(f"instance:{instance_uid}", salt) if instance_uid else "",
             "split": split,
             "target": target,
             "label": data.label_names[int(target)] if data.task is TaskKind.CLASSIFICATION else "",
             "sha256": sha,
+            **image_facts(content, header),
         })
 
     for rel in sorted(on_disk - listed):
-        rejects.append((rel, "not listed in the manifest"))
+        full = root / rel
+        problem = file_problem(full) or (DICOMDIR_REASON if is_dicomdir(read_dicom_header(full)) else None)
+        rejects.append((rel, f"{problem}; not listed in the manifest" if problem else "not listed in the manifest"))
 
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     if manifest.empty:
         raise ManifestError(f"{data.manifest}: no usable samples ({len(rejects)} rejected)")
+    duplicates = find_duplicates(manifest)
     given = manifest["split"].notna()
     if given.all():
+        manifest = _reject_duplicates_across_given_splits(manifest, duplicates, rejects)
+        duplicates = duplicates[duplicates["path"].isin(manifest["path"])]
         _check_given_splits(manifest, data.manifest)
     else:
         if given.any():
@@ -262,7 +435,7 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         else:
             strata = pd.Series(pd.qcut(manifest["target"], q=AGE_BINS, labels=False, duplicates="drop"),
                                index=manifest.index)
-        manifest["split"] = assign_splits(manifest["patient_key"], strata, data, seed)
+        manifest["split"] = assign_splits(leakage_groups(manifest), strata, data, seed)
 
     for split in SPLITS:
         in_split = manifest[manifest["split"] == split]
@@ -278,4 +451,5 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
     return IngestResult(manifest=manifest.reset_index(drop=True),
                         rejects=pd.DataFrame(rejects, columns=REJECT_COLUMNS),
                         discovered=len(on_disk | listed),
-                        patients_from_files=no_patient)
+                        patients_from_files=no_patient,
+                        duplicates=duplicates.reset_index(drop=True))

@@ -1,12 +1,26 @@
+import errno
+import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from configs import DataConfig, TaskKind
-from tasks.ingest import ManifestError, dicom_age, ingest_dataset, parse_dicom_age, patient_key
+from tasks import ingest
+from tasks.ingest import (
+    DICOMDIR_REASON,
+    ManifestError,
+    NotEnoughData,
+    check_enough_samples,
+    dicom_age,
+    ingest_dataset,
+    parse_dicom_age,
+    patient_key,
+)
 
 SALT = "test-salt"
 
@@ -137,4 +151,123 @@ def test_manifest_without_label_column_is_an_error(tmp_path, breast_dicom_dir):
     root = copy_dataset(breast_dicom_dir, tmp_path / "data")
     pd.read_csv(root / "manifest.csv").drop(columns="label").to_csv(root / "manifest.csv", index=False)
     with pytest.raises(ManifestError, match="needs a 'label' column"):
+        ingest_dataset(classification_data(root), seed=0, salt=SALT)
+
+
+def test_unreadable_files_are_rejected_in_words_and_the_run_goes_on(tmp_path, breast_dicom_dir, monkeypatch):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv")
+    (root / "train" / "empty.dcm").write_bytes(b"")
+    locked = root / "train" / "locked.dcm"
+    shutil.copyfile(root / manifest.loc[0, "path"], locked)
+    locked.chmod(0)
+    if os.geteuid() == 0:
+        # root reads a mode-000 file anyway, so the permission error chmod gives
+        # other users is raised by hand here, for this one file only.
+        def denied(path, *args, **kwargs):
+            if Path(path) == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return open(path, *args, **kwargs)
+        monkeypatch.setattr(ingest, "open", denied, raising=False)
+    (root / "train" / "ring_a.dcm").symlink_to("ring_b.dcm")
+    (root / "train" / "ring_b.dcm").symlink_to("ring_a.dcm")
+    (root / "train" / "back_to_root").symlink_to(root, target_is_directory=True)
+    shutil.copyfile(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
+    shutil.copyfile(get_testdata_file("DICOMDIR"), root / "train" / "index")
+    listed = ["train/empty.dcm", "train/locked.dcm", "train/ring_a.dcm", "train/index"]
+    extra = pd.DataFrame({"path": listed, "label": "benign", "split": "train"})
+    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
+
+    result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
+    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
+    first_extra_row = len(manifest) + 2
+    assert reasons["train/empty.dcm"] == f"row {first_extra_row}: empty file (0 bytes)"
+    assert reasons["train/locked.dcm"] == (f"row {first_extra_row + 1}: cannot read the file: "
+                                           "Permission denied (check its permissions)")
+    assert reasons["train/ring_a.dcm"] == f"row {first_extra_row + 2}: symlink loop: the link leads back to itself"
+    assert reasons["train/index"] == f"row {first_extra_row + 3}: {DICOMDIR_REASON}"
+    assert reasons["train/ring_b.dcm"] == "symlink loop: the link leads back to itself; not listed in the manifest"
+    assert reasons["train/back_to_root"] == ("symlink loop: a folder link to a folder that is already "
+                                             "scanned; not listed in the manifest")
+    assert reasons["DICOMDIR"] == f"{DICOMDIR_REASON}; not listed in the manifest"
+    assert len(result.manifest) == 120 and len(result.rejects) == 7
+    assert result.discovered == len(result.manifest) + len(result.rejects)
+
+
+def test_too_few_usable_samples_of_a_class_is_an_error(breast_dicom_dir):
+    result = ingest_dataset(classification_data(breast_dicom_dir), seed=0, salt=SALT)
+    counts = result.manifest["label"].value_counts()
+    check_enough_samples(result.manifest, classification_data(breast_dicom_dir,
+                                                              min_usable_per_class=int(counts.min())))
+    with pytest.raises(NotEnoughData, match=rf"malignant: {counts['malignant']}"):
+        check_enough_samples(result.manifest, classification_data(breast_dicom_dir,
+                                                                  min_usable_per_class=counts["malignant"] + 1))
+
+
+def _relabelled_copy(src: Path, dst: Path, *, new_instance: bool, new_study: bool, patient: str) -> None:
+    """A copy of a real file under another patient id (and optionally new study/instance UIDs)."""
+    ds = pydicom.dcmread(src)
+    ds.PatientID = patient
+    if new_instance:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    if new_study:
+        ds.StudyInstanceUID = generate_uid()
+    ds.save_as(dst)
+
+
+@pytest.fixture
+def dataset_with_copies(tmp_path, breast_dicom_dir):
+    """The real subset plus: a re-export of image 0 under another patient (same SOPInstanceUID),
+    image 1's pixels as a new instance of another patient, and another patient (image 50
+    mirrored) in image 2's study."""
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    manifest = pd.read_csv(root / "manifest.csv")
+    src = [root / p for p in manifest["path"][:3]]
+    _relabelled_copy(src[0], root / "sop_copy.dcm", new_instance=False, new_study=True, patient="P-A")
+    _relabelled_copy(src[1], root / "pixel_copy.dcm", new_instance=True, new_study=True, patient="P-B")
+    other = pydicom.dcmread(root / manifest.loc[50, "path"])
+    other.PatientID, other.StudyInstanceUID = "P-C", pydicom.dcmread(src[2]).StudyInstanceUID
+    other.SOPInstanceUID = other.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    other.PixelData = other.pixel_array[:, ::-1].tobytes()  # mirrored: linked by the study alone
+    other.save_as(root / "same_study.dcm")
+    extra = pd.DataFrame({"path": ["sop_copy.dcm", "pixel_copy.dcm", "same_study.dcm"],
+                          "label": manifest["label"][[0, 1, 50]].tolist(), "split": ["test", "train", "val"]})
+    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
+    return root, list(manifest["path"][:3])
+
+
+def test_duplicates_and_studies_never_span_generated_splits(dataset_with_copies):
+    root, (first, second, third) = dataset_with_copies
+    result = ingest_dataset(classification_data(root, use_manifest_split=False), seed=0, salt=SALT)
+    split = dict(zip(result.manifest["path"], result.manifest["split"]))
+    assert len(result.manifest) == 123 and result.rejects.empty
+    assert split["sop_copy.dcm"] == split[first]
+    assert split["pixel_copy.dcm"] == split[second]
+    assert split["same_study.dcm"] == split[third]
+    assert result.duplicates.values.tolist() == [["sop_copy.dcm", first, "SOPInstanceUID"],
+                                                 ["pixel_copy.dcm", second, "stored pixels"]]
+    # The manifest carries salted keys and header facts, never the identifiers themselves.
+    text = result.manifest.to_csv()
+    for ds in (pydicom.dcmread(root / first), pydicom.dcmread(root / "same_study.dcm")):
+        for identifier in (ds.PatientID, str(ds.PatientName), ds.StudyInstanceUID, ds.SOPInstanceUID,
+                           ds.PatientBirthDate):
+            assert identifier not in text
+    assert set(result.manifest["modality"]) == {"US"} and set(result.manifest["image_size"]) == {"28x28"}
+
+
+def test_given_splits_reject_a_copy_in_another_split_and_refuse_a_shared_study(dataset_with_copies):
+    root, (first, second, _) = dataset_with_copies
+    manifest = pd.read_csv(root / "manifest.csv")
+    manifest.loc[manifest["path"] == "same_study.dcm", "split"] = "train"  # with its study
+    manifest.to_csv(root / "manifest.csv", index=False)
+    result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
+    assert result.rejects.values.tolist() == [
+        ["sop_copy.dcm", f"duplicate of {first} (same SOPInstanceUID), which is in the 'train' split"]]
+    # A copy in its original's split does not leak: kept, and reported.
+    assert result.duplicates.values.tolist() == [["pixel_copy.dcm", second, "stored pixels"]]
+    assert result.discovered == len(result.manifest) + len(result.rejects) == 123
+
+    manifest.loc[manifest["path"] == "same_study.dcm", "split"] = "val"
+    manifest.to_csv(root / "manifest.csv", index=False)
+    with pytest.raises(ManifestError, match="puts 1 studies in more than one split"):
         ingest_dataset(classification_data(root), seed=0, salt=SALT)

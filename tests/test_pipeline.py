@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +12,10 @@ import pydicom
 import pytest
 import torch
 from mlflow import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter, TaskRunFilter
+from prefect.client.schemas.sorting import ArtifactSort
+from prefect.logging.handlers import APILogHandler
 from prefect.testing.utilities import prefect_test_harness
 
 from configs import load_config
@@ -88,3 +93,74 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     images = np.stack([preprocess_file(dataset_with_bad_files / p, config.preprocess).image for p in test_paths])
     probabilities = session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(images)).numpy()})[0]
     assert probabilities.shape == (5, 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+def _phi_strings(data_root: Path) -> set[str]:
+    """Every identifying value in the input DICOMs' headers, as it might be written out."""
+    found = set()
+    for path in data_root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
+            value = str(ds.get(keyword, "")).strip()
+            if value:
+                found |= {value, value.replace("^", " ")}
+    return found
+
+
+def _all_prefect_text() -> list[str]:
+    """Every log line and artifact the Prefect server holds. The artifacts repeat rejects.csv and
+    qc_report.md, which are scanned as files too: under load the test server's SQLite store can
+    drop an artifact write ("database is locked"), so their presence is not asserted here."""
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        # Every filter passed explicitly: the sync client sends None for missing ones, which the server refuses.
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(), flow_run_filter=FlowRunFilter(),
+                                          task_run_filter=TaskRunFilter(), limit=200, offset=0,
+                                          sort=ArtifactSort.CREATED_DESC)
+        texts = [json.dumps(a.data) + (a.description or "") for a in artifacts]
+        offset = 0
+        while batch := client.read_logs(log_filter=LogFilter(), limit=200, offset=offset):
+            texts += [log.message for log in batch]
+            offset += len(batch)
+    return texts
+
+
+def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp_path, breast_dicom_dir):
+    root = tmp_path / "data"
+    shutil.copytree(breast_dicom_dir, root)
+    manifest = pd.read_csv(root / "manifest.csv")
+    for index, rel in enumerate(manifest["path"]):  # the two identifiers the sample lacks
+        ds = pydicom.dcmread(root / rel)
+        ds.AccessionNumber, ds.InstitutionName = f"ACC{index:06d}", "St Placeholder Infirmary"
+        ds.save_as(root / rel)
+    shutil.copyfile(root / manifest.loc[0, "path"], root / "train" / "copy.dcm")  # a same-split duplicate
+    extra = pd.DataFrame({"path": ["train/copy.dcm"], "label": [manifest.loc[0, "label"]], "split": "train"})
+    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
+    phi = _phi_strings(root)
+    assert len(phi) >= 4 * 120  # name (two spellings), id, birth date and accession per image
+
+    config_path = write_config(tmp_path, root, model={"weights": "none"},
+                               train={"epochs": 1, "batch_size": 32}, preprocess={"workers": 2})
+    summary = train_pipeline(str(config_path))
+    config = load_config(config_path)
+    run = MlflowClient(config.registry.tracking_uri).get_run(
+        MlflowClient(config.registry.tracking_uri).get_model_version(config.registry.model_name, "1").run_id)
+    artifact_dir = Path(run.info.artifact_uri.removeprefix("file://"))
+
+    outputs = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
+    outputs += [p for p in artifact_dir.rglob("*") if p.is_file() and tmp_path not in p.parents]
+    assert summary.onnx_path in outputs and Path(tmp_path / "mlflow.db") in outputs
+    assert any(p.suffix == ".npz" for p in outputs) and any(p.name == "qc_report.md" for p in outputs)
+    leaks = {(str(p), s) for p in outputs for s in phi if s.encode() in p.read_bytes()}
+    leaks |= {("prefect", s) for text in _all_prefect_text() for s in phi if s in text}
+    assert not leaks
+
+    qc = (summary.run_dir / "qc_report.md").read_text()
+    assert "121 files discovered = 121 usable + 0 rejected" in qc
+    assert f"| train/copy.dcm | {manifest.loc[0, 'path']} | SOPInstanceUID |" in qc
+    assert "| US | 121 |" in qc and "| Explicit VR Little Endian | 121 |" in qc and "| 28x28 | 121 |" in qc
+    usable = pd.read_csv(summary.run_dir / "manifest.csv")
+    assert (usable["split"] == "train").sum() == 41  # the copy went with its original
+    for split, rows in usable.groupby("split"):
+        counts = rows["label"].value_counts()
+        assert f"| {split} | {counts.get('benign', 0)} | {counts.get('malignant', 0)} | {len(rows)} |" in qc

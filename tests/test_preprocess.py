@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from configs import PreprocessConfig
+from configs import FramePolicy, PreprocessConfig
 from tasks import preprocess as pp
 from tasks.preprocess import (
     IMAGENET_MEAN,
@@ -384,3 +386,138 @@ def test_to_model_input_shape_and_normalisation():
     torch.testing.assert_close(single[0], x[1])
     with pytest.raises(TypeError):
         to_model_input(images.float())
+
+
+# ---------------------------------------------------------------- whole dataset
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
+    """Real files in several syntaxes and colour models, with a corrupt and a text file between them."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm", "US1_UNCR.dcm", "JPEG2000.dcm",
+             "emri_small_RLE.dcm", "MR_small_bigendian.dcm", "SC_ybr_full_422_uncompressed.dcm"]
+    for name in names:
+        shutil.copyfile(data_file(name), root / name)
+    (root / "cut.dcm").write_bytes(data_file("CT_small.dcm").read_bytes()[:-500])
+    (root / "notes.dcm").write_text("not an image")
+    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", *names[5:]]
+    return root, pd.DataFrame({"path": order, "label": "x"})
+
+
+def test_parallel_preprocessing_matches_serial_in_order(mixed_folder, config):
+    root, manifest = mixed_folder
+    serial = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 1}))
+    shutil.rmtree(config.cache_dir)  # the parallel run must decode, not read the serial run's cache
+    parallel = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 2}))
+    assert parallel.cache_hits == 0
+    pd.testing.assert_frame_equal(parallel.manifest, serial.manifest)
+    pd.testing.assert_frame_equal(parallel.rejects, serial.rejects)
+    np.testing.assert_array_equal(parallel.images, serial.images)
+    assert list(parallel.manifest["path"]) == [p for p in manifest["path"] if p not in ("cut.dcm", "notes.dcm")]
+    assert list(parallel.rejects["path"]) == ["cut.dcm", "notes.dcm"]
+    cut, notes = parallel.rejects["reason"]
+    assert cut.startswith("corrupt DICOM") and notes == "not a DICOM, PNG or JPEG file"
+
+
+def test_workers_default_to_every_usable_core():
+    assert pp.resolve_workers(None) == len(os.sched_getaffinity(0))
+    assert pp.resolve_workers(3) == 3
+
+
+def test_symlink_loop_is_an_unreadable_image_not_a_crash(tmp_path, config):
+    loop = tmp_path / "loop.dcm"
+    loop.symlink_to(loop)
+    with pytest.raises(UnreadableImage, match="cannot read the file: Too many levels of symbolic links"):
+        preprocess_file(loop, config)
+
+
+def test_run_killed_part_way_resumes_from_cache_to_the_same_result(mixed_folder, config, monkeypatch):
+    root, manifest = mixed_folder
+    config = config.model_copy(update={"workers": 1})
+    decode, decoded = pp.load_grey, []
+
+    def killed_on_fourth_file(*args, **kwargs):
+        if len(decoded) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C or a SIGINT from the scheduler raises
+        decoded.append(args[0])
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(pp, "load_grey", killed_on_fourth_file)
+    with pytest.raises(KeyboardInterrupt):
+        pp.preprocess_dataset(manifest, root, config)
+    monkeypatch.setattr(pp, "load_grey", decode)
+    resumed = pp.preprocess_dataset(manifest, root, config)
+    assert resumed.cache_hits == 2  # CT_small and MR_small; cut.dcm is a reject, never cached
+    assert not list(config.cache_dir.rglob("*.tmp"))
+
+    shutil.rmtree(config.cache_dir)
+    fresh = pp.preprocess_dataset(manifest, root, config)
+    assert fresh.cache_hits == 0
+    pd.testing.assert_frame_equal(resumed.manifest, fresh.manifest)
+    pd.testing.assert_frame_equal(resumed.rejects, fresh.rejects)
+    np.testing.assert_array_equal(resumed.images, fresh.images)
+
+
+# ---------------------------------------------------------------- frames and VOI choices
+
+
+def test_first_frame_policy_takes_frame_zero():
+    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array[0].astype(np.float64)
+    lo, hi = np.percentile(stored, [0.5, 99.5])
+    grey, provenance = load_grey(data_file("emri_small.dcm"), frames=FramePolicy.FIRST)
+    np.testing.assert_allclose(grey, np.clip((stored - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert provenance[1] == "frame:first(0/10)"
+
+
+def test_every_frame_policy_gives_one_sample_per_frame_sharing_the_patient(tmp_path, config):
+    root = tmp_path / "mf"
+    root.mkdir()
+    shutil.copyfile(data_file("emri_small_RLE.dcm"), root / "cine.dcm")
+    shutil.copyfile(data_file("CT_small.dcm"), root / "ct.dcm")
+    manifest = pd.DataFrame({"path": ["cine.dcm", "ct.dcm"], "patient_key": ["p1", "p2"], "split": "train"})
+    prepared = pp.preprocess_dataset(manifest, root, config.model_copy(update={"frames": FramePolicy.ALL}))
+    rows = prepared.manifest
+    assert rows["path"].tolist() == ["cine.dcm"] * 10 + ["ct.dcm"]
+    assert rows["frame"].tolist() == list(range(10)) + [0]
+    assert set(rows.loc[rows["path"] == "cine.dcm", "patient_key"]) == {"p1"}
+    assert rows.loc[3, "provenance"].endswith("frame:all(3/10)")
+    # One window for the whole loop, so frames keep their relative brightness.
+    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array.astype(np.float64)
+    lo, hi = np.percentile(stored, [0.5, 99.5])
+    expected = resize_and_crop(np.clip((stored - lo) / (hi - lo), 0, 1).astype(np.float32), 256, 224)
+    np.testing.assert_array_equal(prepared.images[:10], expected)
+    assert not np.array_equal(prepared.images[0], prepared.images[9])
+
+
+def test_voi_window_chosen_by_index():
+    # A real MR with two header windows: 450/790 (first) and 200/443.
+    path = data_file("MR-SIEMENS-DICOM-WithOverlays.dcm")
+    stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    for index, (c, w) in enumerate([(450.0, 790.0), (200.0, 443.0)]):
+        grey, provenance = load_grey(path, voi_window=index)
+        expected = np.clip((stored - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+        np.testing.assert_allclose(grey, expected, atol=1e-5)
+        assert f"voi:window(#{index},c={c:g},w={w:g})" in provenance
+    # A file with fewer windows than asked for uses its first.
+    assert "voi:window(c=15000,w=30000)" in load_grey(data_file("RG1_UNCR.dcm"), voi_window=1)[1]
+
+
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_voi_lut_function_is_honoured(tmp_path, function):
+    ds = pydicom.dcmread(data_file("CT_small.dcm"))
+    c, w = 40.0, 400.0
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = c, w, function
+    path = tmp_path / f"{function}.dcm"
+    ds.save_as(path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    grey, provenance = load_grey(path)
+    if function == "LINEAR_EXACT":  # PS3.3 C.11.2.1.3.2
+        expected = np.clip((hu - c) / w + 0.5, 0.0, 1.0)
+    else:  # PS3.3 C.11.2.1.3.1
+        expected = 1.0 / (1.0 + np.exp(-4.0 * (hu - c) / w))
+    np.testing.assert_allclose(grey, expected, atol=1e-5)
+    assert provenance[2] == f"voi:window(c=40,w=400,{function})"
+    # Soft tissue (about 40 HU) mid-grey, bone bright, air black, for both functions.
+    assert grey[hu < -500].max() < 0.05 and grey[hu > 500].min() > 0.95
