@@ -5,6 +5,8 @@ SAMPLE_DIR := outputs/sample/breastmnist-dicom
 CONFIG ?= configs/breast_ultrasound.yaml
 # Air-gapped sites: the embedded Prefect server sends no usage telemetry.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# A busy 2-core machine can take longer than Prefect's default to start the ephemeral server.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install run sample test clean
 
