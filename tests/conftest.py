@@ -6,11 +6,19 @@ from pathlib import Path
 
 import pytest
 import yaml
+from prefect.testing.utilities import prefect_test_harness
 
 from configs import PipelineConfig, load_config
 from sample_data.breastmnist import write_breastmnist_dicom
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server (real API, SQLite) for every flow-run test."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

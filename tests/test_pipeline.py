@@ -16,7 +16,6 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter, TaskRunFilter
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.logging.handlers import APILogHandler
-from prefect.testing.utilities import prefect_test_harness
 
 from configs import load_config
 from flows.pipeline import train_pipeline
@@ -25,12 +24,6 @@ from tasks.preprocess import preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
 from tests.conftest import write_config
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from configs import ModelConfig, TaskKind, load_pretrain_config
 from flows.pretrain import pretrain_source_model
@@ -54,10 +53,10 @@ def test_source_data_keeps_official_splits_at_the_asked_resolution(tmp_path, pne
     assert set(prepared.split("test").targets) <= {0.0, 1.0}
 
 
-def test_pretrained_source_is_registered_and_a_fine_tune_loads_exactly_its_backbone(tmp_path, pneumonia_subset):
+def test_pretrained_source_is_registered_and_a_fine_tune_loads_exactly_its_backbone(
+        prefect_server, tmp_path, pneumonia_subset):
     config_path = pretrain_config(tmp_path, pneumonia_subset)
-    with prefect_test_harness(server_startup_timeout=120):
-        source = pretrain_source_model(str(config_path))
+    source = pretrain_source_model(str(config_path))
     config = load_pretrain_config(config_path)
     uri = config.registry.tracking_uri
     version = MlflowClient(uri).get_model_version_by_alias(config.registry.model_name, "source")
