@@ -6,7 +6,7 @@ CONFIG ?= configs/breast_ultrasound.yaml
 # Air-gapped sites: the embedded Prefect server sends no usage telemetry.
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run sample test clean
+.PHONY: install run sample test serve score clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -26,6 +26,14 @@ run: sample
 
 test: install
 	$(PY) -m pytest
+
+# The registry's champion behind http://$(serve.host):$(serve.port) (see README, "Inference service").
+serve: install
+	$(PY) -m serve $(CONFIG)
+
+# Score a folder of new studies with the champion: make score STUDIES=/path/to/folder
+score: install
+	$(PY) -m flows.score $(CONFIG) $(STUDIES)
 
 clean:
 	rm -rf outputs .cache
