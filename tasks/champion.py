@@ -14,8 +14,8 @@ import numpy as np
 from mlflow import MlflowClient
 
 from configs import TaskKind
-from models.resnet import sha256_file
 from tasks.export import DEFAULT_THRESHOLD, decisions, open_session, run_self_contained
+from tasks.io import sha256_file
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)
