@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from PIL import Image
 
 from configs import PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
@@ -34,6 +35,7 @@ API_KEY_HEADER = "X-API-Key"
 ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
 TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
+MAX_ASPECT = 8  # longest side / shortest side
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,12 @@ def create_app(settings: Settings) -> FastAPI:
         except UnreadableImage as exc:
             raise HTTPException(_status_for(exc.reason),
                                 f"cannot read the {content_type} body: {exc.reason}") from None
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"the {content_type} image has too many pixels") from None
+        if max(grey.shape) > MAX_ASPECT * min(grey.shape):
+            # The short side is scaled up to the model's size: a sliver would become enormous.
+            raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
+                                     f"over {MAX_ASPECT}:1 is not supported")
         if service.model is None:
             raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:

@@ -120,9 +120,18 @@ def no_pixels_dicom(tmp_path) -> bytes:
     return (tmp_path / "nopixels.dcm").read_bytes()
 
 
+def sliver_png() -> bytes:
+    """A 10x128 strip of a real CT slice: too thin to scale up to the model's size."""
+    grey = load_grey(get_testdata_file("CT_small.dcm"))[0][:10]
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def test_bad_input_gets_a_clear_4xx(service, tmp_path):
     server, _ = service
     cases = [
+        (sliver_png(), {"Content-Type": "image/png", API_KEY_HEADER: API_KEY}, 422, "aspect ratio over 8:1"),
         (dicom_bytes("CT_small.dcm")[:-2000], DICOM, 400, "corrupt DICOM"),
         (b"patient notes, not an image", DICOM, 400, "not a DICOM, PNG or JPEG file"),
         (no_pixels_dicom(tmp_path), DICOM, 422, "DICOM has no pixel data"),
