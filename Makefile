@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # A busy 2-core machine can take longer than Prefect's default to start the ephemeral server.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install run sample test clean
+.PHONY: install run sample test serve score clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ run: sample
 
 test: install
 	$(PY) -m pytest
+
+# The registry's champion behind http://$(serve.host):$(serve.port) (see README, "Inference service").
+serve: install
+	$(PY) -m serve $(CONFIG)
+
+# Score a folder of new studies with the champion: make score STUDIES=/path/to/folder
+score: install
+	$(PY) -m flows.score $(CONFIG) $(STUDIES)
 
 clean:
 	rm -rf outputs .cache

@@ -184,8 +184,29 @@ class RegistryConfig(Strict):
 
 class ExportConfig(Strict):
     opset: Annotated[int, Field(ge=17)] = 18
-    max_abs_diff: Annotated[float, Field(gt=0)] = 1e-4
+    max_abs_diff: Annotated[float, Field(gt=0)] = 1e-4  # normalised graph vs PyTorch
+    # Self-contained graph vs PyTorch's preprocessing: ONNX Resize and torchvision's
+    # antialiased resize can round a rare pixel to the neighbouring 8-bit level.
+    self_contained_max_abs_diff: Annotated[float, Field(gt=0)] = 1e-3
     parity_samples: Annotated[int, Field(gt=0)] = 32
+    int8: bool = True  # also write model_int8.onnx (dynamic quantisation, for CPUs)
+    fp16: bool = True  # also write model_fp16.onnx (half precision, for GPUs)
+    fp16_max_abs_diff: Annotated[float, Field(gt=0)] = 1e-2
+
+
+class ServeConfig(Strict):
+    """The inference service (serve/): where it listens and how it batches."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(gt=0, lt=65536)] = 8000
+    max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024  # larger bodies get 413
+    max_batch: Annotated[int, Field(gt=0)] = 16  # micro-batch size limit
+    batch_window_ms: Annotated[float, Field(ge=0)] = 5.0  # how long a batch waits to fill
+    reload_seconds: Annotated[float, Field(gt=0)] = 30.0  # how often the champion alias is polled
+    variant: Literal["fp32", "int8", "fp16"] = "fp32"  # which registered ONNX file to serve
+    # The API key itself is a secret and never in YAML: it is read from this
+    # environment variable; unset or empty means no key is required.
+    api_key_env: str = "MEDXFER_API_KEY"
 
 
 class ScheduleConfig(Strict):
@@ -203,6 +224,7 @@ class PipelineConfig(Strict):
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig
     export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     @model_validator(mode="after")

@@ -11,7 +11,6 @@ Run: python -m flows.pipeline configs/breast_ultrasound.yaml
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +23,15 @@ from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig, TaskKind, load_config
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
-from tasks.export import ParityError, check_parity, export_onnx
+from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, OPERATING_THRESHOLD_KEY, ParityError,
+                          serving_metadata, training_data_sha256)
 from tasks.ingest import IngestResult, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
-from tasks.preprocess import PreparedData, preprocess_dataset
+from tasks.preprocess import PreparedData, load_grey, preprocess_dataset
 from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
+from tasks.variants import ServingModels, export_serving_models
 
 # Large in-memory inputs (models, arrays): Prefect should not hash them for caching.
 stage = task(cache_policy=NO_CACHE)
@@ -131,44 +132,54 @@ def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedDat
 
 
 @stage(name="export")
-def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Path:
-    metadata = {
-        "task": config.data.task.value,
-        "label_names": json.dumps(config.data.label_names),
-        "positive_label": config.data.label_names[config.data.positive_index]
-        if config.data.task is TaskKind.CLASSIFICATION else "",
-        "input_name": "image",
-        "input_size": json.dumps([3, config.preprocess.crop, config.preprocess.crop]),
-        "preprocess": json.dumps({"resize_short_side": config.preprocess.resize,
-                                  "center_crop": config.preprocess.crop,
-                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}),
-        "weights_name": trained.weights.name,
-        "weights_sha256": trained.weights.sha256 or "none",
-        "model_name": config.registry.model_name,
-    }
-    path = export_onnx(trained.model, config.data.task, run_dir / "model.onnx",
-                       config.preprocess.crop, config.export.opset, metadata)
+def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, evaluation: Evaluation,
+           run_dir: Path) -> ServingModels:
+    """ONNX files checked against PyTorch on held-out test images; raises ParityError
+    (after logging the reason as a run artifact) when the float32 graphs disagree."""
+    data, pre = config.data, config.preprocess
+    classification = data.task is TaskKind.CLASSIFICATION
+    threshold = evaluation.metrics.get(OPERATING_THRESHOLD_KEY)  # chosen on validation, when evaluated
+    metadata = serving_metadata(
+        task=data.task, label_names=data.label_names,
+        positive_index=data.positive_index if classification else 0,
+        operating_threshold=threshold, resize=pre.resize, crop=pre.crop, metrics=evaluation.metrics,
+        training_data=training_data_sha256(prepared.manifest), weights_name=trained.weights.name,
+        weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name)
     test = prepared.split("test")
-    report = check_parity(path, trained.model, test.images[: config.export.parity_samples],
-                          config.export.max_abs_diff)
-    write_text_atomic(run_dir / "onnx_parity.json", report.to_json())
+    test_paths = prepared.manifest.loc[prepared.manifest["split"] == "test", "path"]
+    greys = [load_grey(Path(data.root) / rel)[0] for rel in test_paths]
+    models = export_serving_models(
+        trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
+        test_crops=test.images, test_greys=greys, test_targets=test.targets,
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        positive_index=data.positive_index if classification else 0)
+    write_text_atomic(run_dir / "onnx_parity.json", models.report_json())
     mlflow.log_artifact(str(run_dir / "onnx_parity.json"), "onnx")
-    mlflow.log_metrics({"onnx_max_abs_diff": report.max_abs_diff})
-    mlflow.set_tag("onnx_provider", report.provider)
-    get_run_logger().info("ONNX Runtime ran on %s: max |diff| %.2e over %d test images",
-                          report.provider, report.max_abs_diff, report.samples)
-    if not report.passed:
-        raise ParityError(f"ONNX output differs from PyTorch: {report.to_json()}")
-    return path
+    mlflow.log_metrics({f"onnx_{r.graph.replace('-', '_')}_max_abs_diff": r.max_abs_diff
+                        for r in models.parity if r.provider == CPU_PROVIDER})
+    for accuracy in models.accuracy:
+        mlflow.log_metrics({f"{accuracy.variant}_test_{k}": v for k, v in accuracy.metrics.items()})
+    mlflow.set_tag("onnx_providers", ",".join(sorted({r.provider for r in models.parity})))
+    logger = get_run_logger()
+    for report in models.parity:
+        logger.info("ONNX %s graph on %s: %s over %d test images", report.graph, report.provider,
+                    report.verdict(), report.samples)
+    for variant, reason in models.dropped.items():
+        logger.warning("%s variant not kept: %s", variant, reason)
+    if not models.passed:
+        mlflow.set_tag("parity_failure", models.failure_reason())
+        raise ParityError(f"ONNX output differs from PyTorch, model not registered: {models.failure_reason()}")
+    return models
 
 
 @stage(name="register")
-def register(config: PipelineConfig, trained: TrainResult, onnx_path: Path, run_id: str,
+def register(config: PipelineConfig, trained: TrainResult, models: ServingModels, run_id: str,
              prepared: PreparedData) -> Registration:
     example = prepared.example_input()
     metric, higher_is_better = primary_metric(config.data.task)
-    registration = register_model(config, run_id, trained.model.cpu(), onnx_path, metric,
-                                  higher_is_better, example)
+    registration = register_model(config, run_id, trained.model.cpu(), models.self_contained, metric,
+                                  higher_is_better, example,
+                                  onnx_variants={"normalised": models.normalised, **models.variants})
     get_run_logger().info("registered %s version %s (%s)", registration.model_name,
                           registration.version, registration.reason)
     return registration
@@ -203,9 +214,9 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         prepared = preprocess(config, ingested, run_dir)
         trained = train(config, prepared, run_id)
         evaluation = evaluate(config, trained, prepared, run_dir)
-        onnx_path = export(config, trained, prepared, run_dir)
-        registration = register(config, trained, onnx_path, run_id, prepared)
-    summary = PipelineSummary(run_dir, onnx_path, registration, evaluation.metrics,
+        models = export(config, trained, prepared, evaluation, run_dir)
+        registration = register(config, trained, models, run_id, prepared)
+    summary = PipelineSummary(run_dir, models.self_contained, registration, evaluation.metrics,
                               trained.weights.describe())
     get_run_logger().info("pipeline finished\n%s", summary.text())
     return summary

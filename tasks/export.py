@@ -1,29 +1,57 @@
-"""Export to ONNX and check it against PyTorch in a real ONNX Runtime session."""
+"""Export to ONNX and check it against PyTorch in a real ONNX Runtime session.
+
+Two graphs are written for every model:
+
+- the *self-contained* model (`model.onnx`): input `grey`, float32 (batch, 1, H, W)
+  in [0, 1] after DICOM decoding and windowing, any H and W. The graph itself
+  resizes the short side (bilinear, antialiased), centre-crops, rounds to the
+  8-bit levels the model was trained and evaluated on, repeats the grey channel
+  and applies the ImageNet mean/std, so a caller cannot get preprocessing wrong;
+- the *normalised* model (`model_normalised.onnx`): input `image`, float32
+  (batch, 3, crop, crop), already normalised, for callers with their own tensors.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pandas as pd
 import torch
+from onnx import TensorProto
+from onnx import helper as oh
+from onnx import numpy_helper
 from torch import nn
 
 from configs import TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import predict
 from tasks.io import atomic_path
-from tasks.preprocess import to_model_input
+from tasks.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "image"  # float32 (batch, 3, crop, crop), ImageNet-normalised
+INPUT_NAME = "image"  # normalised variant: float32 (batch, 3, crop, crop), ImageNet-normalised
+GREY_INPUT_NAME = "grey"  # self-contained variant: float32 (batch, 1, H, W) in [0, 1]
 OUTPUT_NAMES = {TaskKind.CLASSIFICATION: "probabilities", TaskKind.REGRESSION: "age_years"}
-CUDA_PROVIDER, CPU_PROVIDER = "CUDAExecutionProvider", "CPUExecutionProvider"
+SELF_CONTAINED_FILE, NORMALISED_FILE = "model.onnx", "model_normalised.onnx"
+INT8_FILE, FP16_FILE = "model_int8.onnx", "model_fp16.onnx"
+TRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER = (
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Binary classification without a threshold chosen on validation: positive when
+# p(positive) >= 0.5, which for two classes is the argmax decision.
+DEFAULT_THRESHOLD = 0.5
+# Where evaluation reports the threshold it chose on the validation set, when it does.
+OPERATING_THRESHOLD_KEY = "operating_threshold"
+# ONNX Runtime 1.31 loads IR version 13 at most; onnx.helper would stamp its newest.
+ONNX_IR_VERSION = 10
 
 
 class ParityError(RuntimeError):
@@ -44,7 +72,7 @@ class ServingHead(nn.Module):
 
 def export_onnx(model: nn.Module, task: TaskKind, path: Path, crop: int, opset: int,
                 metadata: dict[str, str]) -> Path:
-    """Write a checked ONNX file with a dynamic batch axis and `metadata` in its properties."""
+    """Write the normalised-input graph, checked, with a dynamic batch axis and `metadata`."""
     serving = ServingHead(model, task).eval().cpu()
     example = torch.zeros(2, 3, crop, crop)  # batch of 2 so the exporter keeps the axis symbolic
     program = torch.onnx.export(
@@ -53,11 +81,90 @@ def export_onnx(model: nn.Module, task: TaskKind, path: Path, crop: int, opset: 
         dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
     )
     proto = program.model_proto
+    proto.ir_version = min(proto.ir_version, ONNX_IR_VERSION)
+    _save_checked(proto, path, metadata)
+    return Path(path)
+
+
+def preprocessing_graph(resize: int, crop: int, opset: int) -> onnx.ModelProto:
+    """grey (N, 1, H, W) in [0, 1] -> normalised image (N, 3, crop, crop), as ONNX ops.
+
+    Mirrors tasks.preprocess: short side to `resize` with the long side
+    floor(resize * long / short) (torchvision's rule, computed in float64),
+    antialiased bilinear with half-pixel centres, centre crop with
+    round-half-even offsets (Python's round), 8-bit rounding, 3 channels, mean/std.
+    """
+    def const(name: str, value, dtype) -> TensorProto:
+        return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+    initializers = [
+        const("pre_resize", resize, np.float64), const("pre_crop", [crop, crop], np.int64),
+        const("pre_two", 2.0, np.float64), const("pre_hw_index", [2, 3], np.int64),
+        const("pre_levels", 255.0, np.float32), const("pre_zero", 0.0, np.float32),
+        const("pre_one", 1.0, np.float32), const("pre_channels", [1, 3, 1, 1], np.int64),
+        const("pre_mean", np.reshape(IMAGENET_MEAN, (1, 3, 1, 1)), np.float32),
+        const("pre_std", np.reshape(IMAGENET_STD, (1, 3, 1, 1)), np.float32),
+    ]
+    node = oh.make_node
+    nodes = [
+        node("Shape", [GREY_INPUT_NAME], ["pre_shape"]),
+        node("Gather", ["pre_shape", "pre_hw_index"], ["pre_hw"]),
+        node("Cast", ["pre_hw"], ["pre_hw_f"], to=TensorProto.DOUBLE),
+        node("ReduceMin", ["pre_hw_f"], ["pre_short"], keepdims=0),
+        node("Mul", ["pre_hw_f", "pre_resize"], ["pre_hw_scaled"]),
+        node("Div", ["pre_hw_scaled", "pre_short"], ["pre_new_hw_f"]),
+        node("Floor", ["pre_new_hw_f"], ["pre_new_hw_floor"]),
+        node("Cast", ["pre_new_hw_floor"], ["pre_new_hw"], to=TensorProto.INT64),
+        node("Resize", [GREY_INPUT_NAME, "", "", "pre_new_hw"], ["pre_resized"], mode="linear",
+             antialias=1, coordinate_transformation_mode="half_pixel", axes=[2, 3]),
+        node("Sub", ["pre_new_hw", "pre_crop"], ["pre_margin"]),
+        node("Cast", ["pre_margin"], ["pre_margin_f"], to=TensorProto.DOUBLE),
+        node("Div", ["pre_margin_f", "pre_two"], ["pre_half_margin"]),
+        node("Round", ["pre_half_margin"], ["pre_start_f"]),
+        node("Cast", ["pre_start_f"], ["pre_start"], to=TensorProto.INT64),
+        node("Add", ["pre_start", "pre_crop"], ["pre_end"]),
+        node("Slice", ["pre_resized", "pre_start", "pre_end", "pre_hw_index"], ["pre_cropped"]),
+        node("Clip", ["pre_cropped", "pre_zero", "pre_one"], ["pre_clipped"]),
+        node("Mul", ["pre_clipped", "pre_levels"], ["pre_scaled"]),
+        node("Round", ["pre_scaled"], ["pre_rounded"]),
+        node("Div", ["pre_rounded", "pre_levels"], ["pre_quantised"]),
+        node("Tile", ["pre_quantised", "pre_channels"], ["pre_rgb"]),
+        node("Sub", ["pre_rgb", "pre_mean"], ["pre_centred"]),
+        node("Div", ["pre_centred", "pre_std"], [INPUT_NAME]),
+    ]
+    graph = oh.make_graph(
+        nodes, "preprocess",
+        [oh.make_tensor_value_info(GREY_INPUT_NAME, TensorProto.FLOAT, ["batch", 1, "height", "width"])],
+        [oh.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3, crop, crop])],
+        initializers,
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ONNX_IR_VERSION)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_self_contained(normalised: Path, path: Path, resize: int, crop: int,
+                          metadata: dict[str, str]) -> Path:
+    """Prefix the normalised graph at `normalised` with the preprocessing graph."""
+    network = onnx.load(normalised)
+    opset = next(o.version for o in network.opset_import if o.domain in ("", "ai.onnx"))
+    pre = preprocessing_graph(resize, crop, opset)
+    # onnx.compose needs both graphs to import the same opsets at the same IR version.
+    pre.ir_version = network.ir_version
+    for extra in network.opset_import:
+        if extra.domain not in ("", "ai.onnx"):
+            pre.opset_import.append(extra)
+    merged = onnx.compose.merge_models(pre, network, io_map=[(INPUT_NAME, INPUT_NAME)])
+    _save_checked(merged, path, metadata)
+    return Path(path)
+
+
+def _save_checked(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> None:
+    del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, tmp)
-    return Path(path)
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -72,23 +179,81 @@ def update_metadata(path: Path, extra: dict[str, str]) -> None:
         onnx.save_model(proto, tmp)
 
 
-def choose_providers() -> list[str]:
-    """CUDA when this machine really has a GPU and the build supports it, then CPU.
+def training_data_sha256(manifest: pd.DataFrame) -> str:
+    """One hash for the usable data: sha256 of the sorted file hashes in the manifest."""
+    return hashlib.sha256("\n".join(sorted(manifest["sha256"])).encode()).hexdigest()
 
-    onnxruntime-gpu lists CUDA as available even without a GPU, so the torch
-    check decides; the session reports which provider actually loaded.
-    """
+
+def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_index: int,
+                     operating_threshold: float | None, resize: int, crop: int,
+                     metrics: dict[str, float], training_data: str, weights_name: str,
+                     weights_sha256: str, model_name: str) -> dict[str, str]:
+    """Everything a caller needs to use the model's output, as ONNX metadata properties."""
+    classification = task is TaskKind.CLASSIFICATION
+    threshold_source = "validation" if operating_threshold is not None else "default"
+    return {
+        "task": task.value,
+        "label_names": json.dumps(list(label_names)),
+        "label_map": json.dumps({str(i): name for i, name in enumerate(label_names)}),
+        "positive_label": label_names[positive_index] if classification else "",
+        "positive_index": str(positive_index) if classification else "",
+        "operating_threshold": str(operating_threshold if operating_threshold is not None
+                                   else DEFAULT_THRESHOLD) if classification else "",
+        "threshold_source": threshold_source if classification else "",
+        "output_name": OUTPUT_NAMES[task],
+        "output_unit": "probability per class (label_names order)" if classification else "years",
+        "input_name": GREY_INPUT_NAME,
+        "input_spec": "float32 (batch, 1, H, W), grey in [0, 1] after DICOM decoding and windowing, "
+                      "bright = dense",
+        "normalised_input_name": INPUT_NAME,
+        "input_size": json.dumps([3, crop, crop]),
+        "preprocess": json.dumps({"resize_short_side": resize, "interpolation": "bilinear",
+                                  "antialias": True, "center_crop": crop, "quantise": "uint8",
+                                  "channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
+        "metrics": json.dumps({k: round(float(v), 6) for k, v in metrics.items()}),
+        "training_data_sha256": training_data,
+        "weights_name": weights_name,
+        "weights_sha256": weights_sha256,
+        "model_name": model_name,
+    }
+
+
+def decisions(outputs: np.ndarray, threshold: float, positive_index: int) -> np.ndarray:
+    """Predicted class per row: the operating threshold on p(positive) for two classes,
+    else the argmax."""
+    if outputs.shape[1] == 2:
+        other = 1 - positive_index
+        return np.where(outputs[:, positive_index] >= threshold, positive_index, other)
+    return outputs.argmax(axis=1)
+
+
+def gpu_available() -> bool:
+    """onnxruntime-gpu lists CUDA as available even without a GPU, so ask torch."""
+    return torch.cuda.is_available()
+
+
+def choose_providers() -> list[str]:
+    """TensorRT, then CUDA, when this machine has a GPU and the build has them; then CPU."""
     available = ort.get_available_providers()
-    wanted = [CUDA_PROVIDER] if torch.cuda.is_available() else []
+    wanted = [TRT_PROVIDER, CUDA_PROVIDER] if gpu_available() else []
     return [p for p in wanted if p in available] + [CPU_PROVIDER]
 
 
-def open_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=choose_providers())
+def open_session(path: Path, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=list(providers or choose_providers()))
+
+
+def parity_providers() -> list[list[str]]:
+    """Provider lists the parity gate checks: CPU always, CUDA too where a GPU is present."""
+    lists = [[CPU_PROVIDER]]
+    if gpu_available() and CUDA_PROVIDER in ort.get_available_providers():
+        lists.append([CUDA_PROVIDER, CPU_PROVIDER])
+    return lists
 
 
 @dataclass(frozen=True)
 class ParityReport:
+    graph: str
     provider: str
     samples: int
     max_abs_diff: float
@@ -99,6 +264,10 @@ class ParityReport:
     def passed(self) -> bool:
         return self.max_abs_diff <= self.tolerance and self.decisions_match
 
+    def verdict(self) -> str:
+        return (f"max |diff| {self.max_abs_diff:.3g} vs PyTorch (tolerance {self.tolerance:.0e}), "
+                f"decisions {'match' if self.decisions_match else 'DIFFER'}")
+
     def as_dict(self) -> dict:
         return asdict(self) | {"passed": self.passed}
 
@@ -106,31 +275,62 @@ class ParityReport:
         return json.dumps(self.as_dict(), indent=2)
 
 
-def check_parity(path: Path, model: TransferResNet, images: np.ndarray, tolerance: float) -> ParityReport:
-    """Run the same uint8 images through PyTorch and ONNX Runtime and compare outputs.
-
-    Classification compares probabilities and predicted classes. Regression
-    compares ages divided by the training-set age spread (the head's own scale),
-    so the tolerance means the same whatever the age range; it has no decision.
-    """
-    expected = predict(model.cpu(), images, batch_size=32)
-    session = open_session(path)
-    inputs = to_model_input(torch.from_numpy(np.asarray(images))).numpy()
-    actual = session.run(None, {INPUT_NAME: inputs})[0]
+def _compare(graph: str, provider: str, model: TransferResNet, actual: np.ndarray, expected: np.ndarray,
+             tolerance: float, threshold: float, positive_index: int) -> ParityReport:
+    """Classification compares probabilities and decisions at the operating threshold.
+    Regression compares ages divided by the training-set age spread (the head's own
+    scale), so the tolerance means the same whatever the age range; it has no decision."""
     if model.task is TaskKind.CLASSIFICATION:
         diff = np.abs(actual - expected)
-        decisions_match = bool((actual.argmax(axis=1) == expected.argmax(axis=1)).all())
+        decisions_match = bool((decisions(actual, threshold, positive_index)
+                                == decisions(expected, threshold, positive_index)).all())
     else:
         diff = np.abs(actual - expected) / float(model.target_std)
         decisions_match = True
-    report = ParityReport(
-        provider=session.get_providers()[0],
-        samples=len(images),
-        max_abs_diff=float(diff.max()),
-        tolerance=tolerance,
-        decisions_match=decisions_match,
-    )
-    log.info("ONNX parity on %s: %d images, max |diff| %.2e (tolerance %.0e), decisions %s",
-             report.provider, report.samples, report.max_abs_diff, tolerance,
-             "match" if report.decisions_match else "DIFFER")
+    report = ParityReport(graph, provider, len(expected), float(diff.max()), tolerance, decisions_match)
+    log.info("ONNX parity (%s graph) on %s: %d images, max |diff| %.2e (tolerance %.0e), decisions %s",
+             graph, provider, report.samples, report.max_abs_diff, tolerance,
+             "match" if decisions_match else "DIFFER")
     return report
+
+
+def check_parity(path: Path, model: TransferResNet, images: np.ndarray, tolerance: float, *,
+                 providers: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD,
+                 positive_index: int = 1) -> ParityReport:
+    """The normalised graph vs PyTorch on the same uint8 crops."""
+    expected = predict(model.cpu(), images, batch_size=32)
+    session = open_session(path, providers)
+    inputs = to_model_input(torch.from_numpy(np.asarray(images))).numpy()
+    actual = session.run(None, {INPUT_NAME: inputs})[0]
+    return _compare("normalised", session.get_providers()[0], model, actual, expected, tolerance,
+                    threshold, positive_index)
+
+
+def check_self_contained_parity(path: Path, model: TransferResNet, greys: Sequence[np.ndarray],
+                                resize: int, crop: int, tolerance: float, *,
+                                providers: Sequence[str] | None = None,
+                                threshold: float = DEFAULT_THRESHOLD, positive_index: int = 1) -> ParityReport:
+    """The self-contained graph on decoded grey images (their own sizes) vs PyTorch on the
+    same images through tasks.preprocess, i.e. exactly what was evaluated."""
+    crops = np.stack([resize_and_crop(grey, resize, crop) for grey in greys])
+    expected = predict(model.cpu(), crops, batch_size=32)
+    session = open_session(path, providers)
+    actual = run_self_contained(session, greys)
+    return _compare("self-contained", session.get_providers()[0], model, actual, expected, tolerance,
+                    threshold, positive_index)
+
+
+def run_self_contained(session: ort.InferenceSession, greys: Sequence[np.ndarray],
+                       batch_size: int = 32) -> np.ndarray:
+    """Outputs for grey images of any sizes, in order; same-sized images share a batch."""
+    outputs: list[np.ndarray | None] = [None] * len(greys)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for index, grey in enumerate(greys):
+        by_shape.setdefault(grey.shape, []).append(index)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            batch = np.stack([greys[i] for i in chunk])[:, None].astype(np.float32, copy=False)
+            for i, out in zip(chunk, session.run(None, {GREY_INPUT_NAME: batch})[0]):
+                outputs[i] = out
+    return np.stack(outputs)

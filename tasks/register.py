@@ -89,10 +89,18 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
             raise
 
 
-def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, onnx_path: Path,
-                   metric: str, higher_is_better: bool, example: torch.Tensor) -> Registration:
-    """Log model and ONNX to the run, create a registry version, and move the aliases.
+def onnx_tag(variant: str | None = None) -> str:
+    """Model-version tag holding the runs:/ URI of the main ONNX file or of a variant."""
+    return f"onnx_{variant}_uri" if variant else "onnx_uri"
 
+
+def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, onnx_path: Path,
+                   metric: str, higher_is_better: bool, example: torch.Tensor,
+                   onnx_variants: dict[str, Path] | None = None) -> Registration:
+    """Log model and ONNX files to the run, create a registry version, and move the aliases.
+
+    `onnx_path` is the main ONNX file (tag `onnx_uri`); each of `onnx_variants`
+    (e.g. normalised, int8, fp16) is logged beside it and tagged `onnx_<name>_uri`.
     The version is deleted again if any later step fails, so a failed run leaves
     no version behind.
     """
@@ -108,10 +116,12 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
     ensure_registered_model(client, name)
     version = client.create_model_version(name, info.model_uri, run_id=run_id, model_id=info.model_id)
     try:
-        update_metadata(onnx_path, {"model_name": name, "model_version": str(version.version)})
-        client.log_artifact(run_id, str(onnx_path), ONNX_ARTIFACT_DIR)
+        for variant, path in {None: onnx_path, **(onnx_variants or {})}.items():
+            update_metadata(path, {"model_name": name, "model_version": str(version.version)})
+            client.log_artifact(run_id, str(path), ONNX_ARTIFACT_DIR)
+            client.set_model_version_tag(name, version.version, onnx_tag(variant),
+                                         f"runs:/{run_id}/{ONNX_ARTIFACT_DIR}/{path.name}")
         onnx_uri = f"runs:/{run_id}/{ONNX_ARTIFACT_DIR}/{onnx_path.name}"
-        client.set_model_version_tag(name, version.version, "onnx_uri", onnx_uri)
         client.set_model_version_tag(name, version.version, "onnx_sha256", sha256_file(onnx_path))
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         current = champion_metric(client, name, metric)

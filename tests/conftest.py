@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from configs import PipelineConfig, load_config
+from configs import ModelConfig, PipelineConfig, TaskKind, load_config
+from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
+from tasks.export import NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
+from tasks.register import Registration, register_model, tracking_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,3 +55,34 @@ def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:
 @pytest.fixture
 def breast_config(tmp_path, breast_dicom_dir) -> PipelineConfig:
     return load_config(write_config(tmp_path, breast_dicom_dir))
+
+
+def register_version(config: PipelineConfig, model, onnx_path: Path, auc: float) -> Registration:
+    """A registry version of `model` whose run reports test AUC `auc`."""
+    with tracking_run(config, "champion-test") as run_id:
+        mlflow.log_metric("test_roc_auc", auc)
+        return register_model(config, run_id, model, onnx_path, "roc_auc", True, torch.zeros(1, 3, 224, 224))
+
+
+@pytest.fixture(scope="session")
+def champion_registry(tmp_path_factory):
+    """A real MLflow SQLite registry whose champion (v1) is a self-contained ONNX export of a
+    random-weights ResNet-18 classifier: serving and scoring paths are real, the predictions
+    mean nothing. Returns (config, model, onnx path)."""
+    tmp_path = tmp_path_factory.mktemp("champion-registry")
+    config = PipelineConfig.model_validate({
+        "name": "champion-test", "output_dir": str(tmp_path / "out"),
+        "data": {"root": str(tmp_path), "manifest": str(tmp_path / "m.csv"), "task": "classification",
+                 "label_names": ["benign", "malignant"], "positive_label": "malignant"},
+        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "serve-test"},
+    })
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
+    metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
+                                positive_index=1, operating_threshold=None, resize=256, crop=224,
+                                metrics={"roc_auc": 0.7}, training_data="0" * 64, weights_name="none",
+                                weights_sha256="none", model_name="serve-test")
+    normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata)
+    full = export_self_contained(normalised, tmp_path / "model.onnx", 256, 224, metadata)
+    register_version(config, model, full, auc=0.70)
+    return config, model, full

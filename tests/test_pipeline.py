@@ -19,8 +19,8 @@ from prefect.logging.handlers import APILogHandler
 
 from configs import load_config
 from flows.pipeline import train_pipeline
-from tasks.export import INPUT_NAME
-from tasks.preprocess import preprocess_file, to_model_input
+from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
+from tasks.preprocess import load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
 from tests.conftest import write_config
@@ -74,18 +74,35 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert run.info.artifact_uri.startswith(artifacts.resolve().as_uri())
     assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
 
-    # The ONNX file runs in ONNX Runtime and agrees with PyTorch on held-out images.
+    # The self-contained ONNX file takes decoded grey images of any size and agrees with
+    # PyTorch (tasks.preprocess + the network) on held-out images.
     onnx_path = summary.onnx_path
+    assert onnx_path.name == "model.onnx"
     meta = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
     assert meta["model_name"] == name and meta["model_version"] == "1"
     assert json.loads(meta["label_names"]) == ["benign", "malignant"] and meta["weights_name"] == "none"
+    assert json.loads(meta["label_map"]) == {"0": "benign", "1": "malignant"}
+    assert meta["operating_threshold"] == "0.5" and meta["threshold_source"] == "default"
+    assert meta["input_name"] == GREY_INPUT_NAME and meta["output_name"] == "probabilities"
+    assert json.loads(meta["metrics"])["roc_auc"] == pytest.approx(run.data.metrics["test_roc_auc"], abs=1e-6)
+    assert meta["training_data_sha256"] == training_data_sha256(usable)
     parity = json.loads((run_dir / "onnx_parity.json").read_text())
-    assert parity["passed"] and parity["max_abs_diff"] <= 1e-4
+    assert parity["passed"] and {r["graph"] for r in parity["parity"]} == {"normalised", "self-contained", "fp16"}
+    assert all(r["passed"] for r in parity["parity"])
+    assert sorted(parity["variants"]) == ["fp16", "int8"]
+    assert {a["variant"] for a in parity["accuracy"]} == {"int8", "fp16"}
+    for tag in ("onnx_uri", "onnx_normalised_uri", "onnx_int8_uri", "onnx_fp16_uri"):
+        assert tag in client.get_model_version(name, "1").tags
+
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     test_paths = usable.loc[usable["split"] == "test", "path"][:5]
-    images = np.stack([preprocess_file(dataset_with_bad_files / p, config.preprocess).image for p in test_paths])
-    probabilities = session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(images)).numpy()})[0]
+    greys = np.stack([load_grey(dataset_with_bad_files / p)[0] for p in test_paths])
+    probabilities = session.run(None, {GREY_INPUT_NAME: greys[:, None]})[0]
     assert probabilities.shape == (5, 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    normalised = ort.InferenceSession(str(run_dir / "model_normalised.onnx"), providers=["CPUExecutionProvider"])
+    crops = np.stack([preprocess_file(dataset_with_bad_files / p, config.preprocess).image for p in test_paths])
+    expected = normalised.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crops)).numpy()})[0]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-3)
 
 
 def _phi_strings(data_root: Path) -> set[str]:

@@ -98,3 +98,69 @@ def test_champion_moves_only_when_beaten_and_failures_leave_no_version(tmp_path,
     assert better.is_champion and better.version == "4"
     assert str(client.get_model_version_by_alias("reg-test", CHAMPION).version) == "4"
     assert client.get_model_version("reg-test", "4").tags["onnx_uri"].endswith("onnx/model-0.8.onnx")
+
+
+REAL_SIZES = ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "US1_J2KR.dcm", "JPEG2000.dcm")
+
+
+def real_greys():
+    from pydicom.data import get_testdata_file
+    from tasks.preprocess import load_grey
+
+    return [load_grey(get_testdata_file(name))[0] for name in REAL_SIZES]  # 64x64 up to 1955x1841
+
+
+def test_preprocessing_graph_matches_tasks_preprocess_within_one_level():
+    import onnxruntime as ort
+    from tasks.export import GREY_INPUT_NAME, preprocessing_graph
+    from tasks.preprocess import resize_and_crop, to_model_input
+
+    session = ort.InferenceSession(preprocessing_graph(256, 224, 18).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    for grey in real_greys():
+        expected = to_model_input(torch.from_numpy(resize_and_crop(grey, 256, 224))).numpy()
+        actual = session.run(None, {GREY_INPUT_NAME: grey[None, None]})[0]
+        levels = np.abs(actual - expected) * np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1) * 255
+        assert actual.shape == (1, 3, 224, 224)
+        assert levels.max() < 1.01  # ONNX Resize vs torchvision: at most one 8-bit level apart...
+        assert (levels > 0.5).mean() < 1e-3  # ...on a rare pixel
+
+
+def test_self_contained_graph_takes_any_size_and_matches_pytorch(tmp_path, onnx_file, classifier):
+    from tasks.export import check_self_contained_parity, export_self_contained
+
+    path = export_self_contained(onnx_file, tmp_path / "model.onnx", 256, 224, {"variant": "fp32"})
+    report = check_self_contained_parity(path, classifier, real_greys(), 256, 224, tolerance=1e-3)
+    assert report.passed and report.samples == len(REAL_SIZES)
+    assert read_metadata(path) == {"variant": "fp32"}
+
+
+def test_gate_fails_with_reason_and_makes_no_variants(tmp_path, classifier, real_images):
+    from configs import ExportConfig
+    from tasks.variants import export_serving_models
+
+    greys = [image.astype(np.float32) / 255 for image in real_images]
+    strict = ExportConfig(max_abs_diff=1e-12, self_contained_max_abs_diff=1e-12)
+    models = export_serving_models(classifier, tmp_path, {}, strict, 256, 224, test_crops=real_images,
+                                   test_greys=greys, test_targets=np.zeros(len(greys)), threshold=0.5,
+                                   positive_index=1)
+    assert not models.passed and models.variants == {}
+    assert "normalised graph on CPUExecutionProvider" in models.failure_reason()
+    assert json.loads(models.report_json())["reason"] == models.failure_reason()
+
+
+def test_variants_pass_their_checks_and_report_accuracy(tmp_path, classifier, real_images):
+    from configs import ExportConfig
+    from tasks.variants import export_serving_models
+
+    greys = [image.astype(np.float32) / 255 for image in real_images]
+    models = export_serving_models(classifier, tmp_path, {"task": "classification"}, ExportConfig(), 256, 224,
+                                   test_crops=real_images, test_greys=greys,
+                                   test_targets=np.array([0, 1] * (len(greys) // 2)), threshold=0.5,
+                                   positive_index=1)
+    assert models.passed and sorted(models.variants) == ["fp16", "int8"]
+    for name, path in models.variants.items():
+        assert read_metadata(path)["variant"] == name
+    accuracy = {a.variant: a for a in models.accuracy}
+    assert set(accuracy["int8"].metrics) == {"roc_auc", "accuracy", "sensitivity", "specificity", "f1"}
+    assert accuracy["int8"].lost["accuracy"] == accuracy["int8"].reference["accuracy"] - accuracy["int8"].metrics["accuracy"]

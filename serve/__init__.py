@@ -1,0 +1,1 @@
+"""The inference service: the registry's champion ONNX model behind an HTTP API."""

@@ -1,0 +1,28 @@
+"""Run the inference service: python -m serve configs/breast_ultrasound.yaml"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from configs import load_config
+from serve.app import Settings, create_app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve the registry's champion ONNX model over HTTP")
+    parser.add_argument("config", type=Path, help="pipeline YAML: its registry and serve sections are used")
+    parser.add_argument("--host", help="overrides serve.host")
+    parser.add_argument("--port", type=int, help="overrides serve.port")
+    args = parser.parse_args()
+    config = load_config(args.config, check_paths=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(Settings.from_config(config)), host=args.host or config.serve.host,
+                port=args.port or config.serve.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

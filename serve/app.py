@@ -1,0 +1,200 @@
+"""The HTTP API: POST /v1/predict, GET /healthz, GET /readyz.
+
+The champion is polled every `serve.reload_seconds`; a new version is loaded
+beside the old one and swapped in with one assignment, so requests already in
+a batch finish on the model they started with and none is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from configs import PipelineConfig, ServeConfig
+from serve.batching import MicroBatcher
+from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
+from tasks.preprocess import UnreadableImage, load_grey
+
+log = logging.getLogger("medxfer.serve")
+
+API_KEY_HEADER = "X-API-Key"
+ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
+TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
+REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
+MAX_ASPECT = 8  # longest side / shortest side
+
+
+@dataclass(frozen=True)
+class Settings:
+    tracking_uri: str
+    model_name: str
+    serve: ServeConfig
+    api_key: str | None  # None: no key required
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> "Settings":
+        """The config's registry and serve sections; the environment can name another
+        registry or model, and holds the API key."""
+        return cls(
+            tracking_uri=os.environ.get(TRACKING_URI_ENV) or config.registry.tracking_uri,
+            model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
+            serve=config.serve,
+            api_key=os.environ.get(config.serve.api_key_env) or None,
+        )
+
+
+def _status_for(reason: str) -> int:
+    """HTTP status for a decode failure: unsupported encodings 415, no pixels 422, else 400."""
+    if reason.startswith("no decoder for transfer syntax"):
+        return 415
+    if reason == "DICOM has no pixel data":
+        return 422
+    return 400
+
+
+class Service:
+    """The served model, its batcher and the reload loop."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.model: ServedModel | None = None
+        self.load_error: str | None = None
+        self.reloads = 0
+        self._download_dir = Path(tempfile.mkdtemp(prefix="medxfer-serve-"))
+        self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
+                                    settings.serve.batch_window_ms / 1000)
+
+    def _predict(self, greys: Sequence[np.ndarray]) -> list[tuple[Prediction, ServedModel]]:
+        model = self.model  # one reference per batch: a swap mid-batch cannot mix models
+        if model is None:
+            raise ModelUnavailable(self.load_error or "no model loaded")
+        return [(prediction, model) for prediction in model.predict(greys)]
+
+    def _load(self) -> None:
+        s = self.settings
+        self.model = load_champion(s.tracking_uri, s.model_name, s.serve.variant, self._download_dir)
+        self.load_error = None
+
+    async def reload_if_moved(self) -> bool:
+        """Load the champion if the alias points at a version other than the one served."""
+        s = self.settings
+        try:
+            version = await asyncio.to_thread(champion_version, s.tracking_uri, s.model_name)
+            if self.model is not None and version == self.model.version:
+                return False
+            previous = self.model
+            await asyncio.to_thread(self._load)
+        except Exception as exc:  # keep serving the model we have; /readyz shows the error
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("champion load failed: %s", self.load_error)
+            return False
+        if previous is not None:
+            self.reloads += 1
+            log.info("champion moved: v%s -> v%s", previous.version, self.model.version)
+        return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.serve.reload_seconds)
+            await self.reload_if_moved()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: FastAPI):
+        await self.reload_if_moved()
+        self.batcher.start()
+        poller = asyncio.create_task(self._poll())
+        try:
+            yield
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+            await self.batcher.stop()
+            shutil.rmtree(self._download_dir, ignore_errors=True)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    too_large = HTTPException(413, f"body larger than the {limit}-byte limit")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    service = Service(settings)
+    app = FastAPI(title="medxfer inference", lifespan=service.lifespan)
+    app.state.service = service
+
+    def check_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get(API_KEY_HEADER, "")
+        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
+            raise HTTPException(401, f"missing or wrong {API_KEY_HEADER} header")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        model = service.model
+        body = {"ready": model is not None, "model": model.describe() if model else None,
+                "load_error": service.load_error, "reloads": service.reloads,
+                "batches": service.batcher.stats.batches,
+                "mean_batch_size": round(service.batcher.stats.mean_batch, 2)}
+        return JSONResponse(body, status_code=200 if model is not None else 503)
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict:
+        started = time.perf_counter()
+        check_key(request)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in ACCEPTED_TYPES:
+            raise HTTPException(415, f"Content-Type must be one of {', '.join(ACCEPTED_TYPES)}, "
+                                     f"not {content_type or 'missing'}")
+        body = await _read_body(request, settings.serve.max_body_bytes)
+        if not body:
+            raise HTTPException(400, "empty body")
+        try:
+            grey, _ = await asyncio.to_thread(load_grey, REQUEST_NAME, data=body)
+        except UnreadableImage as exc:
+            raise HTTPException(_status_for(exc.reason),
+                                f"cannot read the {content_type} body: {exc.reason}") from None
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"the {content_type} image has too many pixels") from None
+        if max(grey.shape) > MAX_ASPECT * min(grey.shape):
+            # The short side is scaled up to the model's size: a sliver would become enormous.
+            raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
+                                     f"over {MAX_ASPECT}:1 is not supported")
+        if service.model is None:
+            raise HTTPException(503, f"no model loaded: {service.load_error}")
+        try:
+            prediction, model = await service.batcher.submit(grey)
+        except ModelUnavailable as exc:
+            raise HTTPException(503, str(exc)) from None
+        # Only sizes and timings: nothing from the image or its header is logged.
+        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *grey.shape,
+                 1000 * (time.perf_counter() - started))
+        return prediction.body | {"model": model.describe()}
+
+    return app

@@ -1,0 +1,117 @@
+"""The registry's champion ONNX model: fetch it, open it, and turn its outputs into answers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+
+from configs import TaskKind
+from tasks.export import DEFAULT_THRESHOLD, decisions, open_session, run_self_contained
+from tasks.io import sha256_file
+from tasks.register import CHAMPION, onnx_tag
+
+log = logging.getLogger(__name__)
+
+FP32 = "fp32"
+
+
+class ModelUnavailable(RuntimeError):
+    """No champion to serve, or its ONNX file cannot be fetched or checked."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's answer, ready to be returned as JSON."""
+
+    body: dict
+
+    @classmethod
+    def classification(cls, probabilities: np.ndarray, label: str, labels: Sequence[str],
+                       positive_index: int, threshold: float) -> "Prediction":
+        return cls({
+            "task": TaskKind.CLASSIFICATION.value,
+            "label": label,
+            "probabilities": {name: float(p) for name, p in zip(labels, probabilities)},
+            "positive_label": labels[positive_index],
+            "positive_probability": float(probabilities[positive_index]),
+            "threshold": threshold,
+        })
+
+    @classmethod
+    def regression(cls, age: float) -> "Prediction":
+        return cls({"task": TaskKind.REGRESSION.value, "age_years": float(age)})
+
+
+@dataclass
+class ServedModel:
+    """One registered model version, open in an ONNX Runtime session."""
+
+    name: str
+    version: str
+    variant: str
+    path: Path
+    metadata: dict[str, str]
+    session: object  # onnxruntime.InferenceSession
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    @property
+    def task(self) -> TaskKind:
+        return TaskKind(self.metadata["task"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.metadata.get("operating_threshold") or DEFAULT_THRESHOLD)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "variant": self.variant,
+                "provider": self.provider}
+
+    def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
+        """Answers for decoded grey images (float [0, 1], any sizes), in order."""
+        outputs = run_self_contained(self.session, greys)
+        if self.task is TaskKind.REGRESSION:
+            return [Prediction.regression(age) for age in outputs.reshape(-1)]
+        labels = json.loads(self.metadata["label_names"])
+        positive = int(self.metadata.get("positive_index") or len(labels) - 1)
+        chosen = decisions(outputs, self.threshold, positive)
+        return [Prediction.classification(p, labels[c], labels, positive, self.threshold)
+                for p, c in zip(outputs, chosen)]
+
+
+def champion_version(tracking_uri: str, name: str) -> str:
+    """The version the `champion` alias points at now."""
+    try:
+        return str(MlflowClient(tracking_uri).get_model_version_by_alias(name, CHAMPION).version)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ModelUnavailable(f"model {name!r} has no {CHAMPION} version in the registry") from exc
+
+
+def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path) -> ServedModel:
+    """Fetch the champion's ONNX file (main or a variant), check its sha256, open a session."""
+    client = MlflowClient(tracking_uri)
+    version = champion_version(tracking_uri, name)
+    tags = client.get_model_version(name, version).tags
+    tag = onnx_tag(None if variant == FP32 else variant)
+    if tag not in tags:
+        raise ModelUnavailable(f"{name} v{version} has no {variant} ONNX file (tag {tag})")
+    target = Path(tempfile.mkdtemp(prefix=f"v{version}-", dir=download_dir))
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=tags[tag], dst_path=str(target),
+                                                    tracking_uri=tracking_uri))
+    if variant == FP32 and tags.get("onnx_sha256") and sha256_file(path) != tags["onnx_sha256"]:
+        raise ModelUnavailable(f"{name} v{version}: ONNX file does not match its registered sha256")
+    session = open_session(path)
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    model = ServedModel(name, version, variant, path, metadata, session)
+    log.info("loaded %s v%s (%s) on %s", name, version, variant, model.provider)
+    return model

@@ -1,0 +1,211 @@
+"""The inference service, for real: uvicorn on loopback, a champion in an MLflow SQLite
+store, ONNX Runtime, and real DICOM files from pydicom-data (and broken ones made from them)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML
+
+from configs import ServeConfig
+from serve.app import API_KEY_HEADER, Settings, create_app
+from serve.batching import MicroBatcher
+from tasks.export import GREY_INPUT_NAME
+from tasks.preprocess import load_grey
+from tests.conftest import register_version
+from tests.live_server import LiveServer
+
+API_KEY = "test-key-not-a-secret"
+BODY_LIMIT = 8 * 1024 * 1024
+DICOM = {"Content-Type": "application/dicom", API_KEY_HEADER: API_KEY}
+
+
+class Captured(logging.Handler):
+    """Every log record of the process while the service runs (pytest may run with -p no:logging)."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def service(champion_registry):
+    config, _, _ = champion_registry
+    settings = Settings(config.registry.tracking_uri, config.registry.model_name,
+                        ServeConfig(max_body_bytes=BODY_LIMIT, batch_window_ms=50, reload_seconds=0.5),
+                        api_key=API_KEY)
+    logs = Captured()
+    logging.getLogger().addHandler(logs)
+    logging.getLogger("medxfer.serve").setLevel(logging.DEBUG)
+    logging.getLogger("serve").setLevel(logging.DEBUG)
+    server = LiveServer(create_app(settings))
+    yield server, logs
+    server.stop()
+    logging.getLogger().removeHandler(logs)
+
+
+def post(server, data: bytes, headers=DICOM) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/predict", content=data, headers=headers, timeout=120)
+
+
+def dicom_bytes(name: str) -> bytes:
+    return open(get_testdata_file(name), "rb").read()
+
+
+def test_health_and_readiness_report_model_and_provider(service):
+    server, _ = service
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["model"] == {"name": "serve-test", "version": "1", "variant": "fp32",
+                                     "provider": "CPUExecutionProvider"}
+
+
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "CT_small.dcm", "JPEG2000.dcm", "US1_J2KR.dcm"])
+def test_real_dicom_gets_the_models_own_prediction(service, champion_registry, name):
+    server, _ = service
+    response = post(server, dicom_bytes(name))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    # The same file through tasks.preprocess.load_grey and the same ONNX file, locally.
+    session = ort.InferenceSession(str(champion_registry[2]), providers=["CPUExecutionProvider"])
+    grey = load_grey(get_testdata_file(name))[0]
+    expected = session.run(None, {GREY_INPUT_NAME: grey[None, None]})[0][0]
+    assert body["probabilities"] == pytest.approx({"benign": expected[0], "malignant": expected[1]}, abs=1e-6)
+    assert body["label"] == ("malignant" if expected[1] >= 0.5 else "benign")
+    assert body["threshold"] == 0.5 and body["positive_label"] == "malignant"
+    assert body["model"]["name"] == "serve-test" and body["model"]["provider"] == "CPUExecutionProvider"
+
+
+def test_png_and_jpeg_bodies(service):
+    server, _ = service
+    grey = load_grey(get_testdata_file("CT_small.dcm"))[0]
+    for fmt, content_type in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+        buffer = io.BytesIO()
+        Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(buffer, fmt)
+        response = post(server, buffer.getvalue(), {"Content-Type": content_type, API_KEY_HEADER: API_KEY})
+        assert response.status_code == 200, response.text
+        assert set(response.json()["probabilities"]) == {"benign", "malignant"}
+
+
+def unsupported_syntax_dicom(tmp_path) -> bytes:
+    """CT_small re-labelled as MPEG-2 video: a real DICOM transfer syntax nothing here decodes."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.save_as(tmp_path / "mpeg2.dcm", enforce_file_format=True)
+    return (tmp_path / "mpeg2.dcm").read_bytes()
+
+
+def no_pixels_dicom(tmp_path) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopixels.dcm", enforce_file_format=True)
+    return (tmp_path / "nopixels.dcm").read_bytes()
+
+
+def sliver_png() -> bytes:
+    """A 10x128 strip of a real CT slice: too thin to scale up to the model's size."""
+    grey = load_grey(get_testdata_file("CT_small.dcm"))[0][:10]
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(grey * 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_bad_input_gets_a_clear_4xx(service, tmp_path):
+    server, _ = service
+    cases = [
+        (sliver_png(), {"Content-Type": "image/png", API_KEY_HEADER: API_KEY}, 422, "aspect ratio over 8:1"),
+        (dicom_bytes("CT_small.dcm")[:-2000], DICOM, 400, "corrupt DICOM"),
+        (b"patient notes, not an image", DICOM, 400, "not a DICOM, PNG or JPEG file"),
+        (no_pixels_dicom(tmp_path), DICOM, 422, "DICOM has no pixel data"),
+        (unsupported_syntax_dicom(tmp_path), DICOM, 415, "no decoder for transfer syntax MPEG2"),
+        (dicom_bytes("RG1_UNCR.dcm") + b"\0" * (BODY_LIMIT - 7200056 + 1), DICOM, 413, "8388608-byte limit"),
+        (b"", DICOM, 400, "empty body"),
+        (dicom_bytes("CT_small.dcm"), {"Content-Type": "text/plain", API_KEY_HEADER: API_KEY}, 415,
+         "Content-Type must be one of application/dicom, image/png, image/jpeg"),
+        (dicom_bytes("CT_small.dcm"), {"Content-Type": "application/dicom"}, 401, "X-API-Key"),
+        (dicom_bytes("CT_small.dcm"), {"Content-Type": "application/dicom", API_KEY_HEADER: "wrong"}, 401,
+         "X-API-Key"),
+    ]
+    for data, headers, status, message in cases:
+        response = post(server, data, headers)
+        assert response.status_code == status, (message, response.text)
+        assert message in response.json()["detail"]
+    assert httpx.get(f"{server.url}/healthz").status_code == 200  # still up
+
+
+def test_concurrent_requests_share_batches(service):
+    server, _ = service
+    before = httpx.get(f"{server.url}/readyz").json()
+    data = dicom_bytes("CT_small.dcm")
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: post(server, data), range(32)))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({json.dumps(r.json(), sort_keys=True) for r in responses}) == 1  # same image, same answer
+    after = httpx.get(f"{server.url}/readyz").json()
+    assert after["batches"] - before["batches"] < 32  # some requests were run together
+
+
+def test_micro_batcher_runs_waiting_items_together():
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        return [item * 10 for item in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=4, window_s=0.2)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+        await batcher.stop()
+        return results
+
+    assert asyncio.run(scenario()) == [0, 10, 20, 30, 40, 50]
+    assert [len(c) for c in calls] == [4, 2]
+
+
+def test_no_patient_data_in_logs(service):
+    _, logs = service
+    assert any("predict serve-test v1" in m for m in logs.messages)
+    for name in ("RG1_UNCR.dcm", "CT_small.dcm", "JPEG2000.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name), stop_before_pixels=True)
+        for value in (str(ds.PatientName), str(ds.PatientID)):
+            assert not any(value in message for message in logs.messages), value
+
+
+def test_reloads_when_champion_moves_without_dropping_requests(service, champion_registry):
+    """Last in this module: it moves the registry's champion to version 2."""
+    server, _ = service
+    config, model, full = champion_registry
+    data = dicom_bytes("CT_small.dcm")
+    statuses: list[int] = []
+    with ThreadPoolExecutor(2) as pool:
+        traffic = pool.submit(lambda: [statuses.append(post(server, data).status_code) for _ in range(12)])
+        registration = register_version(config, model, full, auc=0.90)
+        assert registration.is_champion and registration.version == "2"
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{server.url}/readyz").json()["model"]["version"] != "2":
+            assert time.monotonic() < deadline, "the service did not load the new champion"
+            time.sleep(0.2)
+        traffic.result()
+    assert statuses and set(statuses) == {200}
+    ready = httpx.get(f"{server.url}/readyz").json()
+    assert ready["reloads"] == 1 and ready["load_error"] is None
+    assert post(server, data).json()["model"]["version"] == "2"
