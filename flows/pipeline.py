@@ -99,11 +99,13 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
 
 @stage(name="evaluate")
 def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Evaluation:
-    test = prepared.split("test")
-    outputs = predict(trained.model, test.images, config.train.batch_size, trained.device)
+    test, val = prepared.split("test"), prepared.split("val")
+    outputs, val_outputs = (predict(trained.model, split.images, config.train.batch_size, trained.device)
+                            for split in (test, val))
     evaluation = evaluate_predictions(config.data.task, test.targets, outputs, run_dir / "plots",
-                                      config.data.label_names, config.data.positive_index)
-    mlflow.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
+                                      config.data.label_names, config.data.positive_index,
+                                      config.evaluate, config.seed, validation=(val.targets, val_outputs))
+    mlflow.log_metrics(evaluation.mlflow_metrics())
     for plot in evaluation.plots:
         mlflow.log_artifact(str(plot), "plots")
     report = evaluation.markdown(f"{config.name}: test set ({len(test)} images)", config.data.label_names)
@@ -116,7 +118,9 @@ def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedDat
 
 
 @stage(name="export")
-def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Path:
+def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path,
+           evaluation: Evaluation) -> Path:
+    point = evaluation.operating_point
     metadata = {
         "task": config.data.task.value,
         "label_names": json.dumps(config.data.label_names),
@@ -130,6 +134,8 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
         "weights_name": trained.weights.name,
         "weights_sha256": trained.weights.sha256 or "none",
         "model_name": config.registry.model_name,
+        # Chosen on validation; callers predict the positive class when its probability >= this.
+        "operating_threshold": f"{point.threshold:.6f}" if point else "none",
     }
     path = export_onnx(trained.model, config.data.task, run_dir / "model.onnx",
                        config.preprocess.crop, config.export.opset, metadata)
@@ -188,7 +194,7 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         prepared = preprocess(config, ingested, run_dir)
         trained = train(config, prepared, run_id)
         evaluation = evaluate(config, trained, prepared, run_dir)
-        onnx_path = export(config, trained, prepared, run_dir)
+        onnx_path = export(config, trained, prepared, run_dir, evaluation)
         registration = register(config, trained, onnx_path, run_id, prepared)
     summary = PipelineSummary(run_dir, onnx_path, registration, evaluation.metrics,
                               trained.weights.describe())

@@ -70,7 +70,9 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "1"
     run = client.get_run(champion.run_id)
     assert run.data.params["weights_name"] == "none" and run.data.params["weights_pretrained"] == "False"
-    assert 0.0 <= run.data.metrics["test_roc_auc"] <= 1.0
+    metrics = run.data.metrics
+    assert 0.0 <= metrics["test_roc_auc_ci_low"] <= metrics["test_roc_auc"] <= metrics["test_roc_auc_ci_high"] <= 1.0
+    assert 0.0 <= metrics["test_ece"] <= 1.0 and 0.0 <= metrics["operating_threshold"] <= 1.0
     assert "patient_salt" not in json.dumps(run.data.params)
 
     # The ONNX file runs in ONNX Runtime and agrees with PyTorch on held-out images.
@@ -78,6 +80,7 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     meta = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}
     assert meta["model_name"] == name and meta["model_version"] == "1"
     assert json.loads(meta["label_names"]) == ["benign", "malignant"] and meta["weights_name"] == "none"
+    assert float(meta["operating_threshold"]) == pytest.approx(metrics["operating_threshold"], abs=1e-6)
     parity = json.loads((run_dir / "onnx_parity.json").read_text())
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
