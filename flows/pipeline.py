@@ -1,4 +1,5 @@
-"""The training pipeline as a Prefect flow: ingest -> preprocess -> train -> evaluate -> export -> register.
+"""The training pipeline as a Prefect flow: ingest -> preprocess -> train -> evaluate -> explain -> export
+-> register -> model card.
 
 Each task is a thin wrapper over a pure function in `tasks/`: it writes the
 stage's files, logs to MLflow and publishes what the ops team reads in the UI.
@@ -25,8 +26,10 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig, TaskKind, load_config
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import ParityError, check_parity, export_onnx
+from tasks.gradcam import explain_test_cases
 from tasks.ingest import IngestResult, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
+from tasks.model_card import CardContext, model_card
 from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
@@ -117,6 +120,34 @@ def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedDat
     return evaluation
 
 
+@stage(name="explain")
+def explain(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> list[str]:
+    """Grad-CAM overlays for a few test images; returns their MLflow artifact paths."""
+    test = prepared.split("test")
+    paths = explain_test_cases(trained.model, test.images, test.targets, config.data.task,
+                               config.data.label_names, run_dir / "gradcam", config.evaluate.gradcam_images,
+                               config.data.positive_index, trained.device)
+    for path in paths:
+        mlflow.log_artifact(str(path), "gradcam")
+    get_run_logger().info("Grad-CAM overlays for %d test images in %s", len(paths), run_dir / "gradcam")
+    return [f"gradcam/{path.name}" for path in paths]
+
+
+@stage(name="model-card")
+def publish_model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation,
+                       ingested: IngestResult, prepared: PreparedData, registration: Registration,
+                       explained: list[str], run_dir: Path) -> Path:
+    rejected = ingested.discovered - len(prepared.manifest)
+    context = CardContext(prepared.manifest, ingested.discovered, rejected, registration.version,
+                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained)
+    card = model_card(config, trained, evaluation, context)
+    path = write_text_atomic(run_dir / "model_card.md", card)
+    mlflow.log_artifact(str(path))
+    create_markdown_artifact(key=f"{_slug(config.name)}-model-card", markdown=card,
+                             description=f"Model card, {registration.model_name} v{registration.version}")
+    return path
+
+
 @stage(name="export")
 def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path,
            evaluation: Evaluation) -> Path:
@@ -194,8 +225,10 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         prepared = preprocess(config, ingested, run_dir)
         trained = train(config, prepared, run_id)
         evaluation = evaluate(config, trained, prepared, run_dir)
+        explained = explain(config, trained, prepared, run_dir)
         onnx_path = export(config, trained, prepared, run_dir, evaluation)
         registration = register(config, trained, onnx_path, run_id, prepared)
+        publish_model_card(config, trained, evaluation, ingested, prepared, registration, explained, run_dir)
     summary = PipelineSummary(run_dir, onnx_path, registration, evaluation.metrics,
                               trained.weights.describe())
     get_run_logger().info("pipeline finished\n%s", summary.text())

@@ -16,6 +16,7 @@ import torch
 from sklearn import metrics as skm
 
 from configs import EvaluateConfig, TaskKind, ThresholdRule
+from tasks.io import atomic_path
 from tasks.preprocess import to_model_input
 
 CLASSIFICATION_METRIC = "roc_auc"
@@ -196,8 +197,12 @@ class Evaluation:
         return f"| {name} | {value:.4f} | {interval} |"
 
     def markdown(self, title: str, label_names: list[str]) -> str:
+        return f"# {title}\n\n{self.body(label_names)}"
+
+    def body(self, label_names: list[str]) -> str:
+        """The metric tables, threshold, calibration and confusion matrix, without a title."""
         level = f"{self.confidence:.0%} CI (bootstrap)"
-        lines = [f"# {title}", "", f"| metric | value | {level} |", "|---|---|---|"]
+        lines = [f"| metric | value | {level} |", "|---|---|---|"]
         lines += [self._row(name, value) for name, value in self.metrics.items()]
         if self.operating_point is not None:
             point = self.operating_point
@@ -217,11 +222,12 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write `fig` as PNG (atomically) and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_roc(targets: np.ndarray, positive_scores: np.ndarray, auc: float, positive_label: str, path: Path) -> Path:
@@ -231,7 +237,7 @@ def plot_roc(targets: np.ndarray, positive_scores: np.ndarray, auc: float, posit
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, positive = {positive_label}")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(result: Calibration, positive_label: str, path: Path) -> Path:
@@ -243,7 +249,7 @@ def plot_reliability(result: Calibration, positive_label: str, path: Path) -> Pa
     ax.set(xlabel=f"predicted probability of {positive_label}", ylabel=f"observed fraction {positive_label}",
            xlim=(0, 1), ylim=(0, 1), title="Reliability (labels: cases per bin)")
     ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_predicted_vs_true(targets: np.ndarray, predictions: np.ndarray, mae: float, path: Path) -> Path:
@@ -252,7 +258,7 @@ def plot_predicted_vs_true(targets: np.ndarray, predictions: np.ndarray, mae: fl
     low, high = float(min(targets.min(), predictions.min())), float(max(targets.max(), predictions.max()))
     ax.plot([low, high], [low, high], linestyle="--", color="grey")
     ax.set(xlabel="true age (years)", ylabel="predicted age (years)", title=f"MAE {mae:.2f} years")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def operating_point(val_targets: np.ndarray, val_outputs: np.ndarray, test_targets: np.ndarray,

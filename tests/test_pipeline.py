@@ -75,6 +75,15 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert 0.0 <= metrics["test_ece"] <= 1.0 and 0.0 <= metrics["operating_threshold"] <= 1.0
     assert "patient_salt" not in json.dumps(run.data.params)
 
+    # Grad-CAM overlays and the model card are run artifacts; the card says what the backbone really was.
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_card.md", "gradcam", "plots"} <= artifacts
+    overlays = [a.path for a in client.list_artifacts(run.info.run_id, "gradcam")]
+    assert len(overlays) == config.evaluate.gradcam_images and all(p.endswith(".png") for p in overlays)
+    card = (run_dir / "model_card.md").read_text()
+    assert f"# Model card: {name} version 1" in card and "random initialisation (no pretrained weights)" in card
+    assert "plots/reliability.png" in card and "| sensitivity_at_threshold |" in card
+
     # The ONNX file runs in ONNX Runtime and agrees with PyTorch on held-out images.
     onnx_path = summary.onnx_path
     meta = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}

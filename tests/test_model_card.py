@@ -1,0 +1,56 @@
+"""The model card: counts that reconcile, the weights really used, intervals and limits."""
+
+import numpy as np
+import pandas as pd
+
+from configs import EvaluateConfig, FreezeStrategy, TaskKind
+from models.resnet import TransferResNet, WeightsInfo
+from tasks.evaluate import evaluate_predictions
+from tasks.model_card import CardContext, model_card
+from tasks.train import TrainResult
+
+
+def manifest() -> pd.DataFrame:
+    rows = [("train", "benign", "p1"), ("train", "benign", "p1"), ("train", "malignant", "p2"),
+            ("val", "benign", "p3"), ("val", "malignant", "p4"),
+            ("test", "benign", "p5"), ("test", "malignant", "p6"), ("test", "malignant", "p6")]
+    frame = pd.DataFrame(rows, columns=["split", "label", "patient_key"])
+    frame["target"] = (frame["label"] == "malignant").astype(float)
+    return frame
+
+
+def trained_with(weights: WeightsInfo) -> TrainResult:
+    model = TransferResNet("resnet18", 2, TaskKind.CLASSIFICATION)
+    return TrainResult(model, weights, FreezeStrategy.FULL, "no pretrained weights: a random backbone must train",
+                       "cpu", "roc_auc", best_epoch=2, best_metric=0.81)
+
+
+def card_for(breast_config, tmp_path, weights: WeightsInfo) -> str:
+    targets = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    scores = np.array([0.2, 0.7, 0.9, 0.6, 0.4, 0.1, 0.8, 0.55])
+    evaluation = evaluate_predictions(
+        TaskKind.CLASSIFICATION, targets, np.stack([1 - scores, scores], 1), tmp_path, ["benign", "malignant"], 1,
+        EvaluateConfig(bootstrap_samples=200), validation=(np.array([0, 1, 0, 1]), np.array(
+            [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])))
+    context = CardContext(manifest(), discovered=10, rejected=2, model_version="3",
+                          plots=["plots/roc_curve.png", "gradcam/gradcam_0001.png"])
+    return model_card(breast_config, trained_with(weights), evaluation, context)
+
+
+def test_card_of_a_random_init_model_says_so_and_never_claims_imagenet(breast_config, tmp_path):
+    card = card_for(breast_config, tmp_path, WeightsInfo("none", None, False))
+    assert card.startswith("# Model card: breast-ultrasound-resnet18 version 3")
+    assert "random initialisation (no pretrained weights)" in card and "imagenet" not in card.lower().replace(
+        "imagenet mean/std", "")
+    assert "10 files found, 8 usable, 2 rejected" in card
+    # split rows: images, distinct patients, benign and malignant counts
+    assert "| train | 3 | 2 | 2 | 1 |" in card and "| test | 3 | 2 | 1 | 2 |" in card
+    assert "| roc_auc |" in card and "95% CI (bootstrap)" in card and "Operating threshold" in card
+    assert "`gradcam/gradcam_0001.png`" in card and "## Intended use" in card and "## Limits" in card
+    assert "p1" not in card.split("## Data")[1]  # patient keys are counted, never listed
+
+
+def test_card_names_the_pretrained_weights_file_and_hash(breast_config, tmp_path):
+    card = card_for(breast_config, tmp_path, WeightsInfo("pneumonia_source.pt", "ab12", True))
+    assert "Backbone weights: pneumonia_source.pt (sha256 ab12)" in card
+    assert "random initialisation" not in card
