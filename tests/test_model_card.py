@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from configs import EvaluateConfig, FreezeStrategy, TaskKind
+from configs import EvaluateConfig, FreezeStrategy, PipelineConfig, TaskKind
 from models.resnet import TransferResNet, WeightsInfo
 from tasks.evaluate import evaluate_predictions
 from tasks.model_card import CardContext, model_card
@@ -54,3 +54,18 @@ def test_card_names_the_pretrained_weights_file_and_hash(breast_config, tmp_path
     card = card_for(breast_config, tmp_path, WeightsInfo("pneumonia_source.pt", "ab12", True))
     assert "Backbone weights: pneumonia_source.pt (sha256 ab12)" in card
     assert "random initialisation" not in card
+
+
+def test_regression_card_reports_ages_and_mae_interval(tmp_path):
+    config = PipelineConfig.model_validate({
+        "name": "age", "data": {"root": str(tmp_path), "manifest": str(tmp_path), "task": "regression"},
+        "registry": {"model_name": "chest-age"}})
+    frame = pd.DataFrame({"split": ["train", "train", "val", "test", "test"], "label": "",
+                          "patient_key": ["a", "b", "c", "d", "e"], "target": [30.0, 50.0, 44.0, 61.0, 79.0]})
+    evaluation = evaluate_predictions(TaskKind.REGRESSION, np.array([61.0, 79.0]), np.array([58.0, 70.0]),
+                                      tmp_path, [], settings=EvaluateConfig(bootstrap_samples=200))
+    trained = TrainResult(TransferResNet("resnet18", 1, TaskKind.REGRESSION), WeightsInfo("none", None, False),
+                          FreezeStrategy.FULL, "set in config", "cpu", "mae", best_epoch=1, best_metric=9.5)
+    card = model_card(config, trained, evaluation, CardContext(frame, 5, 0, "1", ["plots/predicted_vs_true.png"]))
+    assert "output: age in years" in card and "| train | 2 | 2 | 40.0 (30-50) |" in card
+    assert "| mae | 6.0000 | 3.000 to 9.000 |" in card and "Operating threshold" not in card
