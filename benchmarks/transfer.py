@@ -38,9 +38,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from configs import DataConfig, FreezeStrategy, ModelConfig, PipelineConfig, PreprocessConfig, TaskKind
-from models.resnet import TransferResNet, resolve_freeze, sha256_file
+from models.resnet import TransferResNet, resolve_freeze
 from tasks.evaluate import bootstrap_intervals, compute_metrics, predict
 from tasks.ingest import ingest_dataset
+from tasks.io import sha256_file
 from tasks.preprocess import SplitData, preprocess_dataset, resize_and_crop, to_model_input
 from tasks.train import train_model
 

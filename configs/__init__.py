@@ -122,6 +122,9 @@ class RegistryConfig(Strict):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "medxfer"
     model_name: str
+    # Where a new experiment keeps artifacts; None: `output_dir/mlartifacts` for a
+    # local (sqlite/file) store, the tracking server's default otherwise.
+    artifact_location: str | None = None
 
 
 class ExportConfig(Strict):
@@ -167,6 +170,13 @@ class PipelineConfig(Strict):
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
+
+    def artifact_location(self) -> str | None:
+        if self.registry.artifact_location:
+            return self.registry.artifact_location
+        if self.registry.tracking_uri.startswith(("sqlite:", "file:")):
+            return (self.output_dir / "mlartifacts").resolve().as_uri()
+        return None
 
     def patient_salt(self) -> str:
         """Salt for patient-id hashes: config, else $MEDXFER_PATIENT_SALT, else a random

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from torch import nn
 from torchvision import models as tv_models
 
 from configs import FreezeStrategy, ModelConfig, TaskKind
+from tasks.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,6 @@ class TransferResNet(nn.Module):
         if self.task is TaskKind.REGRESSION:
             return out.squeeze(-1) * self.target_std + self.target_mean
         return out
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _imagenet_state(arch: str) -> tuple[dict, WeightsInfo] | None:

@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 from sklearn.model_selection import StratifiedGroupKFold
 
 from configs import DataConfig, TaskKind
+from tasks.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ def read_dicom_header(path: Path) -> pydicom.Dataset | None:
         return pydicom.dcmread(path, defer_size=1024)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def discover_files(root: Path, manifest_path: Path) -> list[str]:
@@ -235,7 +228,7 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         if problem:
             rejects.append((rel, problem))
             continue
-        sha = file_sha256(full)
+        sha = sha256_file(full)
         patient_id = str(row.get("patient_id", "")).strip()
         if not patient_id and header is not None:
             patient_id = str(header.get("PatientID", "")).strip()

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from configs import PipelineConfig
 from tasks.export import update_metadata
-from models.resnet import sha256_file
+from tasks.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def redacted_params(config: PipelineConfig) -> dict[str, str]:
 def tracking_run(config: PipelineConfig, run_name: str) -> Iterator[str]:
     """An MLflow run for the pipeline; yields its id, marks it FAILED if the block raises."""
     mlflow.set_tracking_uri(config.registry.tracking_uri)
+    if mlflow.get_experiment_by_name(config.registry.experiment) is None:
+        mlflow.create_experiment(config.registry.experiment, artifact_location=config.artifact_location())
     mlflow.set_experiment(config.registry.experiment)
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params(redacted_params(config))

@@ -74,10 +74,13 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert 0.0 <= metrics["test_roc_auc_ci_low"] <= metrics["test_roc_auc"] <= metrics["test_roc_auc_ci_high"] <= 1.0
     assert 0.0 <= metrics["test_ece"] <= 1.0 and 0.0 <= metrics["operating_threshold"] <= 1.0
     assert "patient_salt" not in json.dumps(run.data.params)
+    artifacts = config.output_dir / "mlartifacts"
+    assert run.info.artifact_uri.startswith(artifacts.resolve().as_uri())
+    assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
 
     # Grad-CAM overlays and the model card are run artifacts; the card says what the backbone really was.
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"model_card.md", "gradcam", "plots"} <= artifacts
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_card.md", "gradcam", "plots"} <= logged
     overlays = [a.path for a in client.list_artifacts(run.info.run_id, "gradcam")]
     assert len(overlays) == config.evaluate.gradcam_images and all(p.endswith(".png") for p in overlays)
     card = (run_dir / "model_card.md").read_text()
