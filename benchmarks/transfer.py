@@ -179,6 +179,14 @@ def run_one(dataset: Dataset, train: SplitData, model: ModelConfig, epochs: int,
     return row
 
 
+def no_skill_baseline(dataset: Dataset) -> str:
+    """What a model that ignores the image scores: the majority class, or the training mean age."""
+    if dataset.task is TaskKind.CLASSIFICATION:
+        majority = float(np.bincount(dataset.train.targets.astype(int)).argmax())
+        return f"accuracy {np.mean(dataset.test.targets == majority):.3f} (majority class), AUC 0.5"
+    return f"MAE {np.abs(dataset.test.targets - dataset.train.targets.mean()).mean():.2f} (training mean age)"
+
+
 def run_grid(grid: Grid, datasets: list[str], seeds: range, workdir: Path, rows_csv: Path) -> pd.DataFrame:
     """Run the grid; each row is appended to `rows_csv` as it finishes, so a cut-off run keeps its rows."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -189,8 +197,8 @@ def run_grid(grid: Grid, datasets: list[str], seeds: range, workdir: Path, rows_
     rows = []
     for key in datasets:
         dataset = loaders[key]()
-        print(f"{dataset.name}: train {len(dataset.train)}, val {len(dataset.val)}, test {len(dataset.test)}",
-              flush=True)
+        print(f"{dataset.name}: train {len(dataset.train)}, val {len(dataset.val)}, test {len(dataset.test)}; "
+              f"no-skill baseline: {no_skill_baseline(dataset)}", flush=True)
         for seed in seeds:
             for size in grid.sizes:
                 train = subsample(dataset.train, size, dataset.task, seed)
