@@ -209,6 +209,22 @@ class ServeConfig(Strict):
     api_key_env: str = "MEDXFER_API_KEY"
 
 
+class ThresholdRule(str, Enum):
+    YOUDEN = "youden"  # maximise sensitivity + specificity - 1 on validation
+    SENSITIVITY = "sensitivity"  # highest threshold whose validation sensitivity reaches the target
+
+
+class EvaluateConfig(Strict):
+    """How the test set is reported: intervals, operating threshold, calibration, Grad-CAM."""
+
+    threshold: ThresholdRule = ThresholdRule.YOUDEN
+    target_sensitivity: Annotated[float, Field(gt=0, le=1)] = 0.9  # for threshold: sensitivity
+    bootstrap_samples: Annotated[int, Field(ge=100)] = 1000  # percentile bootstrap over test cases
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    calibration_bins: Annotated[int, Field(ge=2, le=50)] = 10
+    gradcam_images: Annotated[int, Field(ge=0, le=32)] = 6
+
+
 class ScheduleConfig(Strict):
     cron: str = "0 2 * * 0"  # weekly retraining, Sunday 02:00
     timezone: str = "UTC"
@@ -223,6 +239,7 @@ class PipelineConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
     schedule: ScheduleConfig = ScheduleConfig()

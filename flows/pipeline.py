@@ -1,4 +1,5 @@
-"""The training pipeline as a Prefect flow: ingest -> preprocess -> train -> evaluate -> export -> register.
+"""The training pipeline as a Prefect flow: ingest -> preprocess -> train -> evaluate -> explain -> export
+-> register -> model card.
 
 Each task is a thin wrapper over a pure function in `tasks/`: it writes the
 stage's files, logs to MLflow and publishes what the ops team reads in the UI.
@@ -23,10 +24,12 @@ from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig, TaskKind, load_config
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
-from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, OPERATING_THRESHOLD_KEY, ParityError,
-                          serving_metadata, training_data_sha256)
+from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, serving_metadata,
+                          training_data_sha256)
+from tasks.gradcam import explain_test_cases
 from tasks.ingest import IngestResult, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
+from tasks.model_card import CardContext, model_card
 from tasks.preprocess import PreparedData, load_grey, preprocess_dataset
 from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
@@ -115,11 +118,13 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
 
 @stage(name="evaluate")
 def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Evaluation:
-    test = prepared.split("test")
-    outputs = predict(trained.model, test.images, config.train.batch_size, trained.device)
+    test, val = prepared.split("test"), prepared.split("val")
+    outputs, val_outputs = (predict(trained.model, split.images, config.train.batch_size, trained.device)
+                            for split in (test, val))
     evaluation = evaluate_predictions(config.data.task, test.targets, outputs, run_dir / "plots",
-                                      config.data.label_names, config.data.positive_index)
-    mlflow.log_metrics({f"test_{k}": v for k, v in evaluation.metrics.items()})
+                                      config.data.label_names, config.data.positive_index,
+                                      config.evaluate, config.seed, validation=(val.targets, val_outputs))
+    mlflow.log_metrics(evaluation.mlflow_metrics())
     for plot in evaluation.plots:
         mlflow.log_artifact(str(plot), "plots")
     report = evaluation.markdown(f"{config.name}: test set ({len(test)} images)", config.data.label_names)
@@ -131,6 +136,34 @@ def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedDat
     return evaluation
 
 
+@stage(name="explain")
+def explain(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> list[str]:
+    """Grad-CAM overlays for a few test images; returns their MLflow artifact paths."""
+    test = prepared.split("test")
+    paths = explain_test_cases(trained.model, test.images, test.targets, config.data.task,
+                               config.data.label_names, run_dir / "gradcam", config.evaluate.gradcam_images,
+                               config.data.positive_index, trained.device)
+    for path in paths:
+        mlflow.log_artifact(str(path), "gradcam")
+    get_run_logger().info("Grad-CAM overlays for %d test images in %s", len(paths), run_dir / "gradcam")
+    return [f"gradcam/{path.name}" for path in paths]
+
+
+@stage(name="model-card")
+def publish_model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation,
+                       ingested: IngestResult, prepared: PreparedData, registration: Registration,
+                       explained: list[str], run_dir: Path) -> Path:
+    rejected = ingested.discovered - prepared.manifest["path"].nunique()  # files, not frames
+    context = CardContext(prepared.manifest, ingested.discovered, rejected, registration.version,
+                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained)
+    card = model_card(config, trained, evaluation, context)
+    path = write_text_atomic(run_dir / "model_card.md", card)
+    mlflow.log_artifact(str(path))
+    create_markdown_artifact(key=f"{_slug(config.name)}-model-card", markdown=card,
+                             description=f"Model card, {registration.model_name} v{registration.version}")
+    return path
+
+
 @stage(name="export")
 def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, evaluation: Evaluation,
            run_dir: Path) -> ServingModels:
@@ -138,7 +171,8 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     (after logging the reason as a run artifact) when the float32 graphs disagree."""
     data, pre = config.data, config.preprocess
     classification = data.task is TaskKind.CLASSIFICATION
-    threshold = evaluation.metrics.get(OPERATING_THRESHOLD_KEY)  # chosen on validation, when evaluated
+    point = evaluation.operating_point  # chosen on validation (classification only)
+    threshold = point.threshold if point else None
     metadata = serving_metadata(
         task=data.task, label_names=data.label_names,
         positive_index=data.positive_index if classification else 0,
@@ -214,8 +248,10 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         prepared = preprocess(config, ingested, run_dir)
         trained = train(config, prepared, run_id)
         evaluation = evaluate(config, trained, prepared, run_dir)
+        explained = explain(config, trained, prepared, run_dir)
         models = export(config, trained, prepared, evaluation, run_dir)
         registration = register(config, trained, models, run_id, prepared)
+        publish_model_card(config, trained, evaluation, ingested, prepared, registration, explained, run_dir)
     summary = PipelineSummary(run_dir, models.self_contained, registration, evaluation.metrics,
                               trained.weights.describe())
     get_run_logger().info("pipeline finished\n%s", summary.text())

@@ -1,4 +1,9 @@
-"""Evaluate on the held-out test split: metrics from scikit-learn, plots from matplotlib."""
+"""Evaluate on the held-out test split: metrics from scikit-learn, plots from matplotlib.
+
+Besides point metrics: percentile-bootstrap confidence intervals over test cases,
+an operating threshold chosen on the validation split and reported on test, and
+calibration (expected calibration error and a reliability plot).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
-from configs import TaskKind
+from configs import EvaluateConfig, TaskKind, ThresholdRule
+from tasks.io import atomic_path
 from tasks.preprocess import to_model_input
 
 CLASSIFICATION_METRIC = "roc_auc"
@@ -37,6 +43,13 @@ def predict(model: torch.nn.Module, images: np.ndarray, batch_size: int,
     return torch.cat(outputs).numpy()
 
 
+def _roc_auc(y_true: np.ndarray, outputs: np.ndarray, positive_index: int) -> float:
+    """Binary AUC of the positive class, or one-vs-rest AUC for more classes."""
+    if outputs.shape[1] == 2:
+        return float(skm.roc_auc_score(y_true == positive_index, outputs[:, positive_index]))
+    return float(skm.roc_auc_score(y_true, outputs, multi_class="ovr", labels=range(outputs.shape[1])))
+
+
 def compute_metrics(task: TaskKind, targets: np.ndarray, outputs: np.ndarray,
                     positive_index: int = 1) -> dict[str, float]:
     if task is TaskKind.REGRESSION:
@@ -47,13 +60,9 @@ def compute_metrics(task: TaskKind, targets: np.ndarray, outputs: np.ndarray,
         }
     y_true = targets.astype(int)
     y_pred = outputs.argmax(axis=1)
-    if outputs.shape[1] == 2:
-        auc = skm.roc_auc_score(y_true == positive_index, outputs[:, positive_index])
-    else:
-        auc = skm.roc_auc_score(y_true, outputs, multi_class="ovr", labels=range(outputs.shape[1]))
     positive_true, positive_pred = y_true == positive_index, y_pred == positive_index
     return {
-        "roc_auc": float(auc),
+        "roc_auc": _roc_auc(y_true, outputs, positive_index),
         "accuracy": float(skm.accuracy_score(y_true, y_pred)),
         "sensitivity": float(skm.recall_score(positive_true, positive_pred, zero_division=0)),
         "specificity": float(skm.recall_score(~positive_true, ~positive_pred, zero_division=0)),
@@ -61,15 +70,150 @@ def compute_metrics(task: TaskKind, targets: np.ndarray, outputs: np.ndarray,
     }
 
 
+Interval = tuple[float, float]
+
+
+def _percentile_interval(values: np.ndarray, confidence: float) -> Interval:
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _decision_rates(positive_true: np.ndarray, positive_pred: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, sensitivity, specificity along the last axis (NaN where a class is absent)."""
+    positives, negatives = positive_true.sum(-1), (~positive_true).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "accuracy": (positive_true == positive_pred).mean(-1),
+            "sensitivity": (positive_true & positive_pred).sum(-1) / positives,
+            "specificity": (~positive_true & ~positive_pred).sum(-1) / negatives,
+        }
+
+
+def bootstrap_intervals(task: TaskKind, targets: np.ndarray, outputs: np.ndarray, positive_index: int = 1,
+                        samples: int = 1000, seed: int = 0, confidence: float = 0.95,
+                        threshold: float | None = None) -> dict[str, Interval]:
+    """Percentile-bootstrap intervals, resampling test cases with replacement.
+
+    Classification: roc_auc, accuracy, sensitivity, specificity (argmax decisions) and,
+    with `threshold`, the same three at that operating threshold (`*_at_threshold`).
+    Resamples that miss a class are left out of AUC/sensitivity/specificity, as those
+    are undefined there. Regression: mae.
+    """
+    draws = np.random.default_rng(seed).integers(0, len(targets), size=(samples, len(targets)))
+    if task is TaskKind.REGRESSION:
+        errors = np.abs(np.asarray(outputs, float) - np.asarray(targets, float))
+        return {"mae": _percentile_interval(errors[draws].mean(axis=1), confidence)}
+    y_true = targets.astype(int)
+    positive_true = y_true == positive_index
+    replicates = _decision_rates(positive_true[draws], (outputs.argmax(axis=1) == positive_index)[draws])
+    if threshold is not None:
+        at_threshold = _decision_rates(positive_true[draws], (outputs[:, positive_index] >= threshold)[draws])
+        replicates |= {f"{name}_at_threshold": values for name, values in at_threshold.items()}
+    every_class = [d for d in draws if len(np.unique(y_true[d])) == outputs.shape[1]]
+    replicates["roc_auc"] = np.array([_roc_auc(y_true[d], outputs[d], positive_index) for d in every_class])
+    return {name: _percentile_interval(values, confidence) for name, values in replicates.items()}
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A decision threshold on the positive-class probability, chosen on validation."""
+
+    threshold: float
+    rule: str  # how it was chosen, in words
+    validation: dict[str, float]  # sensitivity, specificity at the threshold on validation
+    test: dict[str, float]  # accuracy, sensitivity, specificity at the threshold on test
+
+
+def choose_threshold(positive_true: np.ndarray, positive_scores: np.ndarray, rule: ThresholdRule,
+                     target_sensitivity: float = 0.9) -> tuple[float, str]:
+    """Threshold (predict positive when score >= threshold) and the rule in words."""
+    if positive_true.all() or not positive_true.any():
+        raise ValueError("choosing a threshold needs both classes in the validation split")
+    fpr, tpr, thresholds = skm.roc_curve(positive_true, positive_scores, drop_intermediate=False)
+    thresholds = np.minimum(thresholds, 1.0)  # roc_curve's first threshold is +inf
+    if rule is ThresholdRule.YOUDEN:
+        best = int(np.argmax(tpr - fpr))
+        return float(thresholds[best]), "Youden's J (max sensitivity + specificity - 1) on validation"
+    best = int(np.argmax(tpr >= target_sensitivity))  # tpr rises as the threshold falls
+    return (float(thresholds[best]),
+            f"highest threshold with validation sensitivity >= {target_sensitivity:g}")
+
+
+def rates_at_threshold(positive_true: np.ndarray, positive_scores: np.ndarray, threshold: float) -> dict[str, float]:
+    return {name: float(value) for name, value in
+            _decision_rates(positive_true, positive_scores >= threshold).items()}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Reliability of the positive-class probability in equal-width bins."""
+
+    ece: float  # expected calibration error: sum over bins of (n_bin / n) |observed - predicted|
+    observed: list[float]  # fraction positive, per non-empty bin
+    predicted: list[float]  # mean predicted probability, per non-empty bin
+    counts: list[int]
+
+
+def calibration(positive_true: np.ndarray, positive_scores: np.ndarray, bins: int = 10) -> Calibration:
+    # Binned here rather than with sklearn's calibration_curve: ECE needs the bin sizes,
+    # which it does not return (and its edge handling differs between versions).
+    bin_of = np.minimum((positive_scores * bins).astype(int), bins - 1)  # [k/bins, (k+1)/bins), 1.0 in the last
+    counts = np.bincount(bin_of, minlength=bins)
+    filled = counts > 0
+    observed = np.bincount(bin_of, weights=positive_true.astype(float), minlength=bins)[filled] / counts[filled]
+    predicted = np.bincount(bin_of, weights=positive_scores, minlength=bins)[filled] / counts[filled]
+    counts = counts[filled]
+    ece = float(np.sum(counts / counts.sum() * np.abs(observed - predicted)))
+    return Calibration(ece, observed.tolist(), predicted.tolist(), counts.tolist())
+
+
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
     plots: list[Path] = field(default_factory=list)
     confusion: list[list[int]] | None = None  # rows: true class, columns: predicted
+    intervals: dict[str, Interval] = field(default_factory=dict)
+    confidence: float = 0.95
+    operating_point: OperatingPoint | None = None
+    calibration: Calibration | None = None
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """Flat `test_*` metrics: values, interval bounds, threshold results, ECE."""
+        flat = {f"test_{name}": value for name, value in self.metrics.items()}
+        for name, (low, high) in self.intervals.items():
+            flat[f"test_{name}_ci_low"], flat[f"test_{name}_ci_high"] = low, high
+        if self.operating_point is not None:
+            flat["operating_threshold"] = self.operating_point.threshold
+            flat |= {f"test_{name}_at_threshold": v for name, v in self.operating_point.test.items()}
+            flat |= {f"val_{name}_at_threshold": v for name, v in self.operating_point.validation.items()}
+        if self.calibration is not None:
+            flat["test_ece"] = self.calibration.ece
+        return flat
+
+    def _row(self, name: str, value: float) -> str:
+        low, high = self.intervals.get(name, (float("nan"), float("nan")))
+        interval = "" if np.isnan(low) else f"{low:.3f} to {high:.3f}"
+        return f"| {name} | {value:.4f} | {interval} |"
 
     def markdown(self, title: str, label_names: list[str]) -> str:
-        lines = [f"# {title}", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in self.metrics.items()]
+        return f"# {title}\n\n{self.body(label_names)}"
+
+    def body(self, label_names: list[str]) -> str:
+        """The metric tables, threshold, calibration and confusion matrix, without a title."""
+        level = f"{self.confidence:.0%} CI (bootstrap)"
+        lines = [f"| metric | value | {level} |", "|---|---|---|"]
+        lines += [self._row(name, value) for name, value in self.metrics.items()]
+        if self.operating_point is not None:
+            point = self.operating_point
+            lines += ["", f"Operating threshold **{point.threshold:.4f}** on the probability of the positive "
+                      f"class ({point.rule}); validation sensitivity {point.validation['sensitivity']:.3f}, "
+                      f"specificity {point.validation['specificity']:.3f}. On test:", "",
+                      f"| metric at threshold | value | {level} |", "|---|---|---|"]
+            lines += [self._row(f"{name}_at_threshold", value) for name, value in point.test.items()]
+        if self.calibration is not None:
+            lines += ["", f"Calibration: expected calibration error {self.calibration.ece:.4f} "
+                      f"({len(self.calibration.counts)} non-empty bins)."]
         if self.confusion is not None:
             lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
                       "| | " + " | ".join(label_names) + " |", "|---" * (len(label_names) + 1) + "|"]
@@ -78,11 +222,12 @@ class Evaluation:
         return "\n".join(lines)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write `fig` as PNG (atomically) and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_roc(targets: np.ndarray, positive_scores: np.ndarray, auc: float, positive_label: str, path: Path) -> Path:
@@ -92,7 +237,19 @@ def plot_roc(targets: np.ndarray, positive_scores: np.ndarray, auc: float, posit
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, positive = {positive_label}")
     ax.legend(loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def plot_reliability(result: Calibration, positive_label: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.plot(result.predicted, result.observed, marker="o", label=f"model (ECE {result.ece:.3f})")
+    for x, y, n in zip(result.predicted, result.observed, result.counts):
+        ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlabel=f"predicted probability of {positive_label}", ylabel=f"observed fraction {positive_label}",
+           xlim=(0, 1), ylim=(0, 1), title="Reliability (labels: cases per bin)")
+    ax.legend(loc="upper left")
+    return save_figure(fig, path)
 
 
 def plot_predicted_vs_true(targets: np.ndarray, predictions: np.ndarray, mae: float, path: Path) -> Path:
@@ -101,18 +258,45 @@ def plot_predicted_vs_true(targets: np.ndarray, predictions: np.ndarray, mae: fl
     low, high = float(min(targets.min(), predictions.min())), float(max(targets.max(), predictions.max()))
     ax.plot([low, high], [low, high], linestyle="--", color="grey")
     ax.set(xlabel="true age (years)", ylabel="predicted age (years)", title=f"MAE {mae:.2f} years")
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def operating_point(val_targets: np.ndarray, val_outputs: np.ndarray, test_targets: np.ndarray,
+                    test_outputs: np.ndarray, positive_index: int, settings: EvaluateConfig) -> OperatingPoint:
+    """Choose the threshold on validation outputs and report it on test outputs."""
+    val_true, val_scores = val_targets.astype(int) == positive_index, val_outputs[:, positive_index]
+    threshold, rule = choose_threshold(val_true, val_scores, settings.threshold, settings.target_sensitivity)
+    validation = rates_at_threshold(val_true, val_scores, threshold)
+    test = rates_at_threshold(test_targets.astype(int) == positive_index, test_outputs[:, positive_index], threshold)
+    return OperatingPoint(threshold, rule, validation, test)
 
 
 def evaluate_predictions(task: TaskKind, targets: np.ndarray, outputs: np.ndarray, plot_dir: Path,
-                         label_names: list[str], positive_index: int = 1) -> Evaluation:
-    """Metrics and plots for test-set outputs."""
+                         label_names: list[str], positive_index: int = 1,
+                         settings: EvaluateConfig = EvaluateConfig(), seed: int = 0,
+                         validation: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
+    """Metrics with bootstrap intervals and plots for test-set outputs.
+
+    With `validation` (targets, outputs) for a two-class task, an operating threshold
+    is chosen there and reported on test; calibration is reported for two classes.
+    """
     metrics = compute_metrics(task, targets, outputs, positive_index)
     if task is TaskKind.REGRESSION:
         plot = plot_predicted_vs_true(targets, outputs, metrics["mae"], plot_dir / "predicted_vs_true.png")
-        return Evaluation(metrics, [plot])
+        intervals = bootstrap_intervals(task, targets, outputs, samples=settings.bootstrap_samples, seed=seed,
+                                        confidence=settings.confidence)
+        return Evaluation(metrics, [plot], intervals=intervals, confidence=settings.confidence)
     y_true = targets.astype(int)
+    positive_true, positive_scores = y_true == positive_index, outputs[:, positive_index]
+    positive_label = label_names[positive_index]
     confusion = skm.confusion_matrix(y_true, outputs.argmax(axis=1), labels=range(len(label_names)))
-    plot = plot_roc(y_true == positive_index, outputs[:, positive_index], metrics["roc_auc"],
-                    label_names[positive_index], plot_dir / "roc_curve.png")
-    return Evaluation(metrics, [plot], confusion.tolist())
+    plots = [plot_roc(positive_true, positive_scores, metrics["roc_auc"], positive_label, plot_dir / "roc_curve.png")]
+    point = reliability = None
+    if outputs.shape[1] == 2:
+        if validation is not None:
+            point = operating_point(*validation, targets, outputs, positive_index, settings)
+        reliability = calibration(positive_true, positive_scores, settings.calibration_bins)
+        plots.append(plot_reliability(reliability, positive_label, plot_dir / "reliability.png"))
+    intervals = bootstrap_intervals(task, targets, outputs, positive_index, settings.bootstrap_samples, seed,
+                                    settings.confidence, point.threshold if point else None)
+    return Evaluation(metrics, plots, confusion.tolist(), intervals, settings.confidence, point, reliability)

@@ -48,8 +48,6 @@ TRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER = (
 # Binary classification without a threshold chosen on validation: positive when
 # p(positive) >= 0.5, which for two classes is the argmax decision.
 DEFAULT_THRESHOLD = 0.5
-# Where evaluation reports the threshold it chose on the validation set, when it does.
-OPERATING_THRESHOLD_KEY = "operating_threshold"
 # ONNX Runtime 1.31 loads IR version 13 at most; onnx.helper would stamp its newest.
 ONNX_IR_VERSION = 10
 

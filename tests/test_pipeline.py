@@ -68,11 +68,22 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "1"
     run = client.get_run(champion.run_id)
     assert run.data.params["weights_name"] == "none" and run.data.params["weights_pretrained"] == "False"
-    assert 0.0 <= run.data.metrics["test_roc_auc"] <= 1.0
+    metrics = run.data.metrics
+    assert 0.0 <= metrics["test_roc_auc_ci_low"] <= metrics["test_roc_auc"] <= metrics["test_roc_auc_ci_high"] <= 1.0
+    assert 0.0 <= metrics["test_ece"] <= 1.0 and 0.0 <= metrics["operating_threshold"] <= 1.0
     assert "patient_salt" not in json.dumps(run.data.params)
     artifacts = config.output_dir / "mlartifacts"
     assert run.info.artifact_uri.startswith(artifacts.resolve().as_uri())
     assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(run.info.run_id, "onnx")}
+
+    # Grad-CAM overlays and the model card are run artifacts; the card says what the backbone really was.
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_card.md", "gradcam", "plots"} <= logged
+    overlays = [a.path for a in client.list_artifacts(run.info.run_id, "gradcam")]
+    assert len(overlays) == config.evaluate.gradcam_images and all(p.endswith(".png") for p in overlays)
+    card = (run_dir / "model_card.md").read_text()
+    assert f"# Model card: {name} version 1" in card and "random initialisation (no pretrained weights)" in card
+    assert "plots/reliability.png" in card and "| sensitivity_at_threshold |" in card
 
     # The self-contained ONNX file takes decoded grey images of any size and agrees with
     # PyTorch (tasks.preprocess + the network) on held-out images.
@@ -82,7 +93,8 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert meta["model_name"] == name and meta["model_version"] == "1"
     assert json.loads(meta["label_names"]) == ["benign", "malignant"] and meta["weights_name"] == "none"
     assert json.loads(meta["label_map"]) == {"0": "benign", "1": "malignant"}
-    assert meta["operating_threshold"] == "0.5" and meta["threshold_source"] == "default"
+    assert float(meta["operating_threshold"]) == pytest.approx(metrics["operating_threshold"], abs=1e-6)
+    assert meta["threshold_source"] == "validation"
     assert meta["input_name"] == GREY_INPUT_NAME and meta["output_name"] == "probabilities"
     assert json.loads(meta["metrics"])["roc_auc"] == pytest.approx(run.data.metrics["test_roc_auc"], abs=1e-6)
     assert meta["training_data_sha256"] == training_data_sha256(usable)

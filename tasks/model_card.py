@@ -1,0 +1,102 @@
+"""A markdown model card per run: what the model is, what it saw, how well it does, and its limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from configs import PipelineConfig, TaskKind
+from tasks.evaluate import Evaluation
+from tasks.ingest import SPLITS
+from tasks.train import TrainResult
+
+
+@dataclass(frozen=True)
+class CardContext:
+    """Facts known only once the flow has run: counts, registry version, artifact paths."""
+
+    manifest: pd.DataFrame  # usable samples: split, target, label, patient_key
+    discovered: int
+    rejected: int
+    model_version: str
+    plots: list[str]  # artifact paths, relative to the MLflow run's artifact root
+
+
+def data_table(manifest: pd.DataFrame, config: PipelineConfig) -> list[str]:
+    """Per split: images, patients, and class counts or the age distribution."""
+    classification = config.data.task is TaskKind.CLASSIFICATION
+    extra = " | ".join(config.data.label_names) if classification else "age mean (min-max), years"
+    lines = [f"| split | images | patients | {extra} |", "|---|---|---|" + "---|" * (len(config.data.label_names)
+                                                                            if classification else 1)]
+    for split in SPLITS:
+        rows = manifest[manifest["split"] == split]
+        if classification:
+            counts = rows["label"].value_counts()
+            detail = " | ".join(str(int(counts.get(name, 0))) for name in config.data.label_names)
+        else:
+            ages = rows["target"]
+            detail = f"{ages.mean():.1f} ({ages.min():.0f}-{ages.max():.0f})"
+        lines.append(f"| {split} | {len(rows)} | {rows['patient_key'].nunique()} | {detail} |")
+    return lines
+
+
+def limits(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, n_test: int) -> list[str]:
+    items = [
+        f"Tested on {n_test} held-out images from the same source as the training data; the intervals above "
+        "show how uncertain that is. Performance on another scanner, site or population is unknown until "
+        "measured there.",
+        "Retrospective evaluation only; not validated prospectively or in a reader study.",
+        f"Images are reduced to {config.preprocess.crop} x {config.preprocess.crop} grey pixels; findings smaller "
+        "than a few pixels at that size cannot be seen by the model.",
+        "Grad-CAM maps come from the last residual stage (1/32 of the input size): they show the coarse region "
+        "that drove the output, not a segmentation.",
+    ]
+    if not trained.weights.pretrained:
+        items.insert(0, "The backbone was trained from random initialisation (no pretrained weights were "
+                        "available), which usually needs more data than a pretrained start.")
+    if evaluation.operating_point is not None:
+        items.append("The operating threshold was chosen on the validation split; re-check it on local data "
+                     "before relying on its sensitivity.")
+    if evaluation.calibration is not None and evaluation.calibration.ece > 0.05:
+        items.append(f"Probabilities are not well calibrated (ECE {evaluation.calibration.ece:.3f}): read them "
+                     "as scores, not as risks.")
+    return [f"- {item}" for item in items]
+
+
+def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, context: CardContext) -> str:
+    """The card, as markdown."""
+    data, manifest = config.data, context.manifest
+    n_test = int((manifest["split"] == "test").sum())
+    if data.task is TaskKind.CLASSIFICATION:
+        output = (f"probabilities for {', '.join(data.label_names)}; positive class "
+                  f"`{data.label_names[data.positive_index]}`")
+    else:
+        output = "age in years"
+    lines = [
+        f"# Model card: {config.registry.model_name} version {context.model_version}", "",
+        "## Model", "",
+        f"- {config.model.arch}, {data.task.value}; output: {output}.",
+        f"- Backbone weights: {trained.weights.describe()}.",
+        f"- Strategy: `{trained.strategy.value}` ({trained.strategy_reason}); best epoch {trained.best_epoch}, "
+        f"validation {trained.metric_name} {trained.best_metric:.4f}; trained on {trained.device}.",
+        f"- Input: one grey image; short side to {config.preprocess.resize}, centre crop {config.preprocess.crop}, "
+        "repeated to 3 channels with ImageNet mean/std normalisation.",
+        "", "## Data", "",
+        f"- {context.discovered} files found, {len(manifest)} usable, {context.rejected} rejected (see "
+        "`data/rejects.csv`). Patients are counted by salted hash; no identifiers are stored.",
+        "- Splits are patient-disjoint.", "",
+        *data_table(manifest, config),
+        "", "## Performance on the held-out test split", "",
+        evaluation.body(data.label_names),
+        "", "## Plots", "",
+        *[f"- `{plot}`" for plot in context.plots],
+        "", "## Intended use", "",
+        "- Decision support for trained readers, on images like those it was trained on: a second look or a "
+        "work-list priority, with a clinician making every decision.",
+        "- Not for standalone diagnosis, screening without a reader, or patient groups and devices absent from "
+        "the training data.",
+        "", "## Limits", "",
+        *limits(config, trained, evaluation, n_test),
+    ]
+    return "\n".join(lines) + "\n"
