@@ -262,7 +262,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the medxfer training pipeline")
     parser.add_argument("config", type=Path, help="YAML config, e.g. configs/breast_ultrasound.yaml")
     args = parser.parse_args()
-    print(train_pipeline(str(args.config)).text())
+    train_pipeline(str(args.config))  # the flow logs its summary: where outputs are, test metrics
 
 
 if __name__ == "__main__":
