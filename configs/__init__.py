@@ -230,10 +230,15 @@ class ScheduleConfig(Strict):
     timezone: str = "UTC"
 
 
-class PipelineConfig(Strict):
+class RunConfig(Strict):
+    """What every run config has: a name, a seed and where its outputs go."""
+
     name: str
     seed: int = 42
     output_dir: Path = Path("outputs")
+
+
+class PipelineConfig(RunConfig):
     data: DataConfig
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
@@ -300,12 +305,9 @@ class SourceRegistryConfig(RegistryConfig):
     alias: str = "source"
 
 
-class PretrainConfig(Strict):
+class PretrainConfig(RunConfig):
     """Train a source model from random initialisation on a larger dataset and register it."""
 
-    name: str
-    seed: int = 42
-    output_dir: Path = Path("outputs")
     source: SourceDataConfig
     model: ModelConfig = ModelConfig(weights="none", freeze=FreezeStrategy.FULL)
     train: TrainConfig = TrainConfig()
