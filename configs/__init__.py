@@ -170,7 +170,6 @@ class TrainConfig(Strict):
     resume: bool = True  # continue from the run's last checkpoint when one matches
     num_workers: Annotated[int, Field(ge=0)] = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_train_samples: Annotated[int, Field(gt=0)] | None = None  # for quick runs
 
 
 class RegistryConfig(Strict):
