@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -35,8 +34,6 @@ from models.resnet import TransferResNet
 from tasks.evaluate import predict
 from tasks.io import atomic_path
 from tasks.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
-
-log = logging.getLogger(__name__)
 
 INPUT_NAME = "image"  # normalised variant: float32 (batch, 3, crop, crop), ImageNet-normalised
 GREY_INPUT_NAME = "grey"  # self-contained variant: float32 (batch, 1, H, W) in [0, 1]
@@ -285,11 +282,7 @@ def _compare(graph: str, provider: str, model: TransferResNet, actual: np.ndarra
     else:
         diff = np.abs(actual - expected) / float(model.target_std)
         decisions_match = True
-    report = ParityReport(graph, provider, len(expected), float(diff.max()), tolerance, decisions_match)
-    log.info("ONNX parity (%s graph) on %s: %d images, max |diff| %.2e (tolerance %.0e), decisions %s",
-             graph, provider, report.samples, report.max_abs_diff, tolerance,
-             "match" if decisions_match else "DIFFER")
-    return report
+    return ParityReport(graph, provider, len(expected), float(diff.max()), tolerance, decisions_match)
 
 
 def check_parity(path: Path, model: TransferResNet, images: np.ndarray, tolerance: float, *,
