@@ -161,6 +161,9 @@ class TrainConfig(Strict):
     # partial/full: train only the head for this many epochs, then unfreeze per the strategy
     warmup_head_epochs: Annotated[int, Field(ge=0)] = 0
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    # head: the L2 strengths tried when fitting the head on cached features (mean loss +
+    # l2/2 * ||W||^2 on standardised features); the best on validation is kept.
+    head_l2: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]
     patience: Annotated[int, Field(gt=0)] = 3  # epochs without val improvement
     class_balance: ClassBalance = ClassBalance.NONE  # classification only
     augment: AugmentConfig = AugmentConfig()

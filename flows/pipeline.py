@@ -88,11 +88,13 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
     client = MlflowClient(config.registry.tracking_uri)
 
     def report(epoch: EpochResult) -> None:
-        logger.info("epoch %d: train loss %.4f, val %s %.4f, %.1f images/s", epoch.epoch,
-                    epoch.train_loss, primary_metric(config.data.task)[0], epoch.val_metric,
-                    epoch.images_per_second)
-        for key in ("train_loss", "val_metric", "lr", "images_per_second", "data_seconds", "compute_seconds"):
-            client.log_metric(run_id, key, getattr(epoch, key), step=epoch.epoch)
+        step = f"epoch {epoch.epoch}" if epoch.head_l2 is None else f"head fit {epoch.epoch} (L2 {epoch.head_l2:g})"
+        logger.info("%s: train loss %.4f, val %s %.4f, %.1f images/s", step, epoch.train_loss,
+                    primary_metric(config.data.task)[0], epoch.val_metric, epoch.images_per_second)
+        for key in ("train_loss", "val_metric", "lr", "head_l2", "images_per_second", "data_seconds",
+                    "compute_seconds"):
+            if getattr(epoch, key) is not None:  # lr for image epochs, head_l2 for `head` fits
+                client.log_metric(run_id, key, getattr(epoch, key), step=epoch.epoch)
 
     # Checkpoints live outside the MLflow run's folder: a re-run of a killed flow gets a new
     # run id but the same config and data, and resumes from there.

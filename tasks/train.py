@@ -1,7 +1,8 @@
 """Fine-tune: one readable training loop (AdamW, cosine schedule, early stopping).
 
-`head` trains the new head on backbone features computed once and cached, so each epoch
-is a few matrix products. `partial` and `full` train through the backbone with
+`head` computes the frozen backbone's features once and fits the linear head on them to
+convergence (L-BFGS on standardised features, its L2 strength chosen on validation: the
+classic linear probe), in seconds. `partial` and `full` train through the backbone with
 discriminative learning rates (backbone lr = head lr x `backbone_lr_factor`), optional
 head-only warm-up epochs, optional augmentation, bf16 autocast and channels_last. With a
 checkpoint folder, every epoch is checkpointed atomically and a restarted run resumes.
@@ -60,11 +61,12 @@ class EpochResult:
     epoch: int
     train_loss: float
     val_metric: float
-    lr: float  # the head's learning rate at the end of the epoch
+    lr: float | None  # the head's learning rate at the end of the epoch; None for a `head` fit (L-BFGS)
     seconds: float
     images_per_second: float
     data_seconds: float = 0.0  # waiting for the data loader
     compute_seconds: float = 0.0  # forward, backward and optimizer step
+    head_l2: float | None = None  # `head`: the L2 strength of this fit (one "epoch" per strength tried)
 
 
 @dataclass
@@ -271,29 +273,16 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
                          device=str(device), metric_name=primary_metric(task)[0], best_epoch=0,
                          best_metric=float("nan"), cached_features=cached, precision=settings.precision.value)
     if cached:
-        if settings.augment.enabled or settings.warmup_head_epochs:
-            log.info("head strategy: features are computed once, so augmentation and warm-up are off")
-        started = time.perf_counter()
-        train_features, val_features = (
-            extract_features(model, split.images, settings.batch_size, device, settings.precision,
-                             settings.channels_last) for split in (train, val))
-        result.feature_seconds = time.perf_counter() - started
-        log.info("cached %d train + %d val backbone features in %.1f s", len(train), len(val),
-                 result.feature_seconds)
-        dataset: Dataset = TensorDataset(train_features, torch.from_numpy(train.targets))
-        prepare = lambda features: features.to(device)  # noqa: E731
-        forward: Callable[[torch.Tensor], torch.Tensor] = model.head
-        validate = lambda: outputs_from_features(model, val_features)  # noqa: E731
-    else:
-        augment = build_augmentation(settings.augment, train.images.shape[-1])
-        dataset = ImageDataset(train, augment)
-        prepare = lambda images: model_input(images, device, settings.channels_last)  # noqa: E731
-        forward = model.standardised
-        if settings.compile and device.type == "cuda":
-            forward = torch.compile(model.standardised)
-        elif settings.compile:
-            log.info("train.compile: ignored on %s (torch.compile is used on CUDA only)", device)
-        validate = lambda: predict(model, val.images, settings.batch_size, device)  # noqa: E731
+        return _fit_head_on_features(config, model, train, val, result, on_epoch_end)
+    augment = build_augmentation(settings.augment, train.images.shape[-1])
+    dataset = ImageDataset(train, augment)
+    prepare = lambda images: model_input(images, device, settings.channels_last)  # noqa: E731
+    forward: Callable[[torch.Tensor], torch.Tensor] = model.standardised
+    if settings.compile and device.type == "cuda":
+        forward = torch.compile(model.standardised)
+    elif settings.compile:
+        log.info("train.compile: ignored on %s (torch.compile is used on CUDA only)", device)
+    validate = lambda: predict(model, val.images, settings.batch_size, device)  # noqa: E731
 
     weight = None
     if settings.class_balance is ClassBalance.WEIGHTED_LOSS:
@@ -308,7 +297,7 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * len(loader))
     stopper = EarlyStopping(settings.patience, primary_metric(task)[1])
     best_state = copy.deepcopy(model.state_dict())
-    warmup_epochs = 0 if cached else settings.warmup_head_epochs
+    warmup_epochs = settings.warmup_head_epochs
 
     fingerprint = run_fingerprint(config, train, val)
     checkpoint = checkpoint_dir / f"train-{fingerprint[:16]}.pt" if checkpoint_dir else None
@@ -357,11 +346,106 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
         if on_epoch_end:
             on_epoch_end(epoch_result)
     model.load_state_dict(best_state)
+    _hand_back(model)
+    if checkpoint:
+        checkpoint.unlink(missing_ok=True)
+    return result
+
+
+def _hand_back(model: TransferResNet) -> None:
+    """The trained model as evaluation and export expect it: eval mode, contiguous, fp32."""
     model.to(memory_format=torch.contiguous_format)
     model.requires_grad_(True)
     model.eval()
-    if checkpoint:
-        checkpoint.unlink(missing_ok=True)
+
+
+def fit_linear_head(features: torch.Tensor, targets: torch.Tensor, task: TaskKind, num_outputs: int,
+                    l2: float, weight: torch.Tensor | None = None) -> tuple[nn.Linear, float]:
+    """The linear head minimising mean loss + l2/2 * ||W||^2 on (standardised) features.
+
+    A convex problem, so L-BFGS in float64 goes to its optimum instead of following a
+    learning-rate schedule that a small training set gives too few steps. Classification
+    targets are class indices (cross-entropy, optionally class-weighted); regression
+    targets are standardised ages (squared error). Returns the head and its training loss.
+    """
+    x = features.double()
+    head = nn.Linear(x.shape[1], num_outputs, dtype=torch.float64)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    if task is TaskKind.CLASSIFICATION:
+        class_weight = None if weight is None else weight.double()
+        data_loss = lambda out: nn.functional.cross_entropy(out, targets.long(), weight=class_weight)  # noqa: E731
+    else:
+        data_loss = lambda out: nn.functional.mse_loss(out.squeeze(-1), targets.double())  # noqa: E731
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=1000, history_size=20,
+                                  tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = data_loss(head(x)) + 0.5 * l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    with torch.no_grad():
+        return head, float(data_loss(head(x)))
+
+
+def _fit_head_on_features(config: PipelineConfig, model: TransferResNet, train: SplitData, val: SplitData,
+                          result: TrainResult, on_epoch_end: Callable[[EpochResult], None] | None) -> TrainResult:
+    """`head`: features once, then one L-BFGS fit per `train.head_l2`; the best on validation is kept.
+
+    The fit runs on standardised features and the scaling is folded into the returned
+    head's weights, so the model is an ordinary backbone + Linear for evaluation and export.
+    """
+    settings, task = config.train, config.data.task
+    device = model.target_mean.device
+    if settings.augment.enabled or settings.warmup_head_epochs:
+        log.info("head strategy: features are computed once, so augmentation and warm-up are off")
+    started = time.perf_counter()
+    train_features, val_features = (extract_features(model, split.images, settings.batch_size, device,
+                                                     settings.precision, settings.channels_last)
+                                    for split in (train, val))
+    result.feature_seconds = time.perf_counter() - started
+    log.info("cached %d train + %d val backbone features in %.1f s", len(train), len(val), result.feature_seconds)
+
+    centre = train_features.double().mean(dim=0)
+    scale = train_features.double().std(dim=0)
+    scale[~(scale > 1e-6)] = 1.0  # constant features (e.g. a ReLU channel that never fires)
+    standardised = (train_features.double() - centre) / scale
+    if task is TaskKind.CLASSIFICATION:
+        targets = torch.from_numpy(train.targets)
+        # Both balancing modes become class weights: a balanced sampler's expected loss is the weighted loss.
+        weight = (None if settings.class_balance is ClassBalance.NONE
+                  else class_weights(train.targets, model.head.out_features))
+    else:
+        targets = (torch.from_numpy(train.targets).double() - float(model.target_mean)) / float(model.target_std)
+        weight = None
+    best = EarlyStopping(patience=len(settings.head_l2), higher_is_better=primary_metric(task)[1])
+    best_head = copy.deepcopy(model.head.state_dict())
+    # Strongest regularisation first: a tie on validation keeps the simpler head.
+    for index, l2 in enumerate(sorted(settings.head_l2, reverse=True), start=1):
+        fit_started = time.perf_counter()
+        head, loss = fit_linear_head(standardised, targets, task, model.head.out_features, l2, weight)
+        with torch.no_grad():
+            folded_weight = head.weight / scale
+            model.head.weight.copy_(folded_weight)
+            model.head.bias.copy_(head.bias - folded_weight @ centre)
+        val_metric = compute_metrics(task, val.targets, outputs_from_features(model, val_features),
+                                     config.data.positive_index)[result.metric_name]
+        seconds = time.perf_counter() - fit_started
+        epoch = EpochResult(index, loss, val_metric, None, seconds, len(train) / seconds,
+                            compute_seconds=seconds, head_l2=l2)
+        result.history.append(epoch)
+        if best.improved(val_metric):
+            result.best_epoch, result.best_metric = index, val_metric
+            best_head = copy.deepcopy(model.head.state_dict())
+        if on_epoch_end:
+            on_epoch_end(epoch)
+    model.head.load_state_dict(best_head)
+    log.info("head: L2 %g kept (val %s %.4f)", result.history[result.best_epoch - 1].head_l2,
+             result.metric_name, result.best_metric)
+    _hand_back(model)
     return result
 
 

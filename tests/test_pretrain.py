@@ -9,10 +9,12 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from configs import ModelConfig, TaskKind, load_pretrain_config
+from configs import ModelConfig, TaskKind, load_config, load_pretrain_config
+from flows.pipeline import train_pipeline
 from flows.pretrain import pretrain_source_model
 from models.resnet import SOURCE_SHA256_TAG, WeightsError, build_model
 from tasks.pretrain import load_source_data
+from tests.conftest import write_config
 
 PNEUMONIA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +79,23 @@ def test_pretrained_source_is_registered_and_a_fine_tune_loads_exactly_its_backb
     with pytest.raises(WeightsError, match="no source model"):
         build_model(ModelConfig(weights=f"mlflow:/{config.registry.model_name}@missing"),
                     TaskKind.CLASSIFICATION, 2, tracking_uri=uri)
+
+
+def test_fine_tune_pipeline_from_the_registered_source_fits_a_head_and_exports(
+        prefect_server, tmp_path, pneumonia_subset, breast_dicom_dir):
+    pretrain_path = pretrain_config(tmp_path, pneumonia_subset)
+    source = pretrain_source_model(str(pretrain_path))
+    source_uri = f"mlflow:/{load_pretrain_config(pretrain_path).registry.model_name}@source"
+    # 40 training images, under auto_full_threshold: `auto` keeps the pretrained backbone frozen.
+    config_path = write_config(tmp_path, breast_dicom_dir, model={"weights": source_uri, "freeze": "auto"})
+    summary = train_pipeline(str(config_path))
+
+    config = load_config(config_path)
+    client = MlflowClient(config.registry.tracking_uri)
+    run = client.get_run(client.get_model_version(config.registry.model_name, summary.registration.version).run_id)
+    assert run.data.params["freeze_strategy_used"] == "head" and run.data.params["cached_features"] == "True"
+    assert run.data.params["weights_sha256"] == source.sha256
+    fits = client.get_metric_history(run.info.run_id, "head_l2")
+    assert sorted(m.value for m in fits) == sorted(config.train.head_l2)
+    assert client.get_metric_history(run.info.run_id, "lr") == []  # L-BFGS: no learning rate to report
+    assert summary.onnx_path.exists()

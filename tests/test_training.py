@@ -9,8 +9,8 @@ import torchvision
 from configs import AugmentConfig, ClassBalance, FreezeStrategy, ModelConfig, PipelineConfig, Precision, TaskKind
 from models.resnet import apply_freeze, build_model
 from tasks.evaluate import compute_metrics, predict
-from tasks.train import (ImageDataset, build_augmentation, class_weights, extract_features, make_loader,
-                         param_groups, train_model)
+from tasks.train import (ImageDataset, build_augmentation, class_weights, extract_features, fit_linear_head,
+                         make_loader, param_groups, train_model)
 from tests.test_train_evaluate import breast_splits, config_for  # noqa: F401  (module fixture)
 
 
@@ -33,9 +33,12 @@ def backbone_state(model) -> dict[str, torch.Tensor]:
 
 
 def test_head_trains_on_cached_features_and_gives_the_same_model(tmp_path, breast_splits, backbone_file):
-    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, epochs=3, patience=5)
+    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, head_l2=[0.01, 1.0, 100.0])
     result = train_model(config, breast_splits["train"], breast_splits["val"])
     assert result.cached_features and result.strategy.value == "head" and result.feature_seconds > 0
+    # One fit per L2 strength, strongest first; the best on validation is the one kept.
+    assert [e.head_l2 for e in result.history] == [100.0, 1.0, 0.01]
+    assert result.best_metric == max(e.val_metric for e in result.history)
     reference, _ = build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)
     for key, value in backbone_state(reference).items():  # backbone, BatchNorm statistics included, untouched
         assert torch.equal(result.model.backbone.state_dict()[key], value), key
@@ -44,6 +47,41 @@ def test_head_trains_on_cached_features_and_gives_the_same_model(tmp_path, breas
     outputs = predict(result.model, breast_splits["val"].images, 16)
     auc = compute_metrics(TaskKind.CLASSIFICATION, breast_splits["val"].targets, outputs)["roc_auc"]
     assert auc == pytest.approx(result.best_metric, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def standardised_features(breast_splits, backbone_file):
+    model, _ = build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)
+    features = extract_features(model, breast_splits["train"].images, 64, torch.device("cpu"),
+                                Precision.FP32, channels_last=False).double()
+    return (features - features.mean(0)) / features.std(0).clamp_min(1e-6)
+
+
+def test_head_fit_reaches_the_logistic_regression_optimum(standardised_features, breast_splits):
+    from sklearn.linear_model import LogisticRegression
+
+    targets = breast_splits["train"].targets
+    l2, n = 0.1, len(targets)
+    head, _ = fit_linear_head(standardised_features, torch.from_numpy(targets), TaskKind.CLASSIFICATION, 2, l2)
+    with torch.no_grad():
+        ours = head(standardised_features).softmax(1)[:, 1].numpy()
+    # Two softmax rows, each penalised, are binary logistic regression with half the L2 strength:
+    # mean loss + l2/4 * ||w||^2, which is sklearn's sum loss + ||w||^2 / (2C) at C = 2 / (l2 * n).
+    reference = LogisticRegression(C=2 / (l2 * n), tol=1e-10, max_iter=10_000).fit(standardised_features, targets)
+    assert np.abs(ours - reference.predict_proba(standardised_features)[:, 1]).max() < 1e-4
+
+
+def test_head_fit_for_ages_is_ridge_regression(standardised_features):
+    from sklearn.linear_model import Ridge
+
+    ages = torch.from_numpy(np.random.default_rng(0).normal(size=len(standardised_features)))  # z-scored
+    l2, n = 0.5, len(ages)
+    head, _ = fit_linear_head(standardised_features, ages, TaskKind.REGRESSION, 1, l2)
+    with torch.no_grad():
+        ours = head(standardised_features).squeeze(-1).numpy()
+    # mean squared error + l2/2 * ||w||^2 is Ridge's sum of squares + alpha * ||w||^2 at alpha = n * l2 / 2.
+    reference = Ridge(alpha=n * l2 / 2).fit(standardised_features, ages)
+    assert np.abs(ours - reference.predict(standardised_features)).max() < 1e-5
 
 
 def test_backbone_learns_at_a_fraction_of_the_head_rate(backbone_file):
