@@ -38,7 +38,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from configs import DataConfig, FreezeStrategy, ModelConfig, PipelineConfig, PreprocessConfig, TaskKind
-from models.resnet import TransferResNet, resolve_freeze
+from models.resnet import build_model, resolve_freeze
 from tasks.evaluate import bootstrap_intervals, compute_metrics, predict
 from tasks.ingest import ingest_dataset
 from tasks.io import sha256_file
@@ -123,7 +123,7 @@ def model_config(weights: str, weights_sha256: str | None, strategy: FreezeStrat
 
 
 def run_config(task: TaskKind, label_names: list[str], model: ModelConfig, epochs: int, grid: Grid,
-               seed: int, workdir: Path) -> PipelineConfig:
+               seed: int, workdir: Path, tracking_uri: str | None = None) -> PipelineConfig:
     """A pipeline config for train_model; data paths are unused here (the splits come in memory)."""
     data = {"root": str(workdir), "manifest": str(workdir), "task": task.value}
     if task is TaskKind.CLASSIFICATION:
@@ -132,7 +132,8 @@ def run_config(task: TaskKind, label_names: list[str], model: ModelConfig, epoch
         "name": "transfer-benchmark", "seed": seed, "output_dir": str(workdir), "data": data,
         "model": model.model_dump(),
         "train": {"epochs": epochs, "batch_size": grid.batch_size, "patience": 4},
-        "registry": {"model_name": "transfer-benchmark"},
+        "registry": {"model_name": "transfer-benchmark",
+                     **({"tracking_uri": tracking_uri} if tracking_uri else {})},
     })
 
 
@@ -160,9 +161,19 @@ def pretrain_source(grid: Grid, workdir: Path) -> tuple[Path, str, dict]:
     return path, sha256_file(path), info
 
 
+def source_model(grid: Grid, workdir: Path, registered: str | None, tracking_uri: str | None) -> tuple[str, str | None, dict]:
+    """The pretrained source: a registered one (`--source mlflow:/<name>@<alias>`, e.g. from
+    flows/pretrain.py), or one trained here by `pretrain_source`. Returns weights, sha256, description."""
+    if registered:
+        _, info = build_model(ModelConfig(weights=registered), TaskKind.CLASSIFICATION, 2, tracking_uri=tracking_uri)
+        return registered, None, {"registered": info.name, "sha256": info.sha256}
+    path, sha, info = pretrain_source(grid, workdir)
+    return str(path), sha, {"file": path.name, "sha256": sha, **info}
+
+
 def run_one(dataset: Dataset, train: SplitData, model: ModelConfig, epochs: int, grid: Grid, seed: int,
-            workdir: Path) -> dict:
-    config = run_config(dataset.task, dataset.label_names, model, epochs, grid, seed, workdir)
+            workdir: Path, tracking_uri: str | None) -> dict:
+    config = run_config(dataset.task, dataset.label_names, model, epochs, grid, seed, workdir, tracking_uri)
     started = time.perf_counter()
     result = train_model(config, train, dataset.val)
     outputs = predict(result.model, dataset.test.images, grid.batch_size, result.device)
@@ -187,11 +198,12 @@ def no_skill_baseline(dataset: Dataset) -> str:
     return f"MAE {np.abs(dataset.test.targets - dataset.train.targets.mean()).mean():.2f} (training mean age)"
 
 
-def run_grid(grid: Grid, datasets: list[str], seeds: range, workdir: Path, rows_csv: Path) -> pd.DataFrame:
+def run_grid(grid: Grid, datasets: list[str], seeds: range, workdir: Path, rows_csv: Path,
+             registered_source: str | None = None, tracking_uri: str | None = None) -> pd.DataFrame:
     """Run the grid; each row is appended to `rows_csv` as it finishes, so a cut-off run keeps its rows."""
     workdir.mkdir(parents=True, exist_ok=True)
-    source, source_sha, source_info = pretrain_source(grid, workdir)
-    weight_choices = {"random init": ("none", None), "PneumoniaMNIST-pretrained": (str(source), source_sha)}
+    source, source_sha, source_info = source_model(grid, workdir, registered_source, tracking_uri)
+    weight_choices = {"random init": ("none", None), "PneumoniaMNIST-pretrained": (source, source_sha)}
     loaders = {"busi": lambda: load_busi(grid.resolution),
                "nih": lambda: load_nih(grid.resolution, workdir / "cache")}
     rows = []
@@ -208,7 +220,8 @@ def run_grid(grid: Grid, datasets: list[str], seeds: range, workdir: Path, rows_
                         used, _ = resolve_freeze(model_config(weights, sha, strategy), len(train), weights != "none")
                         if (weights_label, used) not in done:
                             done[(weights_label, used)] = run_one(dataset, train, model_config(weights, sha, used),
-                                                                  grid.epochs[size], grid, seed, workdir)
+                                                                  grid.epochs[size], grid, seed, workdir,
+                                                                  tracking_uri)
                             fresh = True
                         else:
                             fresh = False
@@ -219,20 +232,20 @@ def run_grid(grid: Grid, datasets: list[str], seeds: range, workdir: Path, rows_
                         pd.DataFrame([row]).to_csv(rows_csv, mode="a", header=not rows_csv.exists(), index=False)
                         print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     frame = pd.DataFrame(rows)
-    frame.attrs["source"] = {"file": source.name, "sha256": source_sha, **source_info}
+    frame.attrs["source"] = source_info
     return frame
 
 
 @torch.inference_mode()
-def linear_probe(grid: Grid, workdir: Path) -> dict[str, float]:
-    """Diagnostic for `head`: test AUC of a logistic regression on standardised frozen source features.
+def linear_probe(grid: Grid, workdir: Path, registered_source: str | None, tracking_uri: str | None) -> dict[str, float]:
+    """Diagnostic for `head`: test AUC of sklearn's logistic regression on standardised frozen source features.
 
-    If this is well above the trained `head` run, the features carry the signal and the
-    head's optimisation (steps, learning rate, feature scale) is what falls short.
+    `head` runs the same kind of fit (tasks.train.fit_linear_head); this is the independent
+    reference it should match on all BUSI training images.
     """
-    source, _, _ = pretrain_source(grid, workdir)
-    model = TransferResNet("resnet18", 2, TaskKind.CLASSIFICATION)
-    model.backbone.load_state_dict(torch.load(source, weights_only=True))
+    weights, sha, _ = source_model(grid, workdir, registered_source, tracking_uri)
+    model, _ = build_model(model_config(weights, sha, FreezeStrategy.HEAD), TaskKind.CLASSIFICATION, 2,
+                           tracking_uri=tracking_uri)
     model.eval()
     busi = load_busi(grid.resolution)
     features = {name: model.backbone(to_model_input(torch.from_numpy(split.images))).numpy()
@@ -293,6 +306,9 @@ def main() -> None:
     parser.add_argument("--report", nargs="+", type=Path, metavar="CSV",
                         help="no training: tables from the row files of earlier (partial) runs")
     parser.add_argument("--probe", action="store_true", help="only the frozen-feature linear probe on BUSI")
+    parser.add_argument("--source", metavar="mlflow:/NAME@ALIAS",
+                        help="a registered source model (flows/pretrain.py) instead of pretraining one here")
+    parser.add_argument("--tracking-uri", help="the MLflow store that holds --source")
     args = parser.parse_args()
     if args.report:
         frame = pd.concat([pd.read_csv(path, dtype={"size": str}) for path in args.report], ignore_index=True)
@@ -309,14 +325,15 @@ def main() -> None:
         raise SystemExit(f"benchmark data not found: {', '.join(map(str, missing))}")
     if args.probe:
         print(f"machine: {machine()}\nlinear probe, {grid.resolution} px, all BUSI training images: "
-              f"{linear_probe(grid, args.workdir / f'{grid.resolution}px')}")
+              f"{linear_probe(grid, args.workdir / f'{grid.resolution}px', args.source, args.tracking_uri)}")
         return
     OUT.mkdir(parents=True, exist_ok=True)
     rows_csv = OUT / f"transfer_{grid.resolution}px_{time.strftime('%Y%m%dT%H%M%S')}.csv"
     print(f"machine: {machine()}\ngrid: {grid}\nrows: {rows_csv}", flush=True)
     started = time.perf_counter()
     seeds = range(args.first_seed, args.first_seed + grid.seeds)
-    frame = run_grid(grid, args.datasets, seeds, args.workdir / f"{grid.resolution}px", rows_csv)
+    frame = run_grid(grid, args.datasets, seeds, args.workdir / f"{grid.resolution}px", rows_csv,
+                     args.source, args.tracking_uri)
     total = time.perf_counter() - started
     text = report(frame, f"machine: {machine()}\ngrid: {grid}, seeds {list(seeds)}\n"
                          f"source model: {frame.attrs['source']}\ntotal wall time: {total / 60:.1f} min")

@@ -123,7 +123,8 @@ class ModelConfig(Strict):
     weights_sha256: str | None = None  # checked when `weights` is a file or an MLflow source model
     freeze: FreezeStrategy = FreezeStrategy.AUTO
     frozen_stages: Annotated[int, Field(ge=0, le=4)] = 2  # for `partial`
-    auto_full_threshold: Annotated[int, Field(gt=0)] = 1000  # training images
+    # `full` beat `head` from 50 images up on both benchmark datasets (benchmarks/RESULTS.md, issue 4 run 2)
+    auto_full_threshold: Annotated[int, Field(gt=0)] = 50  # training images
 
     @model_validator(mode="after")
     def _sha_needs_file(self) -> "ModelConfig":
