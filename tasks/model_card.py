@@ -64,6 +64,13 @@ def limits(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation,
     return [f"- {item}" for item in items]
 
 
+def _best_step(trained: TrainResult) -> str:
+    """Which epoch, or for `head` which L2 fit, gave the kept weights."""
+    if trained.cached_features and trained.history:
+        return f"linear head fitted on cached features, L2 {trained.history[trained.best_epoch - 1].head_l2:g}"
+    return f"best epoch {trained.best_epoch}"
+
+
 def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, context: CardContext) -> str:
     """The card, as markdown."""
     data, manifest = config.data, context.manifest
@@ -78,7 +85,7 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
         "## Model", "",
         f"- {config.model.arch}, {data.task.value}; output: {output}.",
         f"- Backbone weights: {trained.weights.describe()}.",
-        f"- Strategy: `{trained.strategy.value}` ({trained.strategy_reason}); best epoch {trained.best_epoch}, "
+        f"- Strategy: `{trained.strategy.value}` ({trained.strategy_reason}); {_best_step(trained)}, "
         f"validation {trained.metric_name} {trained.best_metric:.4f}; trained on {trained.device}.",
         f"- Input: one grey image; short side to {config.preprocess.resize}, centre crop {config.preprocess.crop}, "
         "repeated to 3 channels with ImageNet mean/std normalisation.",

@@ -251,7 +251,8 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
     With `checkpoint_dir`, each epoch ends with an atomic checkpoint (model, optimizer,
     scheduler, early stopping, RNG and data-order state); a later call with the same
     config and data resumes from it (`train.resume`) and ends with the same weights as
-    an uninterrupted run. The checkpoint is removed once training finishes.
+    an uninterrupted run. The checkpoint is removed once training finishes. (`head` fits
+    take seconds and are not checkpointed.)
     """
     seed_everything(config.seed)
     task, settings = config.data.task, config.train

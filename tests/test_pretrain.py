@@ -99,3 +99,5 @@ def test_fine_tune_pipeline_from_the_registered_source_fits_a_head_and_exports(
     assert sorted(m.value for m in fits) == sorted(config.train.head_l2)
     assert client.get_metric_history(run.info.run_id, "lr") == []  # L-BFGS: no learning rate to report
     assert summary.onnx_path.exists()
+    best_l2 = next(m.value for m in fits if m.step == run.data.metrics["best_epoch"])
+    assert f"linear head fitted on cached features, L2 {best_l2:g}" in (summary.run_dir / "model_card.md").read_text()
