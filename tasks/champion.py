@@ -3,7 +3,9 @@
 The registered file is self-contained (grey image of any size in, preprocessing inside
 the graph), but a batch of such inputs must share one height and width, and real
 traffic (DICOMs of many sizes) would then run one image per call. So the served model
-is the network inside that file (`tasks.export.network_graph`), fed by the project's
+is the network inside that file (`tasks.export.network_graph`; taken from the file
+itself rather than from model_normalised.onnx so that the int8 and fp16 variants work
+the same way and the sha256-checked file is the one served), fed by the project's
 own `resize_and_crop`, the code training and evaluation used: every image becomes the
 same normalised crop, images of any sizes share a batch, and each answer is the one
 the parity gate compared with PyTorch (normalised graph, tolerance 1e-4).
