@@ -8,7 +8,7 @@ itself rather than from model_normalised.onnx so that the int8 and fp16 variants
 the same way and the sha256-checked file is the one served), fed by the project's
 own `resize_and_crop`, the code training and evaluation used: every image becomes the
 same normalised crop, images of any sizes share a batch, and each answer is the one
-the parity gate compared with PyTorch (normalised graph, tolerance 1e-4).
+the parity gate compared with PyTorch (normalised graph, export.max_abs_diff).
 """
 
 from __future__ import annotations
