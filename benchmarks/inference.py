@@ -1,7 +1,7 @@
 """Inference speed: PyTorch vs ONNX Runtime per image and per batch, and the service under load.
 
 Run (one benchmark at a time on shared machines):
-    flock /tmp/medxfer-bench.lock python -m benchmarks.inference [--load-seconds 30]
+    flock /tmp/medxfer-bench.lock python -m benchmarks.inference [--load-seconds 30] [--soak-seconds 120]
 
 Part 1 times one forward pass of a ResNet-18 classifier at batch 1, 8 and 32 for
 every path this machine has: PyTorch eager (the baseline, same run), ONNX Runtime
@@ -13,14 +13,19 @@ through the project's preprocessing.
 
 Part 2 starts the real service (python -m serve) on 127.0.0.1 with that model
 as champion in a temporary MLflow store, drives it with a bounded asyncio load
-generator at 1, 8 and 32 concurrent clients posting a real DICOM file, and
-reports requests/s, p50/p99 latency, errors and the server's RSS over the run.
+generator at 1, 8 and 32 concurrent clients posting real images of seven sizes
+(pydicom-data DICOMs from 64x64 MR to a 1955x1841 CR, and a BreastMNIST PNG), and
+reports requests/s, p50/p99 latency, errors, how many images shared a network call,
+and the server's RSS sampled every second, averaged over each 30 s of a level: a
+single sample swings by +-150 MiB with the batches in flight, so a plateau or a
+steady climb shows in the window means, not in first vs last.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import platform
 import socket
@@ -38,12 +43,14 @@ import onnx
 import onnxruntime as ort
 import torch
 import yaml
+from PIL import Image
 from pydicom.data import get_testdata_file
 
 from configs import ModelConfig, PipelineConfig, TaskKind
 from models.resnet import build_model
+from sample_data.breastmnist import BUNDLED_NPZ
 from tasks.export import (CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME, TRT_PROVIDER, ServingHead, export_onnx,
-                          export_self_contained, gpu_available)
+                          export_self_contained, gpu_available, serving_metadata)
 from tasks.preprocess import load_grey, resize_and_crop, to_model_input
 from tasks.register import register_model, tracking_run
 from tasks.variants import half_precision, quantise_network
@@ -109,7 +116,10 @@ def gpu_capacity_images_per_s() -> float:
 def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torch.nn.Module]:
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
-    metadata = {"task": "classification", "label_names": '["benign", "malignant"]', "positive_index": "1"}
+    metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
+                                positive_index=1, operating_threshold=None, resize=256, crop=224, metrics={},
+                                training_data="none", weights_name="none", weights_sha256="none",
+                                model_name="bench")
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, work / "model_normalised.onnx", 224, 18, metadata)
     full = export_self_contained(normalised, work / "model.onnx", 256, 224, metadata)
     int8 = quantise_network(normalised, work / "model_int8_normalised.onnx")
@@ -207,20 +217,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def drive(url: str, body: bytes, clients: int, seconds: float, pid: int) -> dict:
-    """`clients` concurrent loops posting `body` for `seconds` (a closed, bounded load)."""
+# Real images of seven sizes, as clients would send them: pydicom-data DICOMs (MR, CT,
+# JPEG 2000 ultrasound and MR, a tall strip, a full-size CR) and a BreastMNIST PNG.
+LOAD_DICOMS = ("MR_small.dcm", "CT_small.dcm", "US1_J2KR.dcm", "JPEG2000.dcm", "MR2_J2KR.dcm", "RG1_UNCR.dcm")
+RSS_WINDOW_S = 30  # the server's RSS is reported as the mean of each window of this many seconds
+
+
+def load_bodies() -> list[tuple[bytes, str]]:
+    png = io.BytesIO()
+    Image.fromarray(np.load(BUNDLED_NPZ)["test_images"][0]).save(png, "PNG")
+    return ([(Path(get_testdata_file(name)).read_bytes(), "application/dicom") for name in LOAD_DICOMS]
+            + [(png.getvalue(), "image/png")])
+
+
+async def drive(url: str, bodies: list[tuple[bytes, str]], clients: int, seconds: float, pid: int) -> dict:
+    """`clients` concurrent loops for `seconds` (a closed, bounded load), each cycling
+    through `bodies` from its own starting point so that concurrent requests differ in size."""
     latencies: list[float] = []
     errors = 0
-    rss: list[float] = []
+    rss: list[float] = []  # one sample per second from the start
     stop_at = time.perf_counter() + seconds
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient, first: int) -> None:
         nonlocal errors
+        sent = first
         while time.perf_counter() < stop_at:
+            body, content_type = bodies[sent % len(bodies)]
+            sent += 1
             t0 = time.perf_counter()
             try:
                 response = await http.post(f"{url}/v1/predict", content=body,
-                                           headers={"Content-Type": "application/dicom"})
+                                           headers={"Content-Type": content_type})
                 ok = response.status_code == 200
             except httpx.HTTPError:
                 ok = False
@@ -231,32 +258,44 @@ async def drive(url: str, body: bytes, clients: int, seconds: float, pid: int) -
         while time.perf_counter() < stop_at:
             rss.append(rss_mib(pid))
             await asyncio.sleep(1.0)
+        rss.append(rss_mib(pid))
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         started = time.perf_counter()
-        await asyncio.gather(sample_memory(), *(client(http) for _ in range(clients)))
+        await asyncio.gather(sample_memory(), *(client(http, i) for i in range(clients)))
         elapsed = time.perf_counter() - started
     lat = np.array(latencies) * 1000
-    return {"clients": clients, "requests": len(latencies), "errors": errors, "rps": len(latencies) / elapsed,
-            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-            "rss_first": rss[0], "rss_last": rss[-1], "rss_max": max(rss)}
+    windows = [float(np.mean(rss[start:start + RSS_WINDOW_S])) for start in range(0, len(rss) - 1, RSS_WINDOW_S)]
+    return {"clients": clients, "seconds": seconds, "requests": len(latencies), "errors": errors,
+            "rps": len(latencies) / elapsed, "p50": float(np.percentile(lat, 50)),
+            "p99": float(np.percentile(lat, 99)), "rss_first": rss[0], "rss_windows": windows,
+            "rss_last": rss[-1], "rss_max": max(rss)}
 
 
-def load_benchmarks(work: Path, onnx_path: Path, model: torch.nn.Module, seconds: float) -> list[str]:
+def load_benchmarks(work: Path, onnx_path: Path, model: torch.nn.Module,
+                    levels: list[tuple[int, float]]) -> list[str]:
+    """The service under each (clients, seconds) level in turn, one server process throughout."""
     process, url = start_service(work, onnx_path, model)
-    body = Path(get_testdata_file("CT_small.dcm")).read_bytes()
-    lines = ["| clients | requests | errors | requests/s | p50 ms | p99 ms | server RSS first / last / max MiB |",
-             "|---|---|---|---|---|---|---|"]
+    bodies = load_bodies()
+    lines = ["| clients | seconds | requests | errors | requests/s | p50 ms | p99 ms | images per network call "
+             "| server RSS MiB: first sample; mean of each 30 s; last sample; max |",
+             "|---|---|---|---|---|---|---|---|---|"]
     try:
-        asyncio.run(drive(url, body, 1, 3, process.pid))  # warm-up, not reported
-        for clients in (1, 8, 32):
-            r = asyncio.run(drive(url, body, clients, seconds, process.pid))
-            lines.append(f"| {clients} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['p50']:.0f} | "
-                         f"{r['p99']:.0f} | {r['rss_first']:.0f} / {r['rss_last']:.0f} / {r['rss_max']:.0f} |")
+        asyncio.run(drive(url, bodies, 1, 3, process.pid))  # warm-up, not reported
+        for clients, seconds in levels:
+            before = httpx.get(f"{url}/readyz").json()
+            r = asyncio.run(drive(url, bodies, clients, seconds, process.pid))
+            after = httpx.get(f"{url}/readyz").json()
+            calls = after["network_calls"] - before["network_calls"]
+            per_call = r["requests"] / calls if calls else float("nan")
+            windows = ", ".join(f"{v:.0f}" for v in r["rss_windows"])
+            lines.append(f"| {clients} | {seconds:.0f} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | "
+                         f"{r['p50']:.0f} | {r['p99']:.0f} | {per_call:.2f} | {r['rss_first']:.0f}; {windows}; "
+                         f"{r['rss_last']:.0f}; {r['rss_max']:.0f} |")
         ready = httpx.get(f"{url}/readyz").json()
-        lines.append(f"\nProvider {ready['model']['provider']}; {ready['batches']} model batches, "
-                     f"mean batch size {ready['mean_batch_size']}.")
+        lines.append(f"\nProvider {ready['model']['provider']}; over the whole run {ready['batches']} batches, "
+                     f"{ready['network_calls']} network calls, mean batch size {ready['mean_batch_size']}.")
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -266,8 +305,9 @@ def load_benchmarks(work: Path, onnx_path: Path, model: torch.nn.Module, seconds
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-seconds", type=float, default=4.0, help="timing budget per path and batch")
-    parser.add_argument("--load-seconds", type=float, default=30.0,
-                        help="seconds per concurrency level (3 levels; the whole load run stays under 2 min)")
+    parser.add_argument("--load-seconds", type=float, default=30.0, help="seconds at 1 and at 8 clients")
+    parser.add_argument("--soak-seconds", type=float, default=120.0,
+                        help="seconds at 32 clients: the issue's 2-minute run for memory growth")
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args()
     print(f"Machine: {machine()}\n")
@@ -276,8 +316,9 @@ def main() -> None:
         lines, full, model = model_benchmarks(work, args.budget_seconds)
         print("\n".join(lines), flush=True)
         if not args.skip_load:
-            print("\nService under load (python -m serve on 127.0.0.1, CT_small.dcm bodies):\n")
-            print("\n".join(load_benchmarks(work, full, model, min(args.load_seconds, 40.0))))
+            print("\nService under load (python -m serve on 127.0.0.1, real images of seven sizes):\n")
+            levels = [(1, args.load_seconds), (8, args.load_seconds), (32, args.soak_seconds)]
+            print("\n".join(load_benchmarks(work, full, model, levels)))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def create_app(settings: Settings) -> FastAPI:
         body = {"ready": model is not None, "model": model.describe() if model else None,
                 "load_error": service.load_error, "reloads": service.reloads,
                 "batches": service.batcher.stats.batches,
-                "mean_batch_size": round(service.batcher.stats.mean_batch, 2)}
+                "mean_batch_size": round(service.batcher.stats.mean_batch, 2),
+                "network_calls": model.network_calls if model else 0}
         return JSONResponse(body, status_code=200 if model is not None else 503)
 
     @app.post("/v1/predict")

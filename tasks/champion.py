@@ -1,4 +1,15 @@
-"""The registry's champion ONNX model: fetch it, open it, and turn its outputs into answers."""
+"""The registry's champion ONNX model: fetch it, open it, and turn its outputs into answers.
+
+The registered file is self-contained (grey image of any size in, preprocessing inside
+the graph), but a batch of such inputs must share one height and width, and real
+traffic (DICOMs of many sizes) would then run one image per call. So the served model
+is the network inside that file (`tasks.export.network_graph`; taken from the file
+itself rather than from model_normalised.onnx so that the int8 and fp16 variants work
+the same way and the sha256-checked file is the one served), fed by the project's
+own `resize_and_crop`, the code training and evaluation used: every image becomes the
+same normalised crop, images of any sizes share a batch, and each answer is the one
+the parity gate compared with PyTorch (normalised graph, export.max_abs_diff).
+"""
 
 from __future__ import annotations
 
@@ -11,11 +22,14 @@ from typing import Sequence
 
 import mlflow
 import numpy as np
+import onnx
+import torch
 from mlflow import MlflowClient
 
 from configs import TaskKind
-from tasks.export import DEFAULT_THRESHOLD, decisions, open_session, run_self_contained
+from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, decisions, network_graph, open_session
 from tasks.io import sha256_file
+from tasks.preprocess import resize_and_crop, to_model_input
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)
@@ -59,7 +73,13 @@ class ServedModel:
     variant: str
     path: Path
     metadata: dict[str, str]
-    session: object  # onnxruntime.InferenceSession
+    session: object  # onnxruntime.InferenceSession on the network graph (input `image`)
+    # Dynamic int8 quantisation scales activations by the range of the whole input
+    # tensor, so an image's answer would depend on the other requests in its batch
+    # (4e-3 in probability for a random-weights ResNet-18, measured): such a network
+    # runs one image per call.
+    per_image: bool
+    network_calls: int = 0  # session runs so far: how many images shared a call shows here
 
     @property
     def provider(self) -> str:
@@ -78,8 +98,16 @@ class ServedModel:
                 "provider": self.provider}
 
     def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
-        """Answers for decoded grey images (float [0, 1], any sizes), in order."""
-        outputs = run_self_contained(self.session, greys)
+        """Answers for decoded grey images (float [0, 1], any sizes), in order: each is
+        resized and cropped as in evaluation, then all run in one network call (one call
+        per image for a per_image network)."""
+        spec = json.loads(self.metadata["preprocess"])
+        crops = np.stack([resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"])
+                          for grey in greys])
+        images = to_model_input(torch.from_numpy(crops)).numpy()
+        batches = [image[None] for image in images] if self.per_image else [images]
+        outputs = np.concatenate([self.session.run(None, {INPUT_NAME: batch})[0] for batch in batches])
+        self.network_calls += len(batches)
         if self.task is TaskKind.REGRESSION:
             return [Prediction.regression(age) for age in outputs.reshape(-1)]
         labels = json.loads(self.metadata["label_names"])
@@ -110,8 +138,16 @@ def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path
                                                     tracking_uri=tracking_uri))
     if variant == FP32 and tags.get("onnx_sha256") and sha256_file(path) != tags["onnx_sha256"]:
         raise ModelUnavailable(f"{name} v{version}: ONNX file does not match its registered sha256")
-    session = open_session(path)
-    metadata = dict(session.get_modelmeta().custom_metadata_map)
-    model = ServedModel(name, version, variant, path, metadata, session)
+    model = open_served_model(name, version, variant, path)
     log.info("loaded %s v%s (%s) on %s", name, version, variant, model.provider)
     return model
+
+
+def open_served_model(name: str, version: str, variant: str, path: Path) -> ServedModel:
+    """The network inside the self-contained ONNX file at `path`, open in a session,
+    with the file's metadata (the extracted graph carries none)."""
+    proto = onnx.load(path)
+    network = network_graph(proto)
+    per_image = any(node.op_type == "DynamicQuantizeLinear" for node in network.graph.node)
+    metadata = {prop.key: prop.value for prop in proto.metadata_props}
+    return ServedModel(name, version, variant, path, metadata, open_session(network), per_image)

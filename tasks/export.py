@@ -154,6 +154,13 @@ def export_self_contained(normalised: Path, path: Path, resize: int, crop: int,
     return Path(path)
 
 
+def network_graph(self_contained: onnx.ModelProto) -> onnx.ModelProto:
+    """The network inside a self-contained graph (fp32, int8 or fp16), without the
+    preprocessing in front: input `image`, the normalised crop, as in the normalised graph."""
+    output = self_contained.graph.output[0].name
+    return onnx.utils.Extractor(self_contained).extract_model([INPUT_NAME], [output])
+
+
 def _save_checked(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> None:
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, metadata)
@@ -234,8 +241,10 @@ def choose_providers() -> list[str]:
     return [p for p in wanted if p in available] + [CPU_PROVIDER]
 
 
-def open_session(path: Path, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=list(providers or choose_providers()))
+def open_session(model: Path | onnx.ModelProto, providers: Sequence[str] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session on a file or an in-memory graph."""
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, providers=list(providers or choose_providers()))
 
 
 def parity_providers() -> list[list[str]]:

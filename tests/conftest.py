@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import mlflow
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import yaml
@@ -13,10 +16,12 @@ from prefect.testing.utilities import prefect_test_harness
 from configs import ModelConfig, PipelineConfig, TaskKind, load_config
 from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
-from tasks.export import NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
+from tasks.export import INPUT_NAME, NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
+from tasks.preprocess import resize_and_crop, to_model_input
 from tasks.register import Registration, register_model, tracking_run
 
 REPO = Path(__file__).resolve().parents[1]
+RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +84,20 @@ def champion_registry(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
-                                positive_index=1, operating_threshold=None, resize=256, crop=224,
+                                positive_index=1, operating_threshold=None, resize=RESIZE, crop=CROP,
                                 metrics={"roc_auc": 0.7}, training_data="0" * 64, weights_name="none",
                                 weights_sha256="none", model_name="serve-test")
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata)
-    full = export_self_contained(normalised, tmp_path / "model.onnx", 256, 224, metadata)
+    full = export_self_contained(normalised, tmp_path / "model.onnx", RESIZE, CROP, metadata)
     register_version(config, model, full, auc=0.70)
     return config, model, full
+
+
+def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarray:
+    """What evaluation gives for decoded images, one at a time: tasks.preprocess's
+    resize_and_crop, then the normalised graph exported beside `onnx_path` (the graph the
+    parity gate compares with PyTorch)."""
+    session = ort.InferenceSession(str(onnx_path.parent / NORMALISED_FILE), providers=["CPUExecutionProvider"])
+    crops = [resize_and_crop(grey, RESIZE, CROP) for grey in greys]
+    return np.concatenate([session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crop)).numpy()})[0]
+                           for crop in crops])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 
-import onnxruntime as ort
 import pandas as pd
 import pydicom
 import pytest
@@ -14,8 +13,8 @@ from prefect import get_client
 from pydicom.data import get_testdata_file
 
 from flows.score import score_studies
-from tasks.export import GREY_INPUT_NAME
 from tasks.preprocess import load_grey
+from tests.conftest import evaluated_outputs
 
 GOOD = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "US1_J2KR.dcm")
 PATIENT_FOLDER = "DOE^JANE 1960-01-01"  # folder names often carry patient data
@@ -54,11 +53,10 @@ def test_scoring_flow_writes_scores_rejects_and_a_summary(prefect_server, champi
     for text in (summary.scores_csv.read_text(), summary.rejects_csv.read_text()):
         assert "DOE" not in text and ".dcm" not in text
 
-    # Each score is the champion ONNX model's output for that file.
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    # Each score is the champion's evaluated output for that file.
     for name in GOOD:
         path = studies / PATIENT_FOLDER / name
-        expected = session.run(None, {GREY_INPUT_NAME: load_grey(path)[0][None, None]})[0][0, 1]
+        expected = evaluated_outputs(onnx_path, [load_grey(path)[0]])[0, 1]
         row = scores[scores["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()]
         assert row["p_malignant"].item() == pytest.approx(expected, abs=1e-6)
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pydicom
 import pytest
 from PIL import Image
@@ -21,11 +19,14 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
 from configs import ServeConfig
-from serve.app import API_KEY_HEADER, Settings, create_app
+from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
+from serve.app import API_KEY_HEADER, REQUEST_NAME, Settings, create_app
 from serve.batching import MicroBatcher
-from tasks.export import GREY_INPUT_NAME
+from tasks.champion import open_served_model
+from tasks.export import NORMALISED_FILE, read_metadata
 from tasks.preprocess import load_grey
-from tests.conftest import register_version
+from tasks.variants import quantise_int8
+from tests.conftest import CROP, RESIZE, evaluated_outputs, register_version
 from tests.live_server import LiveServer
 
 API_KEY = "test-key-not-a-secret"
@@ -83,10 +84,8 @@ def test_real_dicom_gets_the_models_own_prediction(service, champion_registry, n
     response = post(server, dicom_bytes(name))
     assert response.status_code == 200, response.text
     body = response.json()
-    # The same file through tasks.preprocess.load_grey and the same ONNX file, locally.
-    session = ort.InferenceSession(str(champion_registry[2]), providers=["CPUExecutionProvider"])
-    grey = load_grey(get_testdata_file(name))[0]
-    expected = session.run(None, {GREY_INPUT_NAME: grey[None, None]})[0][0]
+    # The same file decoded and preprocessed as in evaluation, through the normalised graph.
+    expected = evaluated_outputs(champion_registry[2], [load_grey(get_testdata_file(name))[0]])[0]
     assert body["probabilities"] == pytest.approx({"benign": expected[0], "malignant": expected[1]}, abs=1e-6)
     assert body["label"] == ("malignant" if expected[1] >= 0.5 else "benign")
     assert body["threshold"] == 0.5 and body["positive_label"] == "malignant"
@@ -151,16 +150,76 @@ def test_bad_input_gets_a_clear_4xx(service, tmp_path):
     assert httpx.get(f"{server.url}/healthz").status_code == 200  # still up
 
 
-def test_concurrent_requests_share_batches(service):
-    server, _ = service
+def breastmnist_bodies() -> list[tuple[bytes, str]]:
+    """Two real BreastMNIST test images (28x28 ultrasound): one as PNG, one as DICOM."""
+    pixels = np.load(BUNDLED_NPZ)["test_images"][:2]
+    png = io.BytesIO()
+    Image.fromarray(pixels[0]).save(png, "PNG")
+    dicom = io.BytesIO()
+    ultrasound_dicom(pixels[1], 1).save_as(dicom, enforce_file_format=True)
+    return [(png.getvalue(), "image/png"), (dicom.getvalue(), "application/dicom")]
+
+
+# Real images of 7 different sizes, from 28x28 to 1955x1841 (CR).
+MIXED_DICOMS = ("MR_small.dcm", "CT_small.dcm", "US1_J2KR.dcm", "JPEG2000.dcm", "MR2_J2KR.dcm", "RG1_UNCR.dcm")
+
+
+@pytest.fixture
+def wide_window_service(champion_registry):
+    """The service with a 500 ms batch window, so that concurrent requests meet in a batch
+    however long their bodies take to decode on a busy machine."""
+    config, _, _ = champion_registry
+    settings = Settings(config.registry.tracking_uri, config.registry.model_name,
+                        ServeConfig(max_body_bytes=BODY_LIMIT, batch_window_ms=500, max_batch=16), api_key=None)
+    server = LiveServer(create_app(settings))
+    yield server
+    server.stop()
+
+
+def test_images_of_different_sizes_share_batches_and_keep_their_answers(wide_window_service):
+    server = wide_window_service
+    bodies = [(dicom_bytes(name), "application/dicom") for name in MIXED_DICOMS] + breastmnist_bodies()
+    sizes = {load_grey(REQUEST_NAME, data=body)[0].shape for body, _ in bodies}
+    assert len(sizes) == 7
+
+    def send(body_and_type: tuple[bytes, str]) -> dict:
+        body, content_type = body_and_type
+        response = post(server, body, {"Content-Type": content_type})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    singles = [send(body) for body in bodies]  # one at a time: each runs in a batch of its own
     before = httpx.get(f"{server.url}/readyz").json()
-    data = dicom_bytes("CT_small.dcm")
-    with ThreadPoolExecutor(16) as pool:
-        responses = list(pool.map(lambda _: post(server, data), range(32)))
-    assert all(r.status_code == 200 for r in responses)
-    assert len({json.dumps(r.json(), sort_keys=True) for r in responses}) == 1  # same image, same answer
+    with ThreadPoolExecutor(2 * len(bodies)) as pool:
+        answers = list(pool.map(send, bodies * 2))  # every image twice, all at once
     after = httpx.get(f"{server.url}/readyz").json()
-    assert after["batches"] - before["batches"] < 32  # some requests were run together
+
+    # Fewer network calls than distinct sizes: some call held images of different sizes,
+    # which running each size apart could not do.
+    calls = after["network_calls"] - before["network_calls"]
+    assert calls < len(sizes)
+    assert after["batches"] - before["batches"] == calls
+    # Each concurrent answer is the image's single-request answer; 1e-6 leaves room for
+    # float32 sums that ONNX Runtime may block differently for another batch size.
+    for answer, single in zip(answers, singles * 2):
+        assert answer["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+        assert {k: v for k, v in answer.items() if k not in ("probabilities", "positive_probability")} == \
+               {k: v for k, v in single.items() if k not in ("probabilities", "positive_probability")}
+
+
+def test_int8_answers_do_not_depend_on_the_batch(champion_registry, tmp_path):
+    """Dynamic int8 quantisation scales activations over the whole input tensor: served
+    batched, an image's probabilities would change with its batch-mates."""
+    _, _, full = champion_registry
+    int8 = quantise_int8(full.parent / NORMALISED_FILE, tmp_path / "model_int8.onnx", RESIZE, CROP,
+                         read_metadata(full))
+    model = open_served_model("serve-test", "1", "int8", int8)
+    assert model.per_image
+    greys = [load_grey(get_testdata_file(name))[0] for name in MIXED_DICOMS]
+    together = model.predict(greys)
+    assert model.network_calls == len(greys)
+    alone = [model.predict([grey])[0] for grey in greys]
+    assert [p.body for p in together] == [p.body for p in alone]
 
 
 def test_micro_batcher_runs_waiting_items_together():
