@@ -67,6 +67,8 @@ class Grid:
     pretrain_epochs: int
     batch_size: int
     bootstrap_samples: int
+    precision: str = "fp32"  # train.precision; bf16 is ~3x faster on CPUs with native bf16
+    channels_last: bool = False
 
 
 REDUCED = Grid(resolution=64, seeds=2, sizes=(50, 200, ALL), epochs={50: 10, 200: 6, ALL: 4},
@@ -131,7 +133,8 @@ def run_config(task: TaskKind, label_names: list[str], model: ModelConfig, epoch
     return PipelineConfig.model_validate({
         "name": "transfer-benchmark", "seed": seed, "output_dir": str(workdir), "data": data,
         "model": model.model_dump(),
-        "train": {"epochs": epochs, "batch_size": grid.batch_size, "patience": 4},
+        "train": {"epochs": epochs, "batch_size": grid.batch_size, "patience": 4, "precision": grid.precision,
+                  "channels_last": grid.channels_last},
         "registry": {"model_name": "transfer-benchmark",
                      **({"tracking_uri": tracking_uri} if tracking_uri else {})},
     })
@@ -309,6 +312,9 @@ def main() -> None:
     parser.add_argument("--source", metavar="mlflow:/NAME@ALIAS",
                         help="a registered source model (flows/pretrain.py) instead of pretraining one here")
     parser.add_argument("--tracking-uri", help="the MLflow store that holds --source")
+    parser.add_argument("--resolution", type=int, help="override the grid's image size (px)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="override train.precision")
+    parser.add_argument("--channels-last", action="store_true", help="train.channels_last")
     args = parser.parse_args()
     if args.report:
         frame = pd.concat([pd.read_csv(path, dtype={"size": str}) for path in args.report], ignore_index=True)
@@ -318,8 +324,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     grid = FULL if args.full else REDUCED
-    if args.seeds:
-        grid = Grid(**{**asdict(grid), "seeds": args.seeds})
+    overrides = {"seeds": args.seeds, "resolution": args.resolution, "precision": args.precision,
+                 "channels_last": args.channels_last or None}
+    grid = Grid(**{**asdict(grid), **{k: v for k, v in overrides.items() if v is not None}})
     missing = [p for p in (BUSI, PNEUMONIA, NIH) if not p.exists()]
     if missing:
         raise SystemExit(f"benchmark data not found: {', '.join(map(str, missing))}")
