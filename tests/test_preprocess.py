@@ -340,7 +340,7 @@ def test_resize_and_crop_short_side_then_centre():
 
 
 def _entries(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.rglob("*.npz"))
+    return sorted(cache_dir.rglob(f"*{pp.CACHE_SUFFIX}"))
 
 
 def test_cache_hit_does_not_decode(tmp_path, config, monkeypatch):
@@ -388,9 +388,8 @@ def test_stale_tmp_file_is_never_read(config):
     entry.parent.mkdir(parents=True)
     # What a killed writer leaves: a complete-looking but wrong .tmp, and a
     # half-written one.
-    with open(entry.parent / f"{entry.name}.abc123.tmp", "wb") as f:
-        np.savez(f, image=np.zeros((224, 224), np.uint8), provenance=np.array(["bogus"]))
-    (entry.parent / f"{entry.name}.def456.tmp").write_bytes(b"PK\x03\x04partial")
+    pp._write_entry(entry.parent / f"{entry.name}.abc123.tmp", np.zeros((224, 224), np.uint8), ["bogus"])
+    (entry.parent / f"{entry.name}.def456.tmp").write_bytes(pp._CACHE_MAGIC + b'{"shape": [224')
     image, _, provenance, _ = preprocess_file(src, config)
     np.testing.assert_array_equal(image, expected)
     assert "bogus" not in provenance
@@ -400,11 +399,12 @@ def test_stale_tmp_file_is_never_read(config):
 def test_killed_write_leaves_no_entry(config, monkeypatch):
     src = data_file("CT_small.dcm")
 
-    def dies_mid_write(file, **arrays):
-        file.write(b"PK\x03\x04half an entry")
+    def dies_mid_write(path, data):
+        with open(path, "wb") as handle:
+            handle.write(data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pp.np, "savez", dies_mid_write)
+    monkeypatch.setattr(Path, "write_bytes", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
         preprocess_file(src, config)
     monkeypatch.undo()
@@ -421,7 +421,7 @@ def test_unreadable_cache_entry_is_rebuilt(config):
     entry.write_bytes(entry.read_bytes()[:50])
     again, _, _, _ = preprocess_file(src, config)
     np.testing.assert_array_equal(again, image)
-    assert np.load(entry)["image"].shape == (224, 224)
+    assert pp._read_entry(entry, 224)[0].shape == (224, 224)
 
 
 # ---------------------------------------------------------------- model input
