@@ -19,9 +19,11 @@ import multiprocessing
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
@@ -707,16 +709,9 @@ def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
     small file (about 50 KB) and decodes nothing.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:  # permissions, a symlink loop, a vanished file, disk errors
-        raise UnreadableImage(f"cannot read the file: {exc.strerror or exc}", path) from exc
-    key = _cache_key(hashlib.sha256(data).hexdigest(), config)
-    entry = _cache_path(config.cache_dir, key)
-    cached = _read_entry(entry, config.crop)
-    if cached is not None:
-        return Preprocessed(cached[0], key, cached[1], cache_hit=True)
-
+    data, key, hit = _probe_cache(path, config)
+    if hit is not None:
+        return hit
     grey, provenance = load_grey(path, data=data, frames=config.frames, voi_window=config.voi_window,
                                  min_short_side=REDUCED_DECODE_MARGIN * config.resize)
     image = resize_and_crop(grey, config.resize, config.crop)
@@ -725,8 +720,19 @@ def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
         f"crop:centre({config.crop})",
         "quantize:uint8",
     ]
-    _write_entry(entry, image, provenance)
+    _write_entry(_cache_path(config.cache_dir, key), image, provenance)
     return Preprocessed(image, key, provenance, cache_hit=False)
+
+
+def _probe_cache(path: Path, config: PreprocessConfig) -> tuple[bytes, str, Preprocessed | None]:
+    """The file's bytes, its cache key, and its cached result when there is one."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, a symlink loop, a vanished file, disk errors
+        raise UnreadableImage(f"cannot read the file: {exc.strerror or exc}", path) from exc
+    key = _cache_key(hashlib.sha256(data).hexdigest(), config)
+    cached = _read_entry(_cache_path(config.cache_dir, key), config.crop)
+    return data, key, None if cached is None else Preprocessed(cached[0], key, cached[1], cache_hit=True)
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -794,6 +800,19 @@ def _preprocess_or_reason(path: Path, config: PreprocessConfig) -> Preprocessed 
         return str(exc)
 
 
+def preprocess_files(paths: list[Path], config: PreprocessConfig) -> list[Preprocessed | str]:
+    """preprocess_file over `paths`, a failure as its reason: one chunk of work for a worker."""
+    return [_preprocess_or_reason(path, config) for path in paths]
+
+
+def _hit_or_reason(path: Path, config: PreprocessConfig) -> Preprocessed | str | None:
+    """The cached result, a failure's reason, or None when the file must be decoded."""
+    try:
+        return _probe_cache(path, config)[2]
+    except UnreadableImage as exc:
+        return str(exc)
+
+
 def _init_worker() -> None:
     # One torch thread per process: the processes already fill the cores, and
     # torch's own thread pool on top would oversubscribe them.
@@ -811,28 +830,66 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _map_files(paths: list[Path], config: PreprocessConfig, workers: int):
-    """preprocess_file over `paths` in order, in `workers` processes (in this one for 1)."""
-    workers = min(workers, len(paths))
-    if workers <= 1:
+class ChunkFuture(Protocol):
+    def result(self) -> list[Preprocessed | str]: ...
+
+
+# Sends one chunk of files to be preprocessed elsewhere (a worker process, a
+# Dask worker): preprocess_files(chunk, config) there, its result when asked.
+SubmitChunk = Callable[[list[Path]], ChunkFuture]
+
+
+def chunk_size(files: int, workers: int) -> int:
+    """Files per chunk: several chunks per worker keep every worker busy when some
+    files (full-size CR) decode slower than others; up to 64 per chunk amortise
+    the round trip (pickling a 49 KB crop back, a Dask task) over many files."""
+    return max(1, min(64, files // (workers * 8)))
+
+
+def _map_files(paths: list[Path], config: PreprocessConfig, workers: int,
+               submit: SubmitChunk | None) -> list[Preprocessed | str]:
+    """preprocess_file over `paths` in order, a failure as its reason.
+
+    Cache hits are read here: a hit costs less than sending it to a worker and
+    its 49 KB crop back. Misses go in chunks to `submit` as they are found, so
+    workers decode while this process goes on looking; with no `submit`,
+    `workers` local processes (this one for 1).
+    """
+    if submit is None and min(workers, len(paths)) <= 1:
         # One torch thread here too: on a busy machine torch's spinning thread
         # pool made a 256 px resize ten times slower than the decode.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            yield from (_preprocess_or_reason(path, config) for path in paths)
+            return preprocess_files(paths, config)
         finally:
             torch.set_num_threads(threads)
-        return
-    # Chunks amortise the inter-process round trip; several per worker keep
-    # the cores busy when some files (full-size CR) decode slower than others.
-    chunksize = max(1, min(64, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker) as pool:
-        yield from pool.map(_preprocess_or_reason, paths, [config] * len(paths), chunksize=chunksize)
+    with ExitStack() as stack:
+        if submit is None:
+            pool = stack.enter_context(ProcessPoolExecutor(
+                min(workers, len(paths)), mp_context=_pool_context(), initializer=_init_worker))
+            submit = partial(pool.submit, preprocess_files, config=config)
+        results: list[Preprocessed | str | None] = []
+        pending, chunk = [], []
+        size = chunk_size(len(paths), workers)
+        for index, path in enumerate(paths):
+            found = _hit_or_reason(path, config)
+            results.append(found)
+            if found is None:
+                chunk.append(index)
+            if len(chunk) == size or (chunk and index == len(paths) - 1):
+                pending.append((chunk, submit([paths[i] for i in chunk])))
+                chunk = []
+        for indices, future in pending:
+            for index, result in zip(indices, future.result()):
+                results[index] = result
+    return results
 
 
-def preprocess_dataset(manifest: pd.DataFrame, root: Path, config: PreprocessConfig) -> PreparedData:
-    """Decode (or fetch from cache) every manifest row, across `config.workers` processes.
+def preprocess_dataset(manifest: pd.DataFrame, root: Path, config: PreprocessConfig,
+                       submit: SubmitChunk | None = None) -> PreparedData:
+    """Decode (or fetch from cache) every manifest row, across `config.workers` processes,
+    or through `submit` (chunks of files to another executor, e.g. Dask) when given.
 
     Rows keep the manifest's order; rows that fail move to the rejects with their reason.
     With `frames: all`, a multi-frame file becomes one row per frame (column `frame`),
@@ -841,7 +898,7 @@ def preprocess_dataset(manifest: pd.DataFrame, root: Path, config: PreprocessCon
     images, keys, provenance, kept, frame_index, rejects = [], [], [], [], [], []
     hits = 0
     paths = [Path(root) / rel for rel in manifest["path"]]
-    results = _map_files(paths, config, resolve_workers(config.workers))
+    results = _map_files(paths, config, resolve_workers(config.workers), submit)
     for (index, rel), result in zip(manifest["path"].items(), results):
         if isinstance(result, str):
             rejects.append((rel, result))

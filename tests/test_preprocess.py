@@ -475,6 +475,40 @@ def test_parallel_preprocessing_matches_serial_in_order(mixed_folder, config):
     assert cut.startswith("corrupt DICOM") and notes == "not a DICOM, PNG or JPEG file"
 
 
+def test_cache_hits_are_read_here_and_only_misses_are_submitted_in_order(mixed_folder, config):
+    root, manifest = mixed_folder
+    serial = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 1}))
+    shutil.rmtree(config.cache_dir)
+    warm = ["CT_small.dcm", "SC_rgb.dcm", "JPEG2000.dcm"]
+    pp.preprocess_dataset(manifest[manifest["path"].isin(warm)], root, config.model_copy(update={"workers": 1}))
+
+    class Done:  # a future that has already run
+        def __init__(self, value):
+            self.value = value
+
+        def result(self):
+            return self.value
+
+    submitted = []
+
+    def submit(chunk):
+        submitted.append([path.name for path in chunk])
+        return Done(pp.preprocess_files(chunk, config))
+
+    mixed = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 2}), submit=submit)
+    assert mixed.cache_hits == len(warm)
+    assert [name for chunk in submitted for name in chunk] == [p for p in manifest["path"] if p not in warm]
+    pd.testing.assert_frame_equal(mixed.manifest, serial.manifest)
+    pd.testing.assert_frame_equal(mixed.rejects, serial.rejects)
+    np.testing.assert_array_equal(mixed.images, serial.images)
+
+
+def test_chunks_give_every_worker_several_and_stay_small():
+    assert pp.chunk_size(10, 2) == 1
+    assert pp.chunk_size(780, 2) == 48
+    assert pp.chunk_size(100_000, 16) == 64
+
+
 def test_workers_default_to_every_usable_core():
     assert pp.resolve_workers(None) == len(os.sched_getaffinity(0))
     assert pp.resolve_workers(3) == 3
