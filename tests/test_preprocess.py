@@ -445,21 +445,6 @@ def test_to_model_input_shape_and_normalisation():
 # ---------------------------------------------------------------- whole dataset
 
 
-@pytest.fixture
-def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
-    """Real files in several syntaxes and colour models, with a corrupt and a text file between them."""
-    root = tmp_path / "mixed"
-    root.mkdir()
-    names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm", "US1_UNCR.dcm", "JPEG2000.dcm",
-             "emri_small_RLE.dcm", "MR_small_bigendian.dcm", "SC_ybr_full_422_uncompressed.dcm"]
-    for name in names:
-        shutil.copyfile(data_file(name), root / name)
-    (root / "cut.dcm").write_bytes(data_file("CT_small.dcm").read_bytes()[:-500])
-    (root / "notes.dcm").write_text("not an image")
-    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", *names[5:]]
-    return root, pd.DataFrame({"path": order, "label": "x"})
-
-
 def test_parallel_preprocessing_matches_serial_in_order(mixed_folder, config):
     root, manifest = mixed_folder
     serial = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 1}))
