@@ -867,6 +867,8 @@ def _map_files(paths: list[Path], config: PreprocessConfig, workers: int,
             torch.set_num_threads(threads)
     with ExitStack() as stack:
         if submit is None:
+            # The executor starts its processes at the first submit: a run
+            # where every file hits starts none.
             pool = stack.enter_context(ProcessPoolExecutor(
                 min(workers, len(paths)), mp_context=_pool_context(), initializer=_init_worker))
             submit = partial(pool.submit, preprocess_files, config=config)
