@@ -11,8 +11,8 @@ Measured in one run, on the same files:
   monai   LoadImage + ScaleIntensity + Resize (only when monai imports);
   medxfer preprocess_dataset with 1 and 2 workers, cold (empty cache) and warm (cache hit).
 
-Run: python -m benchmarks.ingest            (about 4 minutes on 2 busy cores)
-     python -m benchmarks.ingest --cr-copies 100   (800 CR files: a bigger run)
+Run: python -m benchmarks.ingest            (about 1.5 minutes on 2 cores)
+     python -m benchmarks.ingest --cr-copies 100   (400 CR files: a bigger run, about 4 minutes)
 """
 
 from __future__ import annotations

@@ -105,6 +105,10 @@ class PreprocessConfig(Strict):
     crop: Annotated[int, Field(gt=0)] = 224
     cache_dir: Path = Path(".cache/medxfer/preprocessed")
     workers: Annotated[int, Field(ge=1)] | None = None  # decode processes; None: all cores
+    # Preprocess on a Dask cluster instead (Prefect tasks on prefect-dask's DaskTaskRunner):
+    # a scheduler address ("tcp://host:8786"), or "local" for a temporary LocalCluster on this
+    # machine; None keeps the local process pool.
+    dask_address: str | None = None
     frames: FramePolicy = FramePolicy.MIDDLE
     voi_window: Annotated[int, Field(ge=0)] = 0  # which header window / VOI LUT; the first if absent
 

@@ -23,6 +23,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig, TaskKind, load_config
+from flows.dask_preprocess import preprocess_on_dask
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, serving_metadata,
                           training_data_sha256)
@@ -56,7 +57,10 @@ def ingest(config: PipelineConfig, run_dir: Path) -> IngestResult:
 
 @stage(name="preprocess")
 def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) -> PreparedData:
-    prepared = preprocess_dataset(ingested.manifest, config.data.root, config.preprocess)
+    if config.preprocess.dask_address is None:
+        prepared = preprocess_dataset(ingested.manifest, config.data.root, config.preprocess)
+    else:
+        prepared = preprocess_on_dask(ingested.manifest, config.data.root, config.preprocess)
     rejects = prepared.rejects_with(ingested.rejects)
     usable_files = prepared.manifest["path"].nunique()  # `frames: all` gives several rows per file
     if ingested.discovered != usable_files + len(rejects):

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import mlflow
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 import pytest
 import torch
 import yaml
 from prefect.testing.utilities import prefect_test_harness
+from pydicom.data import get_testdata_file
 
 from configs import ModelConfig, PipelineConfig, TaskKind, load_config
 from models.resnet import build_model
@@ -22,6 +25,10 @@ from tasks.register import Registration, register_model, tracking_run
 
 REPO = Path(__file__).resolve().parents[1]
 RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
+
+
+def _testdata(name: str) -> Path:
+    return Path(get_testdata_file(name))
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +44,21 @@ def breast_dicom_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("breastmnist-dicom")
     write_breastmnist_dicom(root, per_split=40)
     return root
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
+    """Real files in several syntaxes and colour models, with a corrupt and a text file between them."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm", "US1_UNCR.dcm", "JPEG2000.dcm",
+             "emri_small_RLE.dcm", "MR_small_bigendian.dcm", "SC_ybr_full_422_uncompressed.dcm"]
+    for name in names:
+        shutil.copyfile(_testdata(name), root / name)
+    (root / "cut.dcm").write_bytes(_testdata("CT_small.dcm").read_bytes()[:-500])
+    (root / "notes.dcm").write_text("not an image")
+    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", *names[5:]]
+    return root, pd.DataFrame({"path": order, "label": "x"})
 
 
 def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:

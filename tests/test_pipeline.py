@@ -20,7 +20,7 @@ from prefect.logging.handlers import APILogHandler
 from configs import load_config
 from flows.pipeline import train_pipeline
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
-from tasks.preprocess import load_grey, preprocess_file, to_model_input
+from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
 from tests.conftest import write_config
@@ -172,7 +172,7 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     outputs = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
     outputs += [p for p in artifact_dir.rglob("*") if p.is_file() and tmp_path not in p.parents]
     assert summary.onnx_path in outputs and Path(tmp_path / "mlflow.db") in outputs
-    assert any(p.suffix == ".npz" for p in outputs) and any(p.name == "qc_report.md" for p in outputs)
+    assert any(p.suffix == CACHE_SUFFIX for p in outputs) and any(p.name == "qc_report.md" for p in outputs)
     leaks = {(str(p), s) for p in outputs for s in phi if s.encode() in p.read_bytes()}
     leaks |= {("prefect", s) for text in _all_prefect_text() for s in phi if s in text}
     assert not leaks

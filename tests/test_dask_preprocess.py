@@ -1,0 +1,30 @@
+"""The preprocess stage on a real (local) Dask cluster through prefect-dask's DaskTaskRunner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from distributed import LocalCluster
+
+from configs import PreprocessConfig
+from flows.dask_preprocess import preprocess_on_dask
+from tasks.preprocess import CACHE_SUFFIX, preprocess_dataset
+
+
+def test_dask_cluster_gives_the_local_pool_result(prefect_server, mixed_folder, tmp_path):
+    root, manifest = mixed_folder
+    config = PreprocessConfig(resize=256, crop=224, cache_dir=tmp_path / "pool", workers=2)
+    pool = preprocess_dataset(manifest, root, config)
+    # Threads, not processes: a worker process would import torch again (seconds
+    # on a busy machine); the scheduler is real and reached by its address.
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        dask_config = config.model_copy(update={"cache_dir": tmp_path / "dask",
+                                                "dask_address": cluster.scheduler_address})
+        on_dask = preprocess_on_dask(manifest, root, dask_config)
+        # The scheduler saw the chunk tasks: the work ran on Dask, not in a local pool.
+        assert "preprocess_chunk" in cluster.scheduler.task_prefixes
+    assert on_dask.cache_hits == 0
+    pd.testing.assert_frame_equal(on_dask.manifest, pool.manifest)
+    pd.testing.assert_frame_equal(on_dask.rejects, pool.rejects)
+    np.testing.assert_array_equal(on_dask.images, pool.images)
+    assert len(list((tmp_path / "dask").rglob(f"*{CACHE_SUFFIX}"))) == len(pool.manifest)
