@@ -31,7 +31,7 @@ from tasks.gradcam import explain_test_cases
 from tasks.ingest import IngestResult, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.model_card import CardContext, model_card
-from tasks.preprocess import PreparedData, load_grey, preprocess_dataset
+from tasks.preprocess import PreparedData, load_grey, preprocess_dataset, reduced_decode_floor
 from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
@@ -187,7 +187,8 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
         weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name)
     test = prepared.split("test")
     test_paths = prepared.manifest.loc[prepared.manifest["split"] == "test", "path"]
-    greys = [load_grey(Path(data.root) / rel)[0] for rel in test_paths]
+    greys = [load_grey(Path(data.root) / rel, min_short_side=reduced_decode_floor(pre.resize))[0]
+             for rel in test_paths]
     models = export_serving_models(
         trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
         test_crops=test.images, test_greys=greys, test_targets=test.targets,

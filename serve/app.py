@@ -27,7 +27,7 @@ from PIL import Image
 from configs import PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
-from tasks.preprocess import UnreadableImage, load_grey
+from tasks.preprocess import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
 
@@ -176,8 +176,11 @@ def create_app(settings: Settings) -> FastAPI:
         body = await _read_body(request, settings.serve.max_body_bytes)
         if not body:
             raise HTTPException(400, "empty body")
+        model = service.model
+        if model is None:
+            raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
-            grey, _ = await asyncio.to_thread(load_grey, REQUEST_NAME, data=body)
+            grey = await asyncio.to_thread(model.decode, REQUEST_NAME, body)
         except UnreadableImage as exc:
             raise HTTPException(_status_for(exc.reason),
                                 f"cannot read the {content_type} body: {exc.reason}") from None
@@ -187,8 +190,6 @@ def create_app(settings: Settings) -> FastAPI:
             # The short side is scaled up to the model's size: a sliver would become enormous.
             raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
                                      f"over {MAX_ASPECT}:1 is not supported")
-        if service.model is None:
-            raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
             prediction, model = await service.batcher.submit(grey)
         except ModelUnavailable as exc:

@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from configs import TaskKind
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, decisions, network_graph, open_session
 from tasks.io import sha256_file
-from tasks.preprocess import resize_and_crop, to_model_input
+from tasks.preprocess import load_grey, reduced_decode_floor, resize_and_crop, to_model_input
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)
@@ -97,11 +97,20 @@ class ServedModel:
         return {"name": self.name, "version": self.version, "variant": self.variant,
                 "provider": self.provider}
 
+    @property
+    def preprocess_spec(self) -> dict:
+        return json.loads(self.metadata["preprocess"])
+
+    def decode(self, path: Path, data: bytes) -> np.ndarray:
+        """A DICOM/PNG/JPEG as grey [0, 1], decoded as training decoded it for this model's resize."""
+        floor = reduced_decode_floor(self.preprocess_spec["resize_short_side"])
+        return load_grey(path, data=data, min_short_side=floor)[0]
+
     def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
         """Answers for decoded grey images (float [0, 1], any sizes), in order: each is
         resized and cropped as in evaluation, then all run in one network call (one call
         per image for a per_image network)."""
-        spec = json.loads(self.metadata["preprocess"])
+        spec = self.preprocess_spec
         crops = np.stack([resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"])
                           for grey in greys])
         images = to_model_input(torch.from_numpy(crops)).numpy()

@@ -60,6 +60,7 @@ __all__ = [
     "CACHE_SUFFIX",
     "UnreadableImage",
     "load_grey",
+    "reduced_decode_floor",
     "resize_and_crop",
     "Preprocessed",
     "preprocess_file",
@@ -702,6 +703,15 @@ class Preprocessed(NamedTuple):
     cache_hit: bool
 
 
+def reduced_decode_floor(resize: int) -> int:
+    """The short side a JPEG 2000 may be decoded down to for a model that resizes to `resize`.
+
+    Training, evaluation, export checks, scoring and serving all pass it to `load_grey`,
+    so every one of them sees the same pixels for the same file.
+    """
+    return REDUCED_DECODE_MARGIN * resize
+
+
 def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
     """One file as a cached uint8 crop, with its cache key and provenance.
 
@@ -714,7 +724,7 @@ def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
     if hit is not None:
         return hit
     grey, provenance = load_grey(path, data=data, frames=config.frames, voi_window=config.voi_window,
-                                 min_short_side=REDUCED_DECODE_MARGIN * config.resize)
+                                 min_short_side=reduced_decode_floor(config.resize))
     image = resize_and_crop(grey, config.resize, config.crop)
     provenance = provenance + [
         f"resize:short_side({config.resize},bilinear,antialias)",

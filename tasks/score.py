@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.champion import Prediction, ServedModel
-from tasks.preprocess import UnreadableImage, load_grey
+from tasks.preprocess import UnreadableImage
 
 REJECT_COLUMNS = ["file_sha256", "reason"]
 CHUNK = 32  # files decoded and run together; bounds memory on large folders
@@ -62,7 +62,7 @@ def score_files(files: Sequence[Path], model: ServedModel,
             data = path.read_bytes()
             key = hashlib.sha256(data).hexdigest()
             try:
-                greys.append(load_grey(path, data=data)[0])
+                greys.append(model.decode(path, data))
                 keys.append(key)
             except UnreadableImage as exc:
                 rejects.append((key, exc.reason))

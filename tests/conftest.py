@@ -20,7 +20,7 @@ from configs import ModelConfig, PipelineConfig, TaskKind, load_config
 from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
 from tasks.export import INPUT_NAME, NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
-from tasks.preprocess import resize_and_crop, to_model_input
+from tasks.preprocess import load_grey, reduced_decode_floor, resize_and_crop, to_model_input
 from tasks.register import Registration, register_model, tracking_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +113,12 @@ def champion_registry(tmp_path_factory):
     full = export_self_contained(normalised, tmp_path / "model.onnx", RESIZE, CROP, metadata)
     register_version(config, model, full, auc=0.70)
     return config, model, full
+
+
+def decoded_as_trained(path: Path | str) -> np.ndarray:
+    """A file decoded as preprocessing decodes it for the champion's resize (JPEG 2000 may
+    decode at reduced resolution)."""
+    return load_grey(Path(path), min_short_side=reduced_decode_floor(RESIZE))[0]
 
 
 def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarray:

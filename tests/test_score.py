@@ -13,8 +13,7 @@ from prefect import get_client
 from pydicom.data import get_testdata_file
 
 from flows.score import score_studies
-from tasks.preprocess import load_grey
-from tests.conftest import evaluated_outputs
+from tests.conftest import decoded_as_trained, evaluated_outputs
 
 GOOD = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "US1_J2KR.dcm")
 PATIENT_FOLDER = "DOE^JANE 1960-01-01"  # folder names often carry patient data
@@ -56,7 +55,7 @@ def test_scoring_flow_writes_scores_rejects_and_a_summary(prefect_server, champi
     # Each score is the champion's evaluated output for that file.
     for name in GOOD:
         path = studies / PATIENT_FOLDER / name
-        expected = evaluated_outputs(onnx_path, [load_grey(path)[0]])[0, 1]
+        expected = evaluated_outputs(onnx_path, [decoded_as_trained(path)])[0, 1]
         row = scores[scores["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()]
         assert row["p_malignant"].item() == pytest.approx(expected, abs=1e-6)
 

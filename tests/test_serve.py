@@ -26,7 +26,7 @@ from tasks.champion import open_served_model
 from tasks.export import NORMALISED_FILE, read_metadata
 from tasks.preprocess import load_grey
 from tasks.variants import quantise_int8
-from tests.conftest import CROP, RESIZE, evaluated_outputs, register_version
+from tests.conftest import CROP, RESIZE, decoded_as_trained, evaluated_outputs, register_version
 from tests.live_server import LiveServer
 
 API_KEY = "test-key-not-a-secret"
@@ -78,14 +78,15 @@ def test_health_and_readiness_report_model_and_provider(service):
                                      "provider": "CPUExecutionProvider"}
 
 
-@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "CT_small.dcm", "JPEG2000.dcm", "US1_J2KR.dcm"])
+@pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "CT_small.dcm", "JPEG2000.dcm", "US1_J2KR.dcm"])
 def test_real_dicom_gets_the_models_own_prediction(service, champion_registry, name):
     server, _ = service
     response = post(server, dicom_bytes(name))
     assert response.status_code == 200, response.text
     body = response.json()
-    # The same file decoded and preprocessed as in evaluation, through the normalised graph.
-    expected = evaluated_outputs(champion_registry[2], [load_grey(get_testdata_file(name))[0]])[0]
+    # The same file decoded and preprocessed as in evaluation (RG1_J2KR at half resolution,
+    # as preprocessing decodes it), through the normalised graph.
+    expected = evaluated_outputs(champion_registry[2], [decoded_as_trained(get_testdata_file(name))])[0]
     assert body["probabilities"] == pytest.approx({"benign": expected[0], "malignant": expected[1]}, abs=1e-6)
     assert body["label"] == ("malignant" if expected[1] >= 0.5 else "benign")
     assert body["threshold"] == 0.5 and body["positive_label"] == "malignant"
