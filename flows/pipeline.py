@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig, TaskKind, load_config
 from flows.dask_preprocess import preprocess_on_dask
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
-from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, serving_metadata,
+from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, serving_frame, serving_metadata,
                           training_data_sha256)
 from tasks.gradcam import explain_test_cases
 from tasks.ingest import IngestResult, check_enough_samples, ingest_dataset
@@ -184,11 +184,12 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
         positive_index=data.positive_index if classification else 0,
         operating_threshold=threshold, resize=pre.resize, crop=pre.crop, metrics=evaluation.metrics,
         training_data=training_data_sha256(prepared.manifest), weights_name=trained.weights.name,
-        weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name)
+        weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name,
+        voi_window=pre.voi_window, frames=pre.frames)
     test = prepared.split("test")
     test_paths = prepared.manifest.loc[prepared.manifest["split"] == "test", "path"]
-    greys = [load_grey(Path(data.root) / rel, min_short_side=reduced_decode_floor(pre.resize))[0]
-             for rel in test_paths]
+    greys = [load_grey(Path(data.root) / rel, frames=serving_frame(pre.frames), voi_window=pre.voi_window,
+                       min_short_side=reduced_decode_floor(pre.resize))[0] for rel in test_paths]
     models = export_serving_models(
         trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
         test_crops=test.images, test_greys=greys, test_targets=test.targets,

@@ -26,7 +26,7 @@ import onnx
 import torch
 from mlflow import MlflowClient
 
-from configs import TaskKind
+from configs import FramePolicy, TaskKind
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, decisions, network_graph, open_session
 from tasks.io import sha256_file
 from tasks.preprocess import load_grey, reduced_decode_floor, resize_and_crop, to_model_input
@@ -102,9 +102,13 @@ class ServedModel:
         return json.loads(self.metadata["preprocess"])
 
     def decode(self, path: Path, data: bytes) -> np.ndarray:
-        """A DICOM/PNG/JPEG as grey [0, 1], decoded as training decoded it for this model's resize."""
+        """A DICOM/PNG/JPEG as grey [0, 1], decoded as training decoded it: the same VOI window
+        and frame policy (metadata `decode`; models exported before it had the defaults) and
+        the same reduced-resolution JPEG 2000 floor for this model's resize."""
+        settings = json.loads(self.metadata.get("decode", "{}"))
         floor = reduced_decode_floor(self.preprocess_spec["resize_short_side"])
-        return load_grey(path, data=data, min_short_side=floor)[0]
+        return load_grey(path, data=data, frames=FramePolicy(settings.get("frame", FramePolicy.MIDDLE.value)),
+                         voi_window=int(settings.get("voi_window", 0)), min_short_side=floor)[0]
 
     def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
         """Answers for decoded grey images (float [0, 1], any sizes), in order: each is

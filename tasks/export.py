@@ -29,7 +29,7 @@ from onnx import helper as oh
 from onnx import numpy_helper
 from torch import nn
 
-from configs import TaskKind
+from configs import FramePolicy, TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import predict
 from tasks.io import atomic_path
@@ -186,11 +186,22 @@ def training_data_sha256(manifest: pd.DataFrame) -> str:
     return hashlib.sha256("\n".join(sorted(manifest["sha256"])).encode()).hexdigest()
 
 
+def serving_frame(frames: FramePolicy) -> FramePolicy:
+    """The one frame a multi-frame request is answered for under the training frame policy."""
+    return FramePolicy.FIRST if frames is FramePolicy.FIRST else FramePolicy.MIDDLE
+
+
 def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_index: int,
                      operating_threshold: float | None, resize: int, crop: int,
                      metrics: dict[str, float], training_data: str, weights_name: str,
-                     weights_sha256: str, model_name: str) -> dict[str, str]:
-    """Everything a caller needs to use the model's output, as ONNX metadata properties."""
+                     weights_sha256: str, model_name: str, voi_window: int = 0,
+                     frames: FramePolicy = FramePolicy.MIDDLE) -> dict[str, str]:
+    """Everything a caller needs to use the model's output, as ONNX metadata properties.
+
+    `decode` records how training decoded DICOM (VOI window index, frame), so the service and
+    batch scoring decode a request the same way. One request gets one answer: a model trained
+    on every frame (`frames: all`) is served the middle frame.
+    """
     classification = task is TaskKind.CLASSIFICATION
     threshold_source = "validation" if operating_threshold is not None else "default"
     return {
@@ -212,6 +223,7 @@ def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_ind
         "preprocess": json.dumps({"resize_short_side": resize, "interpolation": "bilinear",
                                   "antialias": True, "center_crop": crop, "quantise": "uint8",
                                   "channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
+        "decode": json.dumps({"voi_window": voi_window, "frame": serving_frame(frames).value}),
         "metrics": json.dumps({k: round(float(v), 6) for k, v in metrics.items()}),
         "training_data_sha256": training_data,
         "weights_name": weights_name,

@@ -98,6 +98,7 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert meta["input_name"] == GREY_INPUT_NAME and meta["output_name"] == "probabilities"
     assert json.loads(meta["metrics"])["roc_auc"] == pytest.approx(run.data.metrics["test_roc_auc"], abs=1e-6)
     assert meta["training_data_sha256"] == training_data_sha256(usable)
+    assert json.loads(meta["decode"]) == {"voi_window": 0, "frame": "middle"}  # the config's defaults
     parity = json.loads((run_dir / "onnx_parity.json").read_text())
     assert parity["passed"] and {r["graph"] for r in parity["parity"]} == {"normalised", "self-contained", "fp16"}
     assert all(r["passed"] for r in parity["parity"])

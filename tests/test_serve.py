@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import onnx
 import pydicom
 import pytest
 from PIL import Image
@@ -206,6 +208,21 @@ def test_images_of_different_sizes_share_batches_and_keep_their_answers(wide_win
         assert answer["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
         assert {k: v for k, v in answer.items() if k not in ("probabilities", "positive_probability")} == \
                {k: v for k, v in single.items() if k not in ("probabilities", "positive_probability")}
+
+
+def test_requests_are_decoded_with_the_training_voi_window(champion_registry, tmp_path):
+    """A model trained on a file's second header window must be served that window too."""
+    proto = onnx.load(champion_registry[2])
+    metadata = {prop.key: prop.value for prop in proto.metadata_props}
+    metadata["decode"] = json.dumps({"voi_window": 1, "frame": "middle"})
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, metadata)
+    onnx.save(proto, tmp_path / "model.onnx")
+    model = open_served_model("serve-test", "2", "fp32", tmp_path / "model.onnx")
+    path = get_testdata_file("MR-SIEMENS-DICOM-WithOverlays.dcm")  # header windows 450/790, then 200/443
+    served = model.decode(path, open(path, "rb").read())
+    np.testing.assert_array_equal(served, load_grey(path, voi_window=1)[0])
+    assert np.abs(served - load_grey(path, voi_window=0)[0]).mean() > 0.01
 
 
 def test_int8_answers_do_not_depend_on_the_batch(champion_registry, tmp_path):
