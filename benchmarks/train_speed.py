@@ -27,7 +27,8 @@ from configs import AugmentConfig, FreezeStrategy, ModelConfig, Precision, TaskK
 from models.resnet import apply_freeze, build_model, set_train_mode
 from tasks.preprocess import SplitData, resize_and_crop
 from tasks.train import (ImageDataset, autocast, build_augmentation, extract_features, fit_linear_head,
-                         make_criterion, make_loader, model_input, param_groups, run_epoch, select_device)
+                         make_criterion, make_loader, model_input, param_groups, run_epoch, select_device,
+                         standardise_features)
 
 BUSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "busi256" / "breastmnist_split_busi256.npz"
 
@@ -86,9 +87,9 @@ def timed_probe(split: SplitData, device: torch.device, batch_size: int) -> dict
     model, _ = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)
     model.to(device)
     started = time.perf_counter()
-    features = extract_features(model, split.images, batch_size, device, Precision.FP32, False).double()
+    features = extract_features(model, split.images, batch_size, device, Precision.FP32, False)
     feature_seconds = time.perf_counter() - started
-    standardised = (features - features.mean(0)) / features.std(0).clamp_min(1e-6)
+    standardised, _, _ = standardise_features(features)
     for l2 in TrainConfig().head_l2:
         fit_linear_head(standardised, torch.from_numpy(split.targets), TaskKind.CLASSIFICATION, 2, l2)
     fit_seconds = time.perf_counter() - started - feature_seconds

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -360,6 +360,14 @@ def _hand_back(model: TransferResNet) -> None:
     model.eval()
 
 
+def standardise_features(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features as float64 z-scores per dimension, with the centre and scale used."""
+    x = features.double()
+    centre, scale = x.mean(dim=0), x.std(dim=0)
+    scale[~(scale > 1e-6)] = 1.0  # constant features (e.g. a ReLU channel that never fires)
+    return (x - centre) / scale, centre, scale
+
+
 def fit_linear_head(features: torch.Tensor, targets: torch.Tensor, task: TaskKind, num_outputs: int,
                     l2: float, weight: torch.Tensor | None = None) -> tuple[nn.Linear, float]:
     """The linear head minimising mean loss + l2/2 * ||W||^2 on (standardised) features.
@@ -410,10 +418,7 @@ def _fit_head_on_features(config: PipelineConfig, model: TransferResNet, train: 
     result.feature_seconds = time.perf_counter() - started
     log.info("cached %d train + %d val backbone features in %.1f s", len(train), len(val), result.feature_seconds)
 
-    centre = train_features.double().mean(dim=0)
-    scale = train_features.double().std(dim=0)
-    scale[~(scale > 1e-6)] = 1.0  # constant features (e.g. a ReLU channel that never fires)
-    standardised = (train_features.double() - centre) / scale
+    standardised, centre, scale = standardise_features(train_features)
     if task is TaskKind.CLASSIFICATION:
         targets = torch.from_numpy(train.targets)
         # Both balancing modes become class weights: a balanced sampler's expected loss is the weighted loss.

@@ -10,7 +10,7 @@ from configs import AugmentConfig, ClassBalance, FreezeStrategy, ModelConfig, Pi
 from models.resnet import apply_freeze, build_model
 from tasks.evaluate import compute_metrics, predict
 from tasks.train import (ImageDataset, build_augmentation, class_weights, extract_features, fit_linear_head,
-                         make_loader, param_groups, train_model)
+                         make_loader, param_groups, standardise_features, train_model)
 from tests.test_train_evaluate import breast_splits, config_for  # noqa: F401  (module fixture)
 
 
@@ -53,8 +53,8 @@ def test_head_trains_on_cached_features_and_gives_the_same_model(tmp_path, breas
 def standardised_features(breast_splits, backbone_file):
     model, _ = build_model(ModelConfig(weights=str(backbone_file)), TaskKind.CLASSIFICATION, 2)
     features = extract_features(model, breast_splits["train"].images, 64, torch.device("cpu"),
-                                Precision.FP32, channels_last=False).double()
-    return (features - features.mean(0)) / features.std(0).clamp_min(1e-6)
+                                Precision.FP32, channels_last=False)
+    return standardise_features(features)[0]
 
 
 def test_head_fit_reaches_the_logistic_regression_optimum(standardised_features, breast_splits):
