@@ -17,6 +17,7 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -97,18 +98,23 @@ class ServedModel:
         return {"name": self.name, "version": self.version, "variant": self.variant,
                 "provider": self.provider}
 
-    @property
+    @cached_property  # read per request: parse the metadata once
     def preprocess_spec(self) -> dict:
         return json.loads(self.metadata["preprocess"])
 
+    @cached_property
+    def decode_spec(self) -> dict:
+        """The training's VOI window and served frame; models exported before `decode` had the defaults."""
+        return json.loads(self.metadata.get("decode", "{}"))
+
     def decode(self, path: Path, data: bytes) -> np.ndarray:
         """A DICOM/PNG/JPEG as grey [0, 1], decoded as training decoded it: the same VOI window
-        and frame policy (metadata `decode`; models exported before it had the defaults) and
-        the same reduced-resolution JPEG 2000 floor for this model's resize."""
-        settings = json.loads(self.metadata.get("decode", "{}"))
+        and frame (`decode_spec`) and the same reduced-resolution JPEG 2000 floor for this
+        model's resize."""
+        frame = FramePolicy(self.decode_spec.get("frame", FramePolicy.MIDDLE.value))
         floor = reduced_decode_floor(self.preprocess_spec["resize_short_side"])
-        return load_grey(path, data=data, frames=FramePolicy(settings.get("frame", FramePolicy.MIDDLE.value)),
-                         voi_window=int(settings.get("voi_window", 0)), min_short_side=floor)[0]
+        return load_grey(path, data=data, frames=frame, voi_window=int(self.decode_spec.get("voi_window", 0)),
+                         min_short_side=floor)[0]
 
     def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
         """Answers for decoded grey images (float [0, 1], any sizes), in order: each is
