@@ -12,19 +12,43 @@ from typing import Iterator
 import pandas as pd
 
 
+def _temp_beside(path: Path) -> tuple[int, Path]:
+    """An open handle and the name of a new hidden *.tmp file in `path`'s folder (made if missing)."""
+    def make() -> tuple[int, str]:
+        return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, name = make()
+    except FileNotFoundError:  # only the first write into a new folder pays for the mkdir
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = make()
+    return handle, Path(name)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp = _temp_beside(path)
     os.close(handle)
-    tmp = Path(tmp_name)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`data` into `path` through a temporary file and a rename, writing through the handle
+    mkstemp opened: a cache write per image cannot afford a second open and a cleanup stat."""
+    path = Path(path)
+    handle, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

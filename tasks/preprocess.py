@@ -51,7 +51,7 @@ from pydicom.uid import (
 from torchvision.transforms.v2 import functional as TF
 
 from configs import FramePolicy, PreprocessConfig
-from tasks.io import atomic_path
+from tasks.io import write_bytes_atomic
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -690,10 +690,9 @@ def _read_entry(entry: Path, crop: int) -> tuple[np.ndarray, list[str]] | None:
 
 def _write_entry(entry: Path, image: np.ndarray, provenance: list[str]) -> None:
     header = json.dumps({"shape": list(image.shape), "provenance": provenance}).encode()
-    # atomic_path writes a hidden *.tmp beside the entry and renames it into place,
-    # so a killed run leaves at most a stray temp file, never a half-written entry.
-    with atomic_path(entry) as tmp:
-        tmp.write_bytes(_CACHE_MAGIC + header + b"\n" + np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+    # A hidden *.tmp beside the entry, renamed into place: a killed run leaves
+    # at most a stray temp file, never a half-written entry.
+    write_bytes_atomic(entry, _CACHE_MAGIC + header + b"\n" + np.ascontiguousarray(image, dtype=np.uint8).tobytes())
 
 
 class Preprocessed(NamedTuple):

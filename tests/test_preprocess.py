@@ -399,12 +399,24 @@ def test_stale_tmp_file_is_never_read(config):
 def test_killed_write_leaves_no_entry(config, monkeypatch):
     src = data_file("CT_small.dcm")
 
-    def dies_mid_write(path, data):
-        with open(path, "wb") as handle:
-            handle.write(data[: len(data) // 2])
-        raise KeyboardInterrupt
+    class DiesMidWrite:
+        """The temp file's handle, killed after writing half of the entry."""
 
-    monkeypatch.setattr(Path, "write_bytes", dies_mid_write)
+        def __init__(self, handle, mode):
+            self.file = open(handle, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            self.file.flush()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("tasks.io.os.fdopen", DiesMidWrite)
     with pytest.raises(KeyboardInterrupt):
         preprocess_file(src, config)
     monkeypatch.undo()
