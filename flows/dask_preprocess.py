@@ -11,13 +11,17 @@ same paths (a shared file system), like the process pool's workers do.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from configs import PreprocessConfig
-from tasks.preprocess import PreparedData, Preprocessed, preprocess_dataset, preprocess_files
+from tasks.preprocess import PreparedData, Preprocessed, preprocess_dataset, preprocess_files, resolve_workers
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
 
 @task(name="preprocess-chunk", cache_policy=NO_CACHE)
@@ -34,8 +38,20 @@ def preprocess_on_dask(manifest: pd.DataFrame, root: Path, config: PreprocessCon
     """preprocess_dataset, with the decoding done on the Dask cluster `config.dask_address` names."""
     if config.dask_address is None:
         raise ValueError("preprocess.dask_address is not set")
+    return _preprocess_flow.with_options(task_runner=dask_task_runner(config))(manifest, root, config)
+
+
+def dask_task_runner(config: PreprocessConfig) -> "DaskTaskRunner":
+    """A DaskTaskRunner on the scheduler at `config.dask_address`, or on a temporary LocalCluster for "local".
+
+    The local cluster has `config.workers` (default: every usable core)
+    single-threaded worker processes, like the process pool: decoding is
+    mostly Python holding the GIL, so Dask's default of several threads per
+    worker would leave cores idle.
+    """
     # Imported here: prefect-dask (dask, distributed) is needed only by runs that use it.
     from prefect_dask import DaskTaskRunner
 
-    runner = DaskTaskRunner() if config.dask_address == "local" else DaskTaskRunner(address=config.dask_address)
-    return _preprocess_flow.with_options(task_runner=runner)(manifest, root, config)
+    if config.dask_address == "local":
+        return DaskTaskRunner(cluster_kwargs={"n_workers": resolve_workers(config.workers), "threads_per_worker": 1})
+    return DaskTaskRunner(address=config.dask_address)

@@ -1,13 +1,17 @@
-"""The preprocess stage on a real (local) Dask cluster through prefect-dask's DaskTaskRunner."""
+"""The preprocess stage on real Dask clusters (one reached by address, one started by `local`)
+through prefect-dask's DaskTaskRunner."""
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
 from distributed import LocalCluster
+from prefect import get_client
 
 from configs import PreprocessConfig
-from flows.dask_preprocess import preprocess_on_dask
+from flows.dask_preprocess import dask_task_runner, preprocess_on_dask
 from tasks.preprocess import CACHE_SUFFIX, preprocess_dataset
 
 
@@ -28,3 +32,24 @@ def test_dask_cluster_gives_the_local_pool_result(prefect_server, mixed_folder, 
     pd.testing.assert_frame_equal(on_dask.rejects, pool.rejects)
     np.testing.assert_array_equal(on_dask.images, pool.images)
     assert len(list((tmp_path / "dask").rglob(f"*{CACHE_SUFFIX}"))) == len(pool.manifest)
+
+
+def test_local_address_starts_a_cluster_of_single_threaded_worker_processes(prefect_server, mixed_folder, tmp_path):
+    root, manifest = mixed_folder
+    config = PreprocessConfig(resize=256, crop=224, cache_dir=tmp_path / "local", workers=2, dask_address="local")
+    # Sized like the process pool: one decode per core, not Dask's default of several threads a worker.
+    assert dask_task_runner(config).cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1}
+    pool = preprocess_dataset(manifest, root, config.model_copy(update={"cache_dir": tmp_path / "pool",
+                                                                        "dask_address": None}))
+    started = datetime.now(timezone.utc)
+    on_dask = preprocess_on_dask(manifest, root, config)
+    pd.testing.assert_frame_equal(on_dask.manifest, pool.manifest)
+    pd.testing.assert_frame_equal(on_dask.rejects, pool.rejects)
+    np.testing.assert_array_equal(on_dask.images, pool.images)
+    with get_client(sync_client=True) as client:
+        # A plain filter request: this Prefect server answers 422 to the nulls the typed client sends.
+        runs = client.request("POST", "/task_runs/filter", json={
+            "task_runs": {"name": {"like_": "preprocess-chunk"}, "start_time": {"after_": started.isoformat()}},
+            "limit": 50, "offset": 0, "sort": "EXPECTED_START_TIME_DESC"}).json()
+    # The misses went to the cluster as preprocess-chunk task runs, and every one of them finished.
+    assert runs and {run["state_type"] for run in runs} == {"COMPLETED"}
