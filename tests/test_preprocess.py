@@ -31,6 +31,22 @@ def data_file(name: str) -> Path:
     return Path(get_testdata_file(name))
 
 
+def percentile_window(values: np.ndarray) -> np.ndarray:
+    """The contract's VOI when the header has none: 0.5th-99.5th percentile onto [0, 1]."""
+    lo, hi = np.percentile(values.astype(np.float64), [0.5, 99.5])
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def linear_window(values: np.ndarray, c: float, w: float) -> np.ndarray:
+    """DICOM LINEAR window (PS3.3 C.11.2.1.2.1) onto [0, 1]: 0 at c - 0.5 - (w - 1)/2, 1 at c - 0.5 + (w - 1)/2."""
+    return np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+
+
+def bt601(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of RGB in [0, 1]."""
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
 def region_mean(grey: np.ndarray, rows: tuple[float, float], cols: tuple[float, float]) -> float:
     h, w = grey.shape
     return float(grey[int(rows[0] * h) : int(rows[1] * h), int(cols[0] * w) : int(cols[1] * w)].mean())
@@ -74,9 +90,7 @@ def test_window_maps_linearly_to_unit_range(rg1_uncr):
     # DICOM LINEAR window, then MONOCHROME1 inversion, from the stored values.
     grey, _ = rg1_uncr
     stored = pydicom.dcmread(data_file("RG1_UNCR.dcm")).pixel_array.astype(np.float64)
-    c, w = 15000.0, 30000.0
-    expected = 1.0 - np.clip((stored - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
-    np.testing.assert_allclose(grey, expected, atol=1e-5)
+    np.testing.assert_allclose(grey, 1.0 - linear_window(stored, 15000.0, 30000.0), atol=1e-5)
 
 
 def test_jpeg2000_lossless_matches_uncompressed(rg1_uncr, rg1_j2kr):
@@ -177,8 +191,7 @@ def test_jpeg_is_read_as_grey(rg1_uncr, tmp_path):
 
 @pytest.mark.parametrize("name", ["SC_rgb.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"])
 def test_rgb_dicom_becomes_bt601_luminance(name):
-    rgb = pydicom.dcmread(data_file("SC_rgb.dcm")).pixel_array.astype(np.float64) / 255
-    expected = rgb @ np.array([0.299, 0.587, 0.114])
+    expected = bt601(pydicom.dcmread(data_file("SC_rgb.dcm")).pixel_array / 255)
     grey, provenance = load_grey(data_file(name))
     np.testing.assert_allclose(grey, expected, atol=1e-5)
     assert provenance[-1] == "colour:luminance(BT.601)"
@@ -212,11 +225,8 @@ def test_multiframe_middle_frame_same_across_transfer_syntaxes(name):
     # 10-frame MR: the middle frame (index 5), percentile window, and the same
     # pixels whatever the encoding.
     ds = pydicom.dcmread(data_file("emri_small.dcm"))
-    frame = ds.pixel_array[5].astype(np.float64)
-    lo, hi = np.percentile(frame, [0.5, 99.5])
-    expected = np.clip((frame - lo) / (hi - lo), 0, 1)
     reference, ref_prov = load_grey(data_file("emri_small.dcm"))
-    np.testing.assert_allclose(reference, expected, atol=1e-6)
+    np.testing.assert_allclose(reference, percentile_window(ds.pixel_array[5]), atol=1e-6)
     assert ref_prov[1:] == ["frame:middle(5/10)", "voi:percentile(0.5,99.5)"]
     grey, provenance = load_grey(data_file(name))
     np.testing.assert_array_equal(grey, reference)
@@ -549,10 +559,9 @@ def test_run_killed_part_way_resumes_from_cache_to_the_same_result(mixed_folder,
 
 
 def test_first_frame_policy_takes_frame_zero():
-    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array[0].astype(np.float64)
-    lo, hi = np.percentile(stored, [0.5, 99.5])
+    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array[0]
     grey, provenance = load_grey(data_file("emri_small.dcm"), frames=FramePolicy.FIRST)
-    np.testing.assert_allclose(grey, np.clip((stored - lo) / (hi - lo), 0, 1), atol=1e-6)
+    np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
     assert provenance[1] == "frame:first(0/10)"
 
 
@@ -569,9 +578,8 @@ def test_every_frame_policy_gives_one_sample_per_frame_sharing_the_patient(tmp_p
     assert set(rows.loc[rows["path"] == "cine.dcm", "patient_key"]) == {"p1"}
     assert rows.loc[3, "provenance"].endswith("frame:all(3/10)")
     # One window for the whole loop, so frames keep their relative brightness.
-    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array.astype(np.float64)
-    lo, hi = np.percentile(stored, [0.5, 99.5])
-    expected = resize_and_crop(np.clip((stored - lo) / (hi - lo), 0, 1).astype(np.float32), 256, 224)
+    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array
+    expected = resize_and_crop(percentile_window(stored).astype(np.float32), 256, 224)
     np.testing.assert_array_equal(prepared.images[:10], expected)
     assert not np.array_equal(prepared.images[0], prepared.images[9])
 
@@ -582,8 +590,7 @@ def test_voi_window_chosen_by_index():
     stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
     for index, (c, w) in enumerate([(450.0, 790.0), (200.0, 443.0)]):
         grey, provenance = load_grey(path, voi_window=index)
-        expected = np.clip((stored - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
-        np.testing.assert_allclose(grey, expected, atol=1e-5)
+        np.testing.assert_allclose(grey, linear_window(stored, c, w), atol=1e-5)
         assert f"voi:window(#{index},c={c:g},w={w:g})" in provenance
     # A file with fewer windows than asked for uses its first.
     assert "voi:window(c=15000,w=30000)" in load_grey(data_file("RG1_UNCR.dcm"), voi_window=1)[1]
