@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.encaps import generate_frames
 
 from configs import FramePolicy, PreprocessConfig
 from tasks import preprocess as pp
@@ -29,6 +33,18 @@ from tasks.preprocess import (
 
 def data_file(name: str) -> Path:
     return Path(get_testdata_file(name))
+
+
+# Made by tests/data/make_htj2k.py: pydicom-data has no HTJ2K file.
+HTJ2K_FILE = Path(__file__).parent / "data" / "MR_small_htj2k.dcm"
+
+
+def without_preamble_and_meta(data: bytes) -> bytes:
+    """A DICOM file's data set alone: the 128-byte preamble, "DICM" and the file meta cut off."""
+    # The file meta starts with (0002,0000) UL, explicit VR little endian: the
+    # group's length in bytes after this 12-byte element.
+    assert data[128:140] == b"DICM\x02\x00\x00\x00UL\x04\x00"
+    return data[144 + struct.unpack("<I", data[140:144])[0]:]
 
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
@@ -272,6 +288,81 @@ def test_pixel_padding_excluded_from_window_and_shown_dark(tmp_path):
     lo, hi = np.percentile(real, [0.5, 99.5])
     inside = np.clip((arr[20:, 20:] - 1024 - lo) / (hi - lo), 0, 1)
     np.testing.assert_allclose(grey[20:, 20:], inside, atol=1e-6)
+
+
+# ---------------------------------------------------------------- transfer syntaxes
+
+
+def test_deflated_explicit_vr_is_the_inflated_data_sets_pixels():
+    # image_dfl.dcm's data set is raw deflate (RFC 1951) after the file meta.
+    # Inflate it with zlib and take the 8-bit pixels straight from the inflated
+    # Pixel Data bytes, so neither pydicom's inflate nor its decoder makes the reference.
+    data = data_file("image_dfl.dcm").read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(zlib.decompress(without_preamble_and_meta(data), -zlib.MAX_WBITS)), force=True)
+    stored = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
+    grey, provenance = load_grey(data_file("image_dfl.dcm"))
+    np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
+    assert provenance == ["decode:dicom(Deflated Explicit VR Little Endian)", "voi:percentile(0.5,99.5)"]
+
+
+def test_implicit_vr_gives_the_explicit_vr_files_pixels():
+    explicit, explicit_provenance = load_grey(data_file("MR_small.dcm"))
+    implicit, provenance = load_grey(data_file("MR_small_implicit.dcm"))
+    np.testing.assert_array_equal(implicit, explicit)
+    assert provenance == ["decode:dicom(Implicit VR Little Endian)", *explicit_provenance[1:]]
+    # Both are the header window (600/1600) of the signed 16-bit words in the file.
+    ds = pydicom.dcmread(data_file("MR_small.dcm"))
+    stored = np.frombuffer(ds.PixelData, "<i2").reshape(ds.Rows, ds.Columns)
+    np.testing.assert_allclose(explicit, linear_window(stored, 600.0, 1600.0), atol=1e-5)
+
+
+def test_jpeg_baseline_is_close_to_the_uncompressed_original():
+    # SC_rgb_jpeg_dcmtk.dcm is SC_rgb.dcm through dcmtk's JPEG baseline (YCbCr,
+    # IJG quality 90). SC_rgb is flat colour bars, so the loss sits at the bar
+    # edges: measured 0.30 mean and 1.9 max 8-bit levels of luminance. A decode
+    # or colour error is far larger: YCbCr taken as RGB is 65 mean, 141 max.
+    grey, provenance = load_grey(data_file("SC_rgb_jpeg_dcmtk.dcm"))
+    original, _ = load_grey(data_file("SC_rgb.dcm"))
+    error = np.abs(grey - original) * 255
+    assert error.mean() < 0.5 and error.max() < 3
+    assert provenance == ["decode:dicom(JPEG Baseline (Process 1))", "colour:YBR_FULL->RGB(decoder)",
+                          "scale:/255", "colour:luminance(BT.601)"]
+
+
+def test_jpeg_extended_12_bit_is_pydicoms_decode_windowed():
+    ds = pydicom.dcmread(data_file("JPGExtended.dcm"))
+    stored = ds.pixel_array
+    # Values pydicom's own reference tests pin for this file (JPGE_16_12_1_0_1F_M2):
+    # the decode, and which way up it is, are right before we window it.
+    assert (stored[420, 140], stored[230, 120]) == (244, 95)
+    grey, provenance = load_grey(data_file("JPGExtended.dcm"))
+    np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
+    assert provenance == ["decode:dicom(JPEG Extended (Process 2 and 4))", "voi:percentile(0.5,99.5)"]
+
+
+def test_htj2k_lossless_gives_the_uncompressed_pixels():
+    # A real HTJ2K codestream, not a relabelled JPEG 2000 one: SIZ's Rsiz has
+    # the Part 15 bit and a CAP marker follows SIZ (ISO/IEC 15444-15 A.2, A.3).
+    codestream = next(generate_frames(pydicom.dcmread(HTJ2K_FILE).PixelData, number_of_frames=1))
+    siz_end = 4 + struct.unpack(">H", codestream[4:6])[0]
+    assert struct.unpack(">H", codestream[6:8])[0] & 0x4000 and codestream[siz_end:siz_end + 2] == b"\xff\x50"
+    grey, provenance = load_grey(HTJ2K_FILE)
+    reference, reference_provenance = load_grey(data_file("MR_small.dcm"))
+    np.testing.assert_array_equal(grey, reference)
+    assert provenance == ["decode:dicom(High-Throughput JPEG 2000 Image Compression (Lossless Only))",
+                          *reference_provenance[1:]]
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
+def test_dicom_without_preamble_or_file_meta_gives_the_same_pixels(tmp_path, name):
+    # No file meta, so no transfer syntax: it is inferred from the data set's
+    # own encoding (explicit or implicit VR, little or big endian).
+    bare = tmp_path / "bare"
+    bare.write_bytes(without_preamble_and_meta(data_file(name).read_bytes()))
+    grey, provenance = load_grey(bare)
+    reference, reference_provenance = load_grey(data_file(name))
+    np.testing.assert_array_equal(grey, reference)
+    assert provenance == reference_provenance
 
 
 # ---------------------------------------------------------------- rejects
