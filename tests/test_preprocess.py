@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
 
 from configs import FramePolicy, PreprocessConfig
 from tasks import preprocess as pp
@@ -45,6 +46,16 @@ def without_preamble_and_meta(data: bytes) -> bytes:
     # group's length in bytes after this 12-byte element.
     assert data[128:140] == b"DICM\x02\x00\x00\x00UL\x04\x00"
     return data[144 + struct.unpack("<I", data[140:144])[0]:]
+
+
+def edited(tmp_path: Path, name: str, **elements) -> Path:
+    """pydicom's test file `name` with the given elements (keyword=value) set, saved as a new file."""
+    ds = pydicom.dcmread(data_file(name))
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / f"edited_{name}"
+    ds.save_as(path)
+    return path
 
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
@@ -220,12 +231,29 @@ def test_ybr_full_422_is_converted_to_rgb_first():
     assert "colour:YBR_FULL_422->RGB(decoder)" in provenance
 
 
-def test_palette_colour_without_file_meta_or_preamble():
-    # OT-PAL-8-face.dcm has neither the 128-byte preamble nor file meta.
-    grey, provenance = load_grey(data_file("OT-PAL-8-face.dcm"))
-    assert grey.shape == (480, 640)
-    assert "colour:palette_lut" in provenance
-    assert grey.std() > 0.1  # a real picture, not a flat field
+def test_ybr_full_is_converted_to_rgb_before_luminance():
+    path = data_file("SC_ybr_full_uncompressed.dcm")
+    ds = pydicom.dcmread(path)  # 8-bit, 3 samples, PlanarConfiguration 0
+    ybr = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns, 3)
+    grey, provenance = load_grey(path)
+    np.testing.assert_allclose(grey, bt601(convert_color_space(ybr, "YBR_FULL", "RGB") / 255), atol=1e-6)
+    assert provenance[1:] == ["colour:YBR_FULL->RGB(decoder)", "scale:/255", "colour:luminance(BT.601)"]
+    # ...which is the RGB original's picture, up to the rounding of the stored
+    # YCbCr (measured 1.9 8-bit levels at most; unconverted YCbCr is 65 off on average).
+    original, _ = load_grey(data_file("SC_rgb.dcm"))
+    assert np.abs(grey - original).max() < 3 / 255
+
+
+# OT-PAL-8-face.dcm has neither the 128-byte preamble nor file meta.
+@pytest.mark.parametrize("name", ["OT-PAL-8-face.dcm", "examples_palette.dcm"])
+def test_palette_colour_is_the_luminance_of_its_colour_table(name):
+    ds = pydicom.dcmread(data_file(name), force=True)
+    indices = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)  # 8-bit native
+    assert ds.RedPaletteColorLookupTableDescriptor[2] == 16  # 16-bit table entries
+    expected = bt601(apply_color_lut(indices, ds) / 65535)
+    grey, provenance = load_grey(data_file(name))
+    np.testing.assert_allclose(grey, expected, atol=1e-6)
+    assert provenance[-3:] == ["colour:palette_lut", "scale:/65535", "colour:luminance(BT.601)"]
 
 
 @pytest.mark.parametrize(
@@ -271,6 +299,84 @@ def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
     mono1, provenance = load_grey(path)
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
     assert provenance[-1] == "invert:MONOCHROME1"
+
+
+@pytest.mark.parametrize("elements, step", [
+    ({"PresentationLUTShape": "INVERSE"}, "invert:PresentationLUTShape=INVERSE"),
+    # DX/MG pair MONOCHROME1 with INVERSE to describe one inversion, not two.
+    ({"PhotometricInterpretation": "MONOCHROME1", "PresentationLUTShape": "INVERSE"},
+     "invert:MONOCHROME1+PresentationLUTShape=INVERSE"),
+], ids=["MONOCHROME2+INVERSE", "MONOCHROME1+INVERSE"])
+def test_presentation_lut_shape_inverse_inverts_once(tmp_path, elements, step):
+    original, provenance = load_grey(data_file("MR_small.dcm"))
+    inverted, inverted_provenance = load_grey(edited(tmp_path, "MR_small.dcm", **elements))
+    np.testing.assert_array_equal(inverted, 1.0 - original)
+    assert inverted_provenance == [*provenance, step]
+
+
+def test_presentation_lut_shape_identity_changes_nothing(tmp_path):
+    original, provenance = load_grey(data_file("MR_small.dcm"))
+    grey, identity_provenance = load_grey(edited(tmp_path, "MR_small.dcm", PresentationLUTShape="IDENTITY"))
+    np.testing.assert_array_equal(grey, original)
+    assert identity_provenance == provenance
+
+
+@pytest.mark.parametrize("lut", ["file", "12-bit curve"])
+def test_voi_lut_sequence_is_scaled_by_its_output_range(tmp_path, lut):
+    # vlut_04's LUT is a 16-bit ramp over 8-bit input; the curve (12-bit values
+    # in a LUT that declares 16 bits, as many files do) shows the LUT is applied
+    # and scaled by what it outputs, not by its nominal depth.
+    path = data_file("vlut_04.dcm")
+    if lut == "12-bit curve":
+        seq = pydicom.dcmread(path).VOILUTSequence
+        seq[0].LUTData = [round(4095 * (i / 255) ** 2) for i in range(256)]
+        path = edited(tmp_path, "vlut_04.dcm", VOILUTSequence=seq)
+    ds = pydicom.dcmread(path)
+    table = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+    expected = (apply_voi_lut(ds.pixel_array, ds) - table.min()) / (table.max() - table.min())
+    grey, provenance = load_grey(path)
+    np.testing.assert_allclose(grey, expected, atol=1e-6)
+    assert provenance == ["decode:dicom(Explicit VR Little Endian)", "voi:lut_sequence(0)"]
+
+
+@pytest.mark.parametrize("lut", ["file", "squared"])
+def test_modality_lut_sequence_is_applied_before_the_window(tmp_path, lut):
+    # mlut_18: 12-bit signed pixels through a 4096-entry LUT starting at -2048.
+    # Its LUT is linear, which the percentile window after it would hide; the
+    # squared curve shows the LUT is applied.
+    path = data_file("mlut_18.dcm")
+    if lut == "squared":
+        seq = pydicom.dcmread(path).ModalityLUTSequence
+        seq[0].LUTData = [round(65535 * (i / 4095) ** 2) for i in range(4096)]
+        path = edited(tmp_path, "mlut_18.dcm", ModalityLUTSequence=seq)
+    ds = pydicom.dcmread(path)
+    grey, provenance = load_grey(path)
+    np.testing.assert_allclose(grey, percentile_window(apply_modality_lut(ds.pixel_array, ds)), atol=1e-6)
+    assert provenance == ["decode:dicom(Explicit VR Little Endian)", "modality_lut:lut_sequence",
+                          "voi:percentile(0.5,99.5)"]
+
+
+@pytest.mark.parametrize("name, fill", [
+    ("MR2_UNCI.dcm", "ones"),  # unsigned, 12 of 16 bits
+    # Signed, 12 of 16 bits; the file stores negative values without sign
+    # extension (4095 for -1): written sign-extended, or with junk above HighBit.
+    ("mlut_18.dcm", "sign"),
+    ("mlut_18.dcm", "junk"),
+])
+def test_bits_above_bits_stored_are_ignored(tmp_path, name, fill):
+    # PS3.5 8.1.1: only the BitsStored bits up to HighBit are the value (bit
+    # HighBit its sign when signed); the bits above may hold anything.
+    ds = pydicom.dcmread(data_file(name))
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 12, 11)
+    words = np.frombuffer(ds.PixelData, "<u2")
+    value = words & 0x0FFF
+    high = {"ones": 0xF000, "sign": np.where(value & 0x0800, 0xF000, 0), "junk": 0x5000}[fill]
+    changed = (value | high).astype("<u2")
+    assert np.count_nonzero(changed != words) > words.size // 4
+    original, provenance = load_grey(data_file(name))
+    grey, changed_provenance = load_grey(edited(tmp_path, name, PixelData=changed.tobytes()))
+    np.testing.assert_array_equal(grey, original)
+    assert changed_provenance == provenance
 
 
 def test_pixel_padding_excluded_from_window_and_shown_dark(tmp_path):
