@@ -41,16 +41,11 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
-from pydicom.uid import (
-    JPEG2000,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-)
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 from torchvision.transforms.v2 import functional as TF
 
 from configs import FramePolicy, PreprocessConfig
+from tasks.dicom import inferred_transfer_syntax
 from tasks.io import write_bytes_atomic
 
 __all__ = [
@@ -236,28 +231,24 @@ def _read_dicom(data: bytes, force: bool) -> pydicom.Dataset:
     return ds
 
 
-def _transfer_syntax(ds: pydicom.Dataset):
+def _transfer_syntax(ds: pydicom.Dataset, provenance: list[str]):
+    """The file meta's transfer syntax, else the one the data set's encoding implies (recorded)."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
         return tsyntax
-    # No file meta (old or hand-made files): the encoding pydicom worked out
-    # while parsing is the transfer syntax, but only for native pixel data;
-    # compressed (encapsulated) data needs the real UID.
-    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+    tsyntax = inferred_transfer_syntax(ds)
+    if tsyntax is None:
         raise UnreadableImage("corrupt DICOM: compressed pixel data but no transfer syntax")
-    implicit, little = ds.original_encoding[:2]
-    if implicit:
-        tsyntax = ImplicitVRLittleEndian
-    else:
-        tsyntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    ds.file_meta.TransferSyntaxUID = tsyntax
+    ds.file_meta.TransferSyntaxUID = tsyntax  # where pydicom's decoders look for it
+    # A guess, however well founded: show it beside the pixels it produced.
+    provenance.append(f"transfer_syntax:inferred({tsyntax.name})")
     return tsyntax
 
 
 def _decode_dicom_frames(ds: pydicom.Dataset, frames: FramePolicy, provenance: list[str],
                          min_short_side: int | None) -> tuple[np.ndarray, str]:
     """Decoded pixels of the frame(s) `frames` picks and the photometric interpretation they are in."""
-    tsyntax = _transfer_syntax(ds)
+    tsyntax = _transfer_syntax(ds, provenance)
     reduced = _decode_j2k_reduced(ds, tsyntax, min_short_side) if min_short_side else None
     if reduced is not None:
         arr, level = reduced

@@ -462,13 +462,15 @@ def test_htj2k_lossless_gives_the_uncompressed_pixels():
 @pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
 def test_dicom_without_preamble_or_file_meta_gives_the_same_pixels(tmp_path, name):
     # No file meta, so no transfer syntax: it is inferred from the data set's
-    # own encoding (explicit or implicit VR, little or big endian).
+    # own encoding (explicit or implicit VR, little or big endian), and the
+    # provenance says so.
     bare = tmp_path / "bare"
     bare.write_bytes(without_preamble_and_meta(data_file(name).read_bytes()))
     grey, provenance = load_grey(bare)
     reference, reference_provenance = load_grey(data_file(name))
     np.testing.assert_array_equal(grey, reference)
-    assert provenance == reference_provenance
+    syntax = pydicom.dcmread(data_file(name)).file_meta.TransferSyntaxUID.name
+    assert provenance == [f"transfer_syntax:inferred({syntax})", *reference_provenance]
 
 
 # ---------------------------------------------------------------- rejects
@@ -483,6 +485,15 @@ def test_rejects_truncated_dicom(tmp_path):
         with pytest.raises(UnreadableImage, match="^corrupt DICOM: ") as info:
             load_grey(path)
         assert info.value.path == path
+
+
+def test_rejects_compressed_dicom_without_file_meta(tmp_path):
+    # The data set's encoding says nothing about which codec compressed the
+    # pixels, so no transfer syntax can be inferred: reject, do not guess.
+    bare = tmp_path / "bare_j2k"
+    bare.write_bytes(without_preamble_and_meta(data_file("MR_small_jp2klossless.dcm").read_bytes()))
+    with pytest.raises(UnreadableImage, match="^corrupt DICOM: compressed pixel data but no transfer syntax$"):
+        load_grey(bare)
 
 
 def test_rejects_text_file(tmp_path):
