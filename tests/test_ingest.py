@@ -17,9 +17,11 @@ from tasks.ingest import (
     NotEnoughData,
     check_enough_samples,
     dicom_age,
+    image_facts,
     ingest_dataset,
     parse_dicom_age,
     patient_key,
+    read_dicom_header,
 )
 
 SALT = "test-salt"
@@ -69,6 +71,16 @@ def test_bad_rows_and_files_are_rejected_with_reasons(tmp_path, breast_dicom_dir
     assert reasons[extra.loc[2, "path"]].startswith("row ")
     assert result.discovered == len(result.manifest) + len(result.rejects)
     assert len(result.manifest) == 120 - 2  # the duplicated file and the mislabelled one
+
+
+def test_image_facts_name_the_transfer_syntax_preprocess_infers():
+    # File meta without (0002,0010): the QC report shows the syntax the data set
+    # is read and decoded as, marked as inferred, not just "none".
+    data = Path(get_testdata_file("meta_missing_tsyntax.dcm")).read_bytes()
+    assert image_facts(data, read_dicom_header(data))["transfer_syntax"] == "Implicit VR Little Endian (inferred)"
+    # A syntax the file names is shown as it is.
+    data = Path(get_testdata_file("MR_small_bigendian.dcm")).read_bytes()
+    assert image_facts(data, read_dicom_header(data))["transfer_syntax"] == "Explicit VR Big Endian"
 
 
 def test_dicom_age_from_header_dates_and_patient_age():
