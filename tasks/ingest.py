@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 
 from configs import DataConfig, TaskKind
-from tasks.dicom import inferred_transfer_syntax
+from tasks.dicom import inferred_transfer_syntax, looks_like_raw_dicom
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,10 @@ def read_dicom_header(source: Path | bytes) -> pydicom.Dataset | None:
     """A DICOM data set (from a path, pixel data left unread), or None if it is not DICOM."""
     try:
         if isinstance(source, bytes):
-            return pydicom.dcmread(io.BytesIO(source))
+            # A file without the preamble needs force=True, and preprocess
+            # decodes such files, so read their header (PatientID, facts) too;
+            # anything else is read unforced, where junk cannot pass as DICOM.
+            return pydicom.dcmread(io.BytesIO(source), force=looks_like_raw_dicom(source))
         return pydicom.dcmread(source, defer_size=1024)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
         return None

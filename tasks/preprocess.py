@@ -45,7 +45,7 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless
 from torchvision.transforms.v2 import functional as TF
 
 from configs import FramePolicy, PreprocessConfig
-from tasks.dicom import inferred_transfer_syntax
+from tasks.dicom import inferred_transfer_syntax, looks_like_raw_dicom
 from tasks.io import write_bytes_atomic
 
 __all__ = [
@@ -115,29 +115,9 @@ def _sniff(data: bytes) -> str | None:
         return "png"
     if data.startswith(_JPEG_MAGIC):
         return "jpeg"
-    if _looks_like_raw_dicom(data):
+    if looks_like_raw_dicom(data):
         return "dicom-no-preamble"
     return None
-
-
-def _looks_like_raw_dicom(data: bytes) -> bool:
-    # dcmread(force=True) "succeeds" on almost any bytes, so only use it when
-    # the file starts like a DICOM data set without the 128-byte preamble: a
-    # first element in the file meta (0002) or identifying (0008) group, little
-    # or big endian, whose VR (explicit) or length (implicit) is plausible.
-    if len(data) < 8:
-        return False
-    for endian in "<>":
-        group, _element = struct.unpack(endian + "HH", data[:4])
-        if group not in (0x0002, 0x0008):
-            continue
-        vr = data[4:6]
-        if vr.isalpha() and vr.isupper():
-            return True
-        (length,) = struct.unpack(endian + "I", data[4:8])
-        if endian == "<" and length < len(data):
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------

@@ -83,6 +83,20 @@ def test_image_facts_name_the_transfer_syntax_preprocess_infers():
     assert image_facts(data, read_dicom_header(data))["transfer_syntax"] == "Explicit VR Big Endian"
 
 
+def test_dicom_without_preamble_is_read_as_dicom(tmp_path):
+    # preprocess decodes DICOM without the 128-byte preamble (with or without
+    # file meta), so ingest must read its header too: its patient, study and
+    # facts, not "an image" with no patient that could land in any split.
+    stripped = Path(get_testdata_file("CT_small.dcm")).read_bytes()[132:]  # preamble and "DICM"
+    header = read_dicom_header(stripped)
+    assert header is not None and header.PatientID == "1CT1"
+    assert image_facts(stripped, header)["transfer_syntax"] == "Explicit VR Little Endian"
+    bare = Path(get_testdata_file("OT-PAL-8-face.dcm")).read_bytes()  # no preamble, no file meta
+    facts = image_facts(bare, read_dicom_header(bare))
+    assert (facts["photometric"], facts["image_size"], facts["transfer_syntax"]) == (
+        "PALETTE COLOR", "480x640", "Implicit VR Little Endian (inferred)")
+
+
 def test_dicom_age_from_header_dates_and_patient_age():
     rg1 = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"), stop_before_pixels=True)
     assert rg1.get("PatientAge") is None
