@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
@@ -216,6 +217,21 @@ def test_jpeg_is_read_as_grey(rg1_uncr, tmp_path):
     assert np.abs(grey - rg1_uncr[0]).mean() < 0.01
 
 
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    # EXIF Orientation 6: the stored pixels are shown turned 90 degrees
+    # clockwise (how cameras and phones store portrait pictures).
+    stored = np.zeros((64, 96), np.uint8)
+    stored[:32, :48] = 255  # bright top-left quadrant
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    grey, provenance = load_grey(path)
+    assert grey.shape == (96, 64)
+    assert np.abs(grey - np.rot90(stored, k=-1) / 255).mean() < 0.01  # bright quadrant now top right
+    assert provenance == ["decode:jpeg(mode=L)", "exif_transpose", "scale:/255"]
+
+
 @pytest.mark.parametrize("name", ["SC_rgb.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"])
 def test_rgb_dicom_becomes_bt601_luminance(name):
     expected = bt601(pydicom.dcmread(data_file("SC_rgb.dcm")).pixel_array / 255)
@@ -321,22 +337,22 @@ def test_presentation_lut_shape_identity_changes_nothing(tmp_path):
     assert identity_provenance == provenance
 
 
-@pytest.mark.parametrize("lut", ["file", "12-bit curve"])
-def test_voi_lut_sequence_is_scaled_by_its_output_range(tmp_path, lut):
-    # vlut_04's LUT is a 16-bit ramp over 8-bit input; the curve (12-bit values
-    # in a LUT that declares 16 bits, as many files do) shows the LUT is applied
-    # and scaled by what it outputs, not by its nominal depth.
-    path = data_file("vlut_04.dcm")
-    if lut == "12-bit curve":
-        seq = pydicom.dcmread(path).VOILUTSequence
-        seq[0].LUTData = [round(4095 * (i / 255) ** 2) for i in range(256)]
-        path = edited(tmp_path, "vlut_04.dcm", VOILUTSequence=seq)
+@pytest.mark.parametrize("voi_window", [0, 1])
+def test_voi_lut_sequence_is_chosen_and_scaled_by_its_output_range(tmp_path, voi_window):
+    # vlut_04's own LUT (item 0) is a 16-bit ramp over 8-bit input. Item 1,
+    # added here, holds 12-bit values in a LUT that declares 16 bits, as many
+    # files do: it must be the one `voi_window` picks, applied, and scaled by
+    # what it outputs, not by its nominal depth.
+    seq = pydicom.dcmread(data_file("vlut_04.dcm")).VOILUTSequence
+    seq.append(copy.deepcopy(seq[0]))
+    seq[1].LUTData = [round(4095 * (i / 255) ** 2) for i in range(256)]
+    path = edited(tmp_path, "vlut_04.dcm", VOILUTSequence=seq)
     ds = pydicom.dcmread(path)
-    table = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
-    expected = (apply_voi_lut(ds.pixel_array, ds) - table.min()) / (table.max() - table.min())
-    grey, provenance = load_grey(path)
+    table = np.asarray(ds.VOILUTSequence[voi_window].LUTData, dtype=np.float64)
+    expected = (apply_voi_lut(ds.pixel_array, ds, index=voi_window) - table.min()) / (table.max() - table.min())
+    grey, provenance = load_grey(path, voi_window=voi_window)
     np.testing.assert_allclose(grey, expected, atol=1e-6)
-    assert provenance == ["decode:dicom(Explicit VR Little Endian)", "voi:lut_sequence(0)"]
+    assert provenance == ["decode:dicom(Explicit VR Little Endian)", f"voi:lut_sequence({voi_window})"]
 
 
 @pytest.mark.parametrize("lut", ["file", "squared"])
