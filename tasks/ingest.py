@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 
 from configs import DataConfig, TaskKind
+from tasks.dicom import inferred_transfer_syntax, looks_like_raw_dicom
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,10 @@ def read_dicom_header(source: Path | bytes) -> pydicom.Dataset | None:
     """A DICOM data set (from a path, pixel data left unread), or None if it is not DICOM."""
     try:
         if isinstance(source, bytes):
-            return pydicom.dcmread(io.BytesIO(source))
+            # A file without the preamble needs force=True, and preprocess
+            # decodes such files, so read their header (PatientID, facts) too;
+            # anything else is read unforced, where junk cannot pass as DICOM.
+            return pydicom.dcmread(io.BytesIO(source), force=looks_like_raw_dicom(source))
         return pydicom.dcmread(source, defer_size=1024)
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
@@ -131,13 +135,18 @@ def image_facts(data: bytes, header: pydicom.Dataset | None) -> dict[str, object
                 "image_size": f"{size[1]}x{size[0]}", "frames": 1,
                 "pixel_sha256": hashlib.sha256(data).hexdigest()}
     syntax = getattr(header, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
+    if syntax:
+        syntax_name = syntax.name
+    else:  # what preprocess will decode it as, marked as a guess
+        inferred = inferred_transfer_syntax(header)
+        syntax_name = f"{inferred.name} (inferred)" if inferred else "none in file"
     pixels = header.get("PixelData")
     # Stored pixels plus their geometry: a re-exported copy with edited tags still matches.
     geometry = f"{header.get('Rows')}x{header.get('Columns')}x{header.get('NumberOfFrames', 1)}"
     pixel_hash = hashlib.sha256(geometry.encode() + bytes(pixels)).hexdigest() if pixels else ""
     return {"modality": str(header.get("Modality", "")),
             "photometric": str(header.get("PhotometricInterpretation", "")),
-            "transfer_syntax": syntax.name if syntax else "none in file (inferred)",
+            "transfer_syntax": syntax_name,
             "image_size": f"{header.get('Rows', 0)}x{header.get('Columns', 0)}",
             "frames": int(header.get("NumberOfFrames") or 1), "pixel_sha256": pixel_hash}
 

@@ -41,16 +41,11 @@ from pydicom.pixels import (
     convert_color_space,
     get_decoder,
 )
-from pydicom.uid import (
-    JPEG2000,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-)
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 from torchvision.transforms.v2 import functional as TF
 
 from configs import FramePolicy, PreprocessConfig
+from tasks.dicom import inferred_transfer_syntax, looks_like_raw_dicom
 from tasks.io import write_bytes_atomic
 
 __all__ = [
@@ -120,29 +115,9 @@ def _sniff(data: bytes) -> str | None:
         return "png"
     if data.startswith(_JPEG_MAGIC):
         return "jpeg"
-    if _looks_like_raw_dicom(data):
+    if looks_like_raw_dicom(data):
         return "dicom-no-preamble"
     return None
-
-
-def _looks_like_raw_dicom(data: bytes) -> bool:
-    # dcmread(force=True) "succeeds" on almost any bytes, so only use it when
-    # the file starts like a DICOM data set without the 128-byte preamble: a
-    # first element in the file meta (0002) or identifying (0008) group, little
-    # or big endian, whose VR (explicit) or length (implicit) is plausible.
-    if len(data) < 8:
-        return False
-    for endian in "<>":
-        group, _element = struct.unpack(endian + "HH", data[:4])
-        if group not in (0x0002, 0x0008):
-            continue
-        vr = data[4:6]
-        if vr.isalpha() and vr.isupper():
-            return True
-        (length,) = struct.unpack(endian + "I", data[4:8])
-        if endian == "<" and length < len(data):
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------
@@ -236,28 +211,24 @@ def _read_dicom(data: bytes, force: bool) -> pydicom.Dataset:
     return ds
 
 
-def _transfer_syntax(ds: pydicom.Dataset):
+def _transfer_syntax(ds: pydicom.Dataset, provenance: list[str]):
+    """The file meta's transfer syntax, else the one the data set's encoding implies (recorded)."""
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
         return tsyntax
-    # No file meta (old or hand-made files): the encoding pydicom worked out
-    # while parsing is the transfer syntax, but only for native pixel data;
-    # compressed (encapsulated) data needs the real UID.
-    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+    tsyntax = inferred_transfer_syntax(ds)
+    if tsyntax is None:
         raise UnreadableImage("corrupt DICOM: compressed pixel data but no transfer syntax")
-    implicit, little = ds.original_encoding[:2]
-    if implicit:
-        tsyntax = ImplicitVRLittleEndian
-    else:
-        tsyntax = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
-    ds.file_meta.TransferSyntaxUID = tsyntax
+    ds.file_meta.TransferSyntaxUID = tsyntax  # where pydicom's decoders look for it
+    # A guess, however well founded: show it beside the pixels it produced.
+    provenance.append(f"transfer_syntax:inferred({tsyntax.name})")
     return tsyntax
 
 
 def _decode_dicom_frames(ds: pydicom.Dataset, frames: FramePolicy, provenance: list[str],
                          min_short_side: int | None) -> tuple[np.ndarray, str]:
     """Decoded pixels of the frame(s) `frames` picks and the photometric interpretation they are in."""
-    tsyntax = _transfer_syntax(ds)
+    tsyntax = _transfer_syntax(ds, provenance)
     reduced = _decode_j2k_reduced(ds, tsyntax, min_short_side) if min_short_side else None
     if reduced is not None:
         arr, level = reduced

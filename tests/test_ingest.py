@@ -17,9 +17,11 @@ from tasks.ingest import (
     NotEnoughData,
     check_enough_samples,
     dicom_age,
+    image_facts,
     ingest_dataset,
     parse_dicom_age,
     patient_key,
+    read_dicom_header,
 )
 
 SALT = "test-salt"
@@ -69,6 +71,30 @@ def test_bad_rows_and_files_are_rejected_with_reasons(tmp_path, breast_dicom_dir
     assert reasons[extra.loc[2, "path"]].startswith("row ")
     assert result.discovered == len(result.manifest) + len(result.rejects)
     assert len(result.manifest) == 120 - 2  # the duplicated file and the mislabelled one
+
+
+def test_image_facts_name_the_transfer_syntax_preprocess_infers():
+    # File meta without (0002,0010): the QC report shows the syntax the data set
+    # is read and decoded as, marked as inferred, not just "none".
+    data = Path(get_testdata_file("meta_missing_tsyntax.dcm")).read_bytes()
+    assert image_facts(data, read_dicom_header(data))["transfer_syntax"] == "Implicit VR Little Endian (inferred)"
+    # A syntax the file names is shown as it is.
+    data = Path(get_testdata_file("MR_small_bigendian.dcm")).read_bytes()
+    assert image_facts(data, read_dicom_header(data))["transfer_syntax"] == "Explicit VR Big Endian"
+
+
+def test_dicom_without_preamble_is_read_as_dicom(tmp_path):
+    # preprocess decodes DICOM without the 128-byte preamble (with or without
+    # file meta), so ingest must read its header too: its patient, study and
+    # facts, not "an image" with no patient that could land in any split.
+    stripped = Path(get_testdata_file("CT_small.dcm")).read_bytes()[132:]  # preamble and "DICM"
+    header = read_dicom_header(stripped)
+    assert header is not None and header.PatientID == "1CT1"
+    assert image_facts(stripped, header)["transfer_syntax"] == "Explicit VR Little Endian"
+    bare = Path(get_testdata_file("OT-PAL-8-face.dcm")).read_bytes()  # no preamble, no file meta
+    facts = image_facts(bare, read_dicom_header(bare))
+    assert (facts["photometric"], facts["image_size"], facts["transfer_syntax"]) == (
+        "PALETTE COLOR", "480x640", "Implicit VR Little Endian (inferred)")
 
 
 def test_dicom_age_from_header_dates_and_patient_age():

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.encaps import generate_frames
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
 
 from configs import FramePolicy, PreprocessConfig
 from tasks import preprocess as pp
@@ -29,6 +35,44 @@ from tasks.preprocess import (
 
 def data_file(name: str) -> Path:
     return Path(get_testdata_file(name))
+
+
+# Made by tests/data/make_htj2k.py: pydicom-data has no HTJ2K file.
+HTJ2K_FILE = Path(__file__).parent / "data" / "MR_small_htj2k.dcm"
+
+
+def without_preamble_and_meta(data: bytes) -> bytes:
+    """A DICOM file's data set alone: the 128-byte preamble, "DICM" and the file meta cut off."""
+    # The file meta starts with (0002,0000) UL, explicit VR little endian: the
+    # group's length in bytes after this 12-byte element.
+    assert data[128:140] == b"DICM\x02\x00\x00\x00UL\x04\x00"
+    return data[144 + struct.unpack("<I", data[140:144])[0]:]
+
+
+def edited(tmp_path: Path, name: str, **elements) -> Path:
+    """pydicom's test file `name` with the given elements (keyword=value) set, saved as a new file."""
+    ds = pydicom.dcmread(data_file(name))
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / f"edited_{name}"
+    ds.save_as(path)
+    return path
+
+
+def percentile_window(values: np.ndarray) -> np.ndarray:
+    """The contract's VOI when the header has none: 0.5th-99.5th percentile onto [0, 1]."""
+    lo, hi = np.percentile(values.astype(np.float64), [0.5, 99.5])
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def linear_window(values: np.ndarray, c: float, w: float) -> np.ndarray:
+    """DICOM LINEAR window (PS3.3 C.11.2.1.2.1) onto [0, 1]: 0 at c - 0.5 - (w - 1)/2, 1 at c - 0.5 + (w - 1)/2."""
+    return np.clip((values - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+
+
+def bt601(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of RGB in [0, 1]."""
+    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 def region_mean(grey: np.ndarray, rows: tuple[float, float], cols: tuple[float, float]) -> float:
@@ -74,9 +118,7 @@ def test_window_maps_linearly_to_unit_range(rg1_uncr):
     # DICOM LINEAR window, then MONOCHROME1 inversion, from the stored values.
     grey, _ = rg1_uncr
     stored = pydicom.dcmread(data_file("RG1_UNCR.dcm")).pixel_array.astype(np.float64)
-    c, w = 15000.0, 30000.0
-    expected = 1.0 - np.clip((stored - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
-    np.testing.assert_allclose(grey, expected, atol=1e-5)
+    np.testing.assert_allclose(grey, 1.0 - linear_window(stored, 15000.0, 30000.0), atol=1e-5)
 
 
 def test_jpeg2000_lossless_matches_uncompressed(rg1_uncr, rg1_j2kr):
@@ -175,10 +217,24 @@ def test_jpeg_is_read_as_grey(rg1_uncr, tmp_path):
     assert np.abs(grey - rg1_uncr[0]).mean() < 0.01
 
 
+def test_jpeg_exif_orientation_is_applied(tmp_path):
+    # EXIF Orientation 6: the stored pixels are shown turned 90 degrees
+    # clockwise (how cameras and phones store portrait pictures).
+    stored = np.zeros((64, 96), np.uint8)
+    stored[:32, :48] = 255  # bright top-left quadrant
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "portrait.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    grey, provenance = load_grey(path)
+    assert grey.shape == (96, 64)
+    assert np.abs(grey - np.rot90(stored, k=-1) / 255).mean() < 0.01  # bright quadrant now top right
+    assert provenance == ["decode:jpeg(mode=L)", "exif_transpose", "scale:/255"]
+
+
 @pytest.mark.parametrize("name", ["SC_rgb.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"])
 def test_rgb_dicom_becomes_bt601_luminance(name):
-    rgb = pydicom.dcmread(data_file("SC_rgb.dcm")).pixel_array.astype(np.float64) / 255
-    expected = rgb @ np.array([0.299, 0.587, 0.114])
+    expected = bt601(pydicom.dcmread(data_file("SC_rgb.dcm")).pixel_array / 255)
     grey, provenance = load_grey(data_file(name))
     np.testing.assert_allclose(grey, expected, atol=1e-5)
     assert provenance[-1] == "colour:luminance(BT.601)"
@@ -191,12 +247,29 @@ def test_ybr_full_422_is_converted_to_rgb_first():
     assert "colour:YBR_FULL_422->RGB(decoder)" in provenance
 
 
-def test_palette_colour_without_file_meta_or_preamble():
-    # OT-PAL-8-face.dcm has neither the 128-byte preamble nor file meta.
-    grey, provenance = load_grey(data_file("OT-PAL-8-face.dcm"))
-    assert grey.shape == (480, 640)
-    assert "colour:palette_lut" in provenance
-    assert grey.std() > 0.1  # a real picture, not a flat field
+def test_ybr_full_is_converted_to_rgb_before_luminance():
+    path = data_file("SC_ybr_full_uncompressed.dcm")
+    ds = pydicom.dcmread(path)  # 8-bit, 3 samples, PlanarConfiguration 0
+    ybr = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns, 3)
+    grey, provenance = load_grey(path)
+    np.testing.assert_allclose(grey, bt601(convert_color_space(ybr, "YBR_FULL", "RGB") / 255), atol=1e-6)
+    assert provenance[1:] == ["colour:YBR_FULL->RGB(decoder)", "scale:/255", "colour:luminance(BT.601)"]
+    # ...which is the RGB original's picture, up to the rounding of the stored
+    # YCbCr (measured 1.9 8-bit levels at most; unconverted YCbCr is 65 off on average).
+    original, _ = load_grey(data_file("SC_rgb.dcm"))
+    assert np.abs(grey - original).max() < 3 / 255
+
+
+# OT-PAL-8-face.dcm has neither the 128-byte preamble nor file meta.
+@pytest.mark.parametrize("name", ["OT-PAL-8-face.dcm", "examples_palette.dcm"])
+def test_palette_colour_is_the_luminance_of_its_colour_table(name):
+    ds = pydicom.dcmread(data_file(name), force=True)
+    indices = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)  # 8-bit native
+    assert ds.RedPaletteColorLookupTableDescriptor[2] == 16  # 16-bit table entries
+    expected = bt601(apply_color_lut(indices, ds) / 65535)
+    grey, provenance = load_grey(data_file(name))
+    np.testing.assert_allclose(grey, expected, atol=1e-6)
+    assert provenance[-3:] == ["colour:palette_lut", "scale:/65535", "colour:luminance(BT.601)"]
 
 
 @pytest.mark.parametrize(
@@ -212,11 +285,8 @@ def test_multiframe_middle_frame_same_across_transfer_syntaxes(name):
     # 10-frame MR: the middle frame (index 5), percentile window, and the same
     # pixels whatever the encoding.
     ds = pydicom.dcmread(data_file("emri_small.dcm"))
-    frame = ds.pixel_array[5].astype(np.float64)
-    lo, hi = np.percentile(frame, [0.5, 99.5])
-    expected = np.clip((frame - lo) / (hi - lo), 0, 1)
     reference, ref_prov = load_grey(data_file("emri_small.dcm"))
-    np.testing.assert_allclose(reference, expected, atol=1e-6)
+    np.testing.assert_allclose(reference, percentile_window(ds.pixel_array[5]), atol=1e-6)
     assert ref_prov[1:] == ["frame:middle(5/10)", "voi:percentile(0.5,99.5)"]
     grey, provenance = load_grey(data_file(name))
     np.testing.assert_array_equal(grey, reference)
@@ -247,6 +317,84 @@ def test_monochrome1_is_the_inverse_of_monochrome2(tmp_path):
     assert provenance[-1] == "invert:MONOCHROME1"
 
 
+@pytest.mark.parametrize("elements, step", [
+    ({"PresentationLUTShape": "INVERSE"}, "invert:PresentationLUTShape=INVERSE"),
+    # DX/MG pair MONOCHROME1 with INVERSE to describe one inversion, not two.
+    ({"PhotometricInterpretation": "MONOCHROME1", "PresentationLUTShape": "INVERSE"},
+     "invert:MONOCHROME1+PresentationLUTShape=INVERSE"),
+], ids=["MONOCHROME2+INVERSE", "MONOCHROME1+INVERSE"])
+def test_presentation_lut_shape_inverse_inverts_once(tmp_path, elements, step):
+    original, provenance = load_grey(data_file("MR_small.dcm"))
+    inverted, inverted_provenance = load_grey(edited(tmp_path, "MR_small.dcm", **elements))
+    np.testing.assert_array_equal(inverted, 1.0 - original)
+    assert inverted_provenance == [*provenance, step]
+
+
+def test_presentation_lut_shape_identity_changes_nothing(tmp_path):
+    original, provenance = load_grey(data_file("MR_small.dcm"))
+    grey, identity_provenance = load_grey(edited(tmp_path, "MR_small.dcm", PresentationLUTShape="IDENTITY"))
+    np.testing.assert_array_equal(grey, original)
+    assert identity_provenance == provenance
+
+
+@pytest.mark.parametrize("voi_window", [0, 1])
+def test_voi_lut_sequence_is_chosen_and_scaled_by_its_output_range(tmp_path, voi_window):
+    # vlut_04's own LUT (item 0) is a 16-bit ramp over 8-bit input. Item 1,
+    # added here, holds 12-bit values in a LUT that declares 16 bits, as many
+    # files do: it must be the one `voi_window` picks, applied, and scaled by
+    # what it outputs, not by its nominal depth.
+    seq = pydicom.dcmread(data_file("vlut_04.dcm")).VOILUTSequence
+    seq.append(copy.deepcopy(seq[0]))
+    seq[1].LUTData = [round(4095 * (i / 255) ** 2) for i in range(256)]
+    path = edited(tmp_path, "vlut_04.dcm", VOILUTSequence=seq)
+    ds = pydicom.dcmread(path)
+    table = np.asarray(ds.VOILUTSequence[voi_window].LUTData, dtype=np.float64)
+    expected = (apply_voi_lut(ds.pixel_array, ds, index=voi_window) - table.min()) / (table.max() - table.min())
+    grey, provenance = load_grey(path, voi_window=voi_window)
+    np.testing.assert_allclose(grey, expected, atol=1e-6)
+    assert provenance == ["decode:dicom(Explicit VR Little Endian)", f"voi:lut_sequence({voi_window})"]
+
+
+@pytest.mark.parametrize("lut", ["file", "squared"])
+def test_modality_lut_sequence_is_applied_before_the_window(tmp_path, lut):
+    # mlut_18: 12-bit signed pixels through a 4096-entry LUT starting at -2048.
+    # Its LUT is linear, which the percentile window after it would hide; the
+    # squared curve shows the LUT is applied.
+    path = data_file("mlut_18.dcm")
+    if lut == "squared":
+        seq = pydicom.dcmread(path).ModalityLUTSequence
+        seq[0].LUTData = [round(65535 * (i / 4095) ** 2) for i in range(4096)]
+        path = edited(tmp_path, "mlut_18.dcm", ModalityLUTSequence=seq)
+    ds = pydicom.dcmread(path)
+    grey, provenance = load_grey(path)
+    np.testing.assert_allclose(grey, percentile_window(apply_modality_lut(ds.pixel_array, ds)), atol=1e-6)
+    assert provenance == ["decode:dicom(Explicit VR Little Endian)", "modality_lut:lut_sequence",
+                          "voi:percentile(0.5,99.5)"]
+
+
+@pytest.mark.parametrize("name, fill", [
+    ("MR2_UNCI.dcm", "ones"),  # unsigned, 12 of 16 bits
+    # Signed, 12 of 16 bits; the file stores negative values without sign
+    # extension (4095 for -1): written sign-extended, or with junk above HighBit.
+    ("mlut_18.dcm", "sign"),
+    ("mlut_18.dcm", "junk"),
+])
+def test_bits_above_bits_stored_are_ignored(tmp_path, name, fill):
+    # PS3.5 8.1.1: only the BitsStored bits up to HighBit are the value (bit
+    # HighBit its sign when signed); the bits above may hold anything.
+    ds = pydicom.dcmread(data_file(name))
+    assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, 12, 11)
+    words = np.frombuffer(ds.PixelData, "<u2")
+    value = words & 0x0FFF
+    high = {"ones": 0xF000, "sign": np.where(value & 0x0800, 0xF000, 0), "junk": 0x5000}[fill]
+    changed = (value | high).astype("<u2")
+    assert np.count_nonzero(changed != words) > words.size // 4
+    original, provenance = load_grey(data_file(name))
+    grey, changed_provenance = load_grey(edited(tmp_path, name, PixelData=changed.tobytes()))
+    np.testing.assert_array_equal(grey, original)
+    assert changed_provenance == provenance
+
+
 def test_pixel_padding_excluded_from_window_and_shown_dark(tmp_path):
     ds = pydicom.dcmread(data_file("CT_small.dcm"))  # PixelPaddingValue -2000
     arr = ds.pixel_array.copy()
@@ -264,6 +412,83 @@ def test_pixel_padding_excluded_from_window_and_shown_dark(tmp_path):
     np.testing.assert_allclose(grey[20:, 20:], inside, atol=1e-6)
 
 
+# ---------------------------------------------------------------- transfer syntaxes
+
+
+def test_deflated_explicit_vr_is_the_inflated_data_sets_pixels():
+    # image_dfl.dcm's data set is raw deflate (RFC 1951) after the file meta.
+    # Inflate it with zlib and take the 8-bit pixels straight from the inflated
+    # Pixel Data bytes, so neither pydicom's inflate nor its decoder makes the reference.
+    data = data_file("image_dfl.dcm").read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(zlib.decompress(without_preamble_and_meta(data), -zlib.MAX_WBITS)), force=True)
+    stored = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
+    grey, provenance = load_grey(data_file("image_dfl.dcm"))
+    np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
+    assert provenance == ["decode:dicom(Deflated Explicit VR Little Endian)", "voi:percentile(0.5,99.5)"]
+
+
+def test_implicit_vr_gives_the_explicit_vr_files_pixels():
+    explicit, explicit_provenance = load_grey(data_file("MR_small.dcm"))
+    implicit, provenance = load_grey(data_file("MR_small_implicit.dcm"))
+    np.testing.assert_array_equal(implicit, explicit)
+    assert provenance == ["decode:dicom(Implicit VR Little Endian)", *explicit_provenance[1:]]
+    # Both are the header window (600/1600) of the signed 16-bit words in the file.
+    ds = pydicom.dcmread(data_file("MR_small.dcm"))
+    stored = np.frombuffer(ds.PixelData, "<i2").reshape(ds.Rows, ds.Columns)
+    np.testing.assert_allclose(explicit, linear_window(stored, 600.0, 1600.0), atol=1e-5)
+
+
+def test_jpeg_baseline_is_close_to_the_uncompressed_original():
+    # SC_rgb_jpeg_dcmtk.dcm is SC_rgb.dcm through dcmtk's JPEG baseline (YCbCr,
+    # IJG quality 90). SC_rgb is flat colour bars, so the loss sits at the bar
+    # edges: measured 0.30 mean and 1.9 max 8-bit levels of luminance. A decode
+    # or colour error is far larger: YCbCr taken as RGB is 65 mean, 141 max.
+    grey, provenance = load_grey(data_file("SC_rgb_jpeg_dcmtk.dcm"))
+    original, _ = load_grey(data_file("SC_rgb.dcm"))
+    error = np.abs(grey - original) * 255
+    assert error.mean() < 0.5 and error.max() < 3
+    assert provenance == ["decode:dicom(JPEG Baseline (Process 1))", "colour:YBR_FULL->RGB(decoder)",
+                          "scale:/255", "colour:luminance(BT.601)"]
+
+
+def test_jpeg_extended_12_bit_is_pydicoms_decode_windowed():
+    ds = pydicom.dcmread(data_file("JPGExtended.dcm"))
+    stored = ds.pixel_array
+    # Values pydicom's own reference tests pin for this file (JPGE_16_12_1_0_1F_M2):
+    # the decode, and which way up it is, are right before we window it.
+    assert (stored[420, 140], stored[230, 120]) == (244, 95)
+    grey, provenance = load_grey(data_file("JPGExtended.dcm"))
+    np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
+    assert provenance == ["decode:dicom(JPEG Extended (Process 2 and 4))", "voi:percentile(0.5,99.5)"]
+
+
+def test_htj2k_lossless_gives_the_uncompressed_pixels():
+    # A real HTJ2K codestream, not a relabelled JPEG 2000 one: SIZ's Rsiz has
+    # the Part 15 bit and a CAP marker follows SIZ (ISO/IEC 15444-15 A.2, A.3).
+    codestream = next(generate_frames(pydicom.dcmread(HTJ2K_FILE).PixelData, number_of_frames=1))
+    siz_end = 4 + struct.unpack(">H", codestream[4:6])[0]
+    assert struct.unpack(">H", codestream[6:8])[0] & 0x4000 and codestream[siz_end:siz_end + 2] == b"\xff\x50"
+    grey, provenance = load_grey(HTJ2K_FILE)
+    reference, reference_provenance = load_grey(data_file("MR_small.dcm"))
+    np.testing.assert_array_equal(grey, reference)
+    assert provenance == ["decode:dicom(High-Throughput JPEG 2000 Image Compression (Lossless Only))",
+                          *reference_provenance[1:]]
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
+def test_dicom_without_preamble_or_file_meta_gives_the_same_pixels(tmp_path, name):
+    # No file meta, so no transfer syntax: it is inferred from the data set's
+    # own encoding (explicit or implicit VR, little or big endian), and the
+    # provenance says so.
+    bare = tmp_path / "bare"
+    bare.write_bytes(without_preamble_and_meta(data_file(name).read_bytes()))
+    grey, provenance = load_grey(bare)
+    reference, reference_provenance = load_grey(data_file(name))
+    np.testing.assert_array_equal(grey, reference)
+    syntax = pydicom.dcmread(data_file(name)).file_meta.TransferSyntaxUID.name
+    assert provenance == [f"transfer_syntax:inferred({syntax})", *reference_provenance]
+
+
 # ---------------------------------------------------------------- rejects
 
 
@@ -276,6 +501,15 @@ def test_rejects_truncated_dicom(tmp_path):
         with pytest.raises(UnreadableImage, match="^corrupt DICOM: ") as info:
             load_grey(path)
         assert info.value.path == path
+
+
+def test_rejects_compressed_dicom_without_file_meta(tmp_path):
+    # The data set's encoding says nothing about which codec compressed the
+    # pixels, so no transfer syntax can be inferred: reject, do not guess.
+    bare = tmp_path / "bare_j2k"
+    bare.write_bytes(without_preamble_and_meta(data_file("MR_small_jp2klossless.dcm").read_bytes()))
+    with pytest.raises(UnreadableImage, match="^corrupt DICOM: compressed pixel data but no transfer syntax$"):
+        load_grey(bare)
 
 
 def test_rejects_text_file(tmp_path):
@@ -549,10 +783,9 @@ def test_run_killed_part_way_resumes_from_cache_to_the_same_result(mixed_folder,
 
 
 def test_first_frame_policy_takes_frame_zero():
-    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array[0].astype(np.float64)
-    lo, hi = np.percentile(stored, [0.5, 99.5])
+    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array[0]
     grey, provenance = load_grey(data_file("emri_small.dcm"), frames=FramePolicy.FIRST)
-    np.testing.assert_allclose(grey, np.clip((stored - lo) / (hi - lo), 0, 1), atol=1e-6)
+    np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
     assert provenance[1] == "frame:first(0/10)"
 
 
@@ -569,9 +802,8 @@ def test_every_frame_policy_gives_one_sample_per_frame_sharing_the_patient(tmp_p
     assert set(rows.loc[rows["path"] == "cine.dcm", "patient_key"]) == {"p1"}
     assert rows.loc[3, "provenance"].endswith("frame:all(3/10)")
     # One window for the whole loop, so frames keep their relative brightness.
-    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array.astype(np.float64)
-    lo, hi = np.percentile(stored, [0.5, 99.5])
-    expected = resize_and_crop(np.clip((stored - lo) / (hi - lo), 0, 1).astype(np.float32), 256, 224)
+    stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array
+    expected = resize_and_crop(percentile_window(stored).astype(np.float32), 256, 224)
     np.testing.assert_array_equal(prepared.images[:10], expected)
     assert not np.array_equal(prepared.images[0], prepared.images[9])
 
@@ -582,8 +814,7 @@ def test_voi_window_chosen_by_index():
     stored = pydicom.dcmread(path).pixel_array.astype(np.float64)
     for index, (c, w) in enumerate([(450.0, 790.0), (200.0, 443.0)]):
         grey, provenance = load_grey(path, voi_window=index)
-        expected = np.clip((stored - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
-        np.testing.assert_allclose(grey, expected, atol=1e-5)
+        np.testing.assert_allclose(grey, linear_window(stored, c, w), atol=1e-5)
         assert f"voi:window(#{index},c={c:g},w={w:g})" in provenance
     # A file with fewer windows than asked for uses its first.
     assert "voi:window(c=15000,w=30000)" in load_grey(data_file("RG1_UNCR.dcm"), voi_window=1)[1]
