@@ -38,7 +38,6 @@ from pydicom.pixels import (
     apply_modality_lut,
     apply_voi,
     apply_windowing,
-    convert_color_space,
     get_decoder,
 )
 from pydicom.uid import JPEG2000, JPEG2000Lossless
@@ -71,7 +70,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Part of every cache key: bump whenever the pixels this module produces for
 # the same file and settings could change, so old cache entries stop matching.
-PIPELINE_VERSION = 2  # 2: JPEG 2000 decoded at reduced resolution when the resize allows
+PIPELINE_VERSION = 3  # 2: JPEG 2000 decoded at reduced resolution when the resize allows;
+# 3: provenance records a transfer syntax inferred from the encoding (pixels unchanged,
+# but entries cached before would keep provenance that omits the guess)
 
 PERCENTILE_WINDOW = (0.5, 99.5)
 # preprocess_file lets JPEG 2000 decode at reduced resolution down to this many
@@ -248,7 +249,8 @@ def _decode_dicom_frames(ds: pydicom.Dataset, frames: FramePolicy, provenance: l
     index = {FramePolicy.MIDDLE: n_frames // 2, FramePolicy.FIRST: 0, FramePolicy.ALL: None}[frames]
     try:
         # Decode only the frame we keep: a cine loop can be hundreds of frames.
-        arr, props = decoder.as_array(ds, index=index)
+        # as_rgb: YBR_FULL and YBR_FULL_422 come back as RGB, by the standard's equations.
+        arr, props = decoder.as_array(ds, index=index, as_rgb=True)
     except Exception as exc:
         raise UnreadableImage(f"corrupt DICOM: cannot decode {tsyntax.name} pixel data: {exc}") from exc
     provenance.append(f"decode:dicom({tsyntax.name})")
@@ -421,10 +423,7 @@ def _colour_to_grey(arr: np.ndarray, pi: str, ds: pydicom.Dataset, provenance: l
         provenance.append("colour:palette_lut")
     else:
         bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
-        rgb = arr
-        if pi in ("YBR_FULL", "YBR_FULL_422"):
-            rgb = convert_color_space(arr, pi, "RGB")
-            provenance.append(f"colour:{pi}->RGB")
+        rgb = arr  # YBR_FULL(_422) arrive as RGB: the decoder converts them (as_rgb)
     rgb = rgb[..., :3].astype(np.float32) / float(2**bits - 1)
     provenance.append(f"scale:/{2**bits - 1}")
     provenance.append("colour:luminance(BT.601)")
