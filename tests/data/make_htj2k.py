@@ -3,7 +3,9 @@
 pydicom-data has no HTJ2K file, and pylibjpeg-openjpeg (OpenJPEG) decodes HTJ2K
 but cannot encode it, so this one was encoded with OpenJPH through imagecodecs
 (2026.3.6, OpenJPH 0.26.3), which the project does not depend on; only the
-result is kept. To rebuild it:
+result is kept. Source image: MR_small.dcm ships with pydicom (MIT licence), downsized
+to 64x64 from NEMA's WG04 MR1_UNC test image (pydicom/data/test_files/README.txt).
+To rebuild it:
 
     pip install --target /tmp/imagecodecs imagecodecs
     PYTHONPATH=/tmp/imagecodecs python tests/data/make_htj2k.py
