@@ -1,8 +1,12 @@
 """The whole flow, for real: Prefect (test harness server), MLflow (SQLite), ONNX Runtime."""
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
+from typing import Callable, TypeVar
+from uuid import UUID
 
 import numpy as np
 import onnx
@@ -12,53 +16,152 @@ import pydicom
 import pytest
 import torch
 from mlflow import MlflowClient
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, LogFilter, TaskRunFilter
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, LogFilter,
+                                            TaskRunFilter)
+from prefect.client.schemas.objects import Artifact, Log, State
 from prefect.client.schemas.sorting import ArtifactSort
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.logging.handlers import APILogHandler
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import MPEG2MPML, generate_uid
 
 from configs import load_config
 from flows.pipeline import train_pipeline
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
+from tasks.ingest import DICOMDIR_REASON
 from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
 from tests.conftest import write_config
 
+T = TypeVar("T")
+# The Prefect artifacts the flow publishes for configs/breast_ultrasound.yaml.
+QC_KEY, REJECTS_KEY = "breast-ultrasound-qc", "breast-ultrasound-rejects"
+
 
 @pytest.fixture
-def dataset_with_bad_files(tmp_path, breast_dicom_dir):
-    """The real subset plus a corrupt DICOM, a text file and a DICOM without pixels, all listed."""
+def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> tuple[Path, dict[str, str]]:
+    """The real subset plus a copy of a train image's pixels under a new SOPInstanceUID (usable,
+    a same-split duplicate) and one file per reject reason. The manifest lists the extra files
+    as rows 122 on; the loop's second link and the DICOMDIR are not listed.
+    Returns the root and {path: the reason each bad file must be rejected with}."""
     root = tmp_path / "data"
     shutil.copytree(breast_dicom_dir, root)
     manifest = pd.read_csv(root / "manifest.csv")
+    train = root / "train"
     good = root / manifest.loc[0, "path"]
-    (root / "train" / "corrupt.dcm").write_bytes(good.read_bytes()[:-100])  # cut inside the pixels
-    (root / "train" / "notes.dcm").write_text("this is not an image")
+    copy = pydicom.dcmread(root / manifest.loc[1, "path"])
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    copy.save_as(train / "pixel_copy.dcm")
+    (train / "corrupt.dcm").write_bytes(good.read_bytes()[:-100])  # cut inside the pixels
+    (train / "notes.dcm").write_text("this is not an image")
     no_pixels = pydicom.dcmread(good)
     del no_pixels.PixelData
-    no_pixels.save_as(root / "train" / "nopixels.dcm")
-    bad = pd.DataFrame({"path": ["train/corrupt.dcm", "train/notes.dcm", "train/nopixels.dcm"],
-                        "label": "benign", "split": "train"})
-    pd.concat([manifest, bad]).to_csv(root / "manifest.csv", index=False)
-    return root
+    no_pixels.save_as(train / "nopixels.dcm")
+    video = pydicom.dcmread(good)  # real pixels, filed under a syntax no installed plugin decodes
+    video.PixelData = encapsulate([video.PixelData])
+    video["PixelData"].VR, video["PixelData"].is_undefined_length = "OB", True
+    video.file_meta.TransferSyntaxUID = MPEG2MPML
+    video.save_as(train / "video.dcm")
+    (train / "empty.dcm").write_bytes(b"")
+    (train / "ring_a.dcm").symlink_to("ring_b.dcm")
+    (train / "ring_b.dcm").symlink_to("ring_a.dcm")
+    shutil.copyfile(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
+    listed = ["pixel_copy", "corrupt", "notes", "nopixels", "video", "empty", "ring_a"]
+    expected = {
+        # pydicom 3.0's words for pixel data shorter than the header says.
+        "train/corrupt.dcm": "corrupt DICOM: cannot decode Explicit VR Little Endian pixel data: The number of "
+                             "bytes of pixel data is less than expected (684 vs 784 bytes) - the dataset may be "
+                             "corrupted, have an invalid group 0028 element value, or the transfer syntax may be "
+                             "incorrect",
+        "train/notes.dcm": "not a DICOM, PNG or JPEG file",
+        "train/nopixels.dcm": "DICOM has no pixel data",
+        "train/video.dcm": "no decoder for transfer syntax MPEG2 Main Profile / Main Level",
+        "train/empty.dcm": "row 127: empty file (0 bytes)",
+        "train/ring_a.dcm": "row 128: symlink loop: the link leads back to itself",
+        "train/ring_b.dcm": "symlink loop: the link leads back to itself; not listed in the manifest",
+        "DICOMDIR": f"{DICOMDIR_REASON}; not listed in the manifest",
+    }
+    locked = train / "locked.dcm"
+    shutil.copyfile(good, locked)
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads a mode-000 file: this case needs a non-root run
+        locked.unlink()
+    else:
+        listed.append("locked")
+        expected["train/locked.dcm"] = "row 129: cannot read the file: Permission denied (check its permissions)"
+    extra = pd.DataFrame({"path": [f"train/{name}.dcm" for name in listed],
+                          "label": manifest.loc[1, "label"], "split": "train"})
+    assert manifest.loc[1, "split"] == "train" and len(manifest) == 120  # the rows named above
+    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
+    return root, expected
+
+
+def _prefect_read(read: Callable[[SyncPrefectClient], T]) -> T:
+    """`read` through the test server's client, again while its SQLite store is locked: the
+    server answers 503, which the client itself retries only a few times."""
+    for attempt in range(4):
+        try:
+            with get_client(sync_client=True) as client:
+                return read(client)
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code != 503:
+                raise
+            time.sleep(2 ** attempt)
+    with get_client(sync_client=True) as client:  # the last try: its error is the test's
+        return read(client)
+
+
+def _artifacts(flow_run_id: UUID | None = None) -> list[Artifact]:
+    """The artifacts of one flow run, or of every run. Every filter passed explicitly: the sync
+    client sends None for missing ones, which the server refuses."""
+    run = ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None
+    return _prefect_read(lambda client: client.read_artifacts(
+        artifact_filter=ArtifactFilter(flow_run_id=run), flow_run_filter=FlowRunFilter(),
+        task_run_filter=TaskRunFilter(), limit=200, offset=0, sort=ArtifactSort.CREATED_DESC))
+
+
+def _run_artifacts(state: State) -> dict[str, Artifact]:
+    """A flow run's artifacts by key, each key published once."""
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    by_key = {a.key: a for a in artifacts}
+    assert len(by_key) == len(artifacts)
+    return by_key
+
+
+def _reasons(table: Artifact) -> dict[str, str]:
+    """A rejects table artifact as {path: reason}, one row per file."""
+    rows = json.loads(table.data)
+    reasons = {row["path"]: row["reason"] for row in rows}
+    assert len(reasons) == len(rows)
+    return reasons
 
 
 def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_path, dataset_with_bad_files):
-    config_path = write_config(tmp_path, dataset_with_bad_files,
-                               model={"weights": "none"}, train={"epochs": 2, "batch_size": 16})
-    summary = train_pipeline(str(config_path))
+    data_root, expected_rejects = dataset_with_bad_files
+    config_path = write_config(tmp_path, data_root, model={"weights": "none"},
+                               train={"epochs": 2, "batch_size": 16})
+    state = train_pipeline(str(config_path), return_state=True)
+    summary = state.result()
     config = load_config(config_path)
 
-    # Counts reconcile and the bad files are quarantined with reasons.
+    # Counts reconcile and every bad file is quarantined with its reason, in rejects.csv and
+    # in the Prefect table artifact; the QC markdown artifact is the QC report.
     run_dir = summary.run_dir
     usable = pd.read_csv(run_dir / "manifest.csv")
     rejects = pd.read_csv(run_dir / "rejects.csv")
-    assert len(usable) == 120 and len(rejects) == 3
-    reasons = dict(zip(rejects["path"], rejects["reason"]))
-    assert reasons["train/nopixels.dcm"] == "DICOM has no pixel data"
-    assert reasons["train/notes.dcm"] == "not a DICOM, PNG or JPEG file"
-    assert reasons["train/corrupt.dcm"].startswith("corrupt DICOM")
+    assert dict(zip(rejects["path"], rejects["reason"])) == expected_rejects and rejects["path"].is_unique
+    discovered = 120 + 1 + len(expected_rejects)  # the subset, the pixel copy, the bad files
+    assert len(usable) == 121
+    artifacts = _run_artifacts(state)
+    assert _reasons(artifacts[REJECTS_KEY]) == expected_rejects
+    assert artifacts[REJECTS_KEY].description == (f"Discovered {discovered} = usable 121 "
+                                                   f"+ rejected {len(expected_rejects)}")
+    qc = (run_dir / "qc_report.md").read_text()
+    assert artifacts[QC_KEY].data == qc
+    assert f"{discovered} files discovered = 121 usable + {len(expected_rejects)} rejected; 121 samples." in qc
 
     # The registry holds the model with both aliases on the new version.
     client = MlflowClient(config.registry.tracking_uri)
@@ -109,11 +212,11 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     test_paths = usable.loc[usable["split"] == "test", "path"][:5]
-    greys = np.stack([load_grey(dataset_with_bad_files / p)[0] for p in test_paths])
+    greys = np.stack([load_grey(data_root / p)[0] for p in test_paths])
     probabilities = session.run(None, {GREY_INPUT_NAME: greys[:, None]})[0]
     assert probabilities.shape == (5, 2) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     normalised = ort.InferenceSession(str(run_dir / "model_normalised.onnx"), providers=["CPUExecutionProvider"])
-    crops = np.stack([preprocess_file(dataset_with_bad_files / p, config.preprocess).image for p in test_paths])
+    crops = np.stack([preprocess_file(data_root / p, config.preprocess).image for p in test_paths])
     expected = normalised.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crops)).numpy()})[0]
     np.testing.assert_allclose(probabilities, expected, atol=1e-3)
 
@@ -130,22 +233,16 @@ def _phi_strings(data_root: Path) -> set[str]:
     return found
 
 
-def _all_prefect_text() -> list[str]:
-    """Every log line and artifact the Prefect server holds. The artifacts repeat rejects.csv and
-    qc_report.md, which are scanned as files too: under load the test server's SQLite store can
-    drop an artifact write ("database is locked"), so their presence is not asserted here."""
+def _all_prefect_logs() -> list[Log]:
+    """Every log line the Prefect server holds."""
     APILogHandler().flush()
-    with get_client(sync_client=True) as client:
-        # Every filter passed explicitly: the sync client sends None for missing ones, which the server refuses.
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(), flow_run_filter=FlowRunFilter(),
-                                          task_run_filter=TaskRunFilter(), limit=200, offset=0,
-                                          sort=ArtifactSort.CREATED_DESC)
-        texts = [json.dumps(a.data) + (a.description or "") for a in artifacts]
-        offset = 0
-        while batch := client.read_logs(log_filter=LogFilter(), limit=200, offset=offset):
-            texts += [log.message for log in batch]
-            offset += len(batch)
-    return texts
+
+    def read(client: SyncPrefectClient) -> list[Log]:
+        logs: list[Log] = []
+        while batch := client.read_logs(log_filter=LogFilter(), limit=200, offset=len(logs)):
+            logs += batch
+        return logs
+    return _prefect_read(read)
 
 
 def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp_path, breast_dicom_dir):
@@ -164,7 +261,8 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
 
     config_path = write_config(tmp_path, root, model={"weights": "none"},
                                train={"epochs": 1, "batch_size": 32}, preprocess={"workers": 2})
-    summary = train_pipeline(str(config_path))
+    state = train_pipeline(str(config_path), return_state=True)
+    summary = state.result()
     config = load_config(config_path)
     run = MlflowClient(config.registry.tracking_uri).get_run(
         MlflowClient(config.registry.tracking_uri).get_model_version(config.registry.model_name, "1").run_id)
@@ -175,7 +273,14 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     assert summary.onnx_path in outputs and Path(tmp_path / "mlflow.db") in outputs
     assert any(p.suffix == CACHE_SUFFIX for p in outputs) and any(p.name == "qc_report.md" for p in outputs)
     leaks = {(str(p), s) for p in outputs for s in phi if s.encode() in p.read_bytes()}
-    leaks |= {("prefect", s) for text in _all_prefect_text() for s in phi if s in text}
+    # Prefect's copy of the reports and logs: read for real, or the scan below proves nothing.
+    artifacts, logs = _artifacts(), _all_prefect_logs()
+    this_run = {a.key for a in artifacts if a.flow_run_id == state.state_details.flow_run_id}
+    assert {QC_KEY, REJECTS_KEY, "breast-ultrasound-evaluation", "breast-ultrasound-model-card"} <= this_run
+    assert any(log.message.startswith("pipeline finished") for log in logs
+               if log.flow_run_id == state.state_details.flow_run_id)
+    texts = [json.dumps(a.data) + (a.description or "") for a in artifacts] + [log.message for log in logs]
+    leaks |= {("prefect", s) for text in texts for s in phi if s in text}
     assert not leaks
 
     qc = (summary.run_dir / "qc_report.md").read_text()
