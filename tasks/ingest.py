@@ -49,7 +49,10 @@ _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25, "": 365.25}
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used at all; the message names the file and column or row."""
+    """A manifest that cannot be used at all; the message names the file and column or row.
+    `rejects` (REJECT_COLUMNS): the files rejected before it was raised, once files were examined."""
+
+    rejects: pd.DataFrame | None = None
 
 
 class NotEnoughData(ValueError):
@@ -353,6 +356,39 @@ def _check_given_splits(manifest: pd.DataFrame, source: Path) -> None:
                                 "split; fix it, or drop the column to let medxfer make patient-disjoint splits")
 
 
+def _split_samples(manifest: pd.DataFrame, rejects: list[tuple[str, str]], data: DataConfig,
+                   seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The usable samples with their splits, and their duplicates; a copy that would leak across
+    given splits moves to `rejects`. Raises ManifestError when the splits cannot be used."""
+    if manifest.empty:
+        raise ManifestError(f"{data.manifest}: no usable samples ({len(rejects)} rejected)")
+    duplicates = find_duplicates(manifest)
+    given = manifest["split"].notna()
+    if given.all():
+        manifest = _reject_duplicates_across_given_splits(manifest, duplicates, rejects)
+        duplicates = duplicates[duplicates["path"].isin(manifest["path"])]
+        _check_given_splits(manifest, data.manifest)
+    else:
+        if given.any():
+            log.warning("split column is filled on only some rows; making new splits for all")
+        if data.task is TaskKind.CLASSIFICATION:
+            strata = manifest["target"].astype(int)
+        else:
+            strata = pd.Series(pd.qcut(manifest["target"], q=AGE_BINS, labels=False, duplicates="drop"),
+                               index=manifest.index)
+        manifest["split"] = assign_splits(leakage_groups(manifest), strata, data, seed)
+
+    for split in SPLITS:
+        in_split = manifest[manifest["split"] == split]
+        if in_split.empty:
+            raise ManifestError(f"{data.manifest}: the {split!r} split is empty")
+        # AUC, sensitivity and early stopping are undefined without every class present.
+        missing = set(data.label_names) - set(in_split["label"]) if data.label_names else set()
+        if missing:
+            raise ManifestError(f"{data.manifest}: the {split!r} split has no {sorted(missing)} samples")
+    return manifest, duplicates
+
+
 def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
     """Match manifest rows to files, read DICOM headers, find duplicates, and split so that no
     patient, study or duplicated image spans two splits."""
@@ -418,33 +454,12 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         problem = file_problem(full) or (DICOMDIR_REASON if is_dicomdir(read_dicom_header(full)) else None)
         rejects.append((rel, f"{problem}; not listed in the manifest" if problem else "not listed in the manifest"))
 
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    if manifest.empty:
-        raise ManifestError(f"{data.manifest}: no usable samples ({len(rejects)} rejected)")
-    duplicates = find_duplicates(manifest)
-    given = manifest["split"].notna()
-    if given.all():
-        manifest = _reject_duplicates_across_given_splits(manifest, duplicates, rejects)
-        duplicates = duplicates[duplicates["path"].isin(manifest["path"])]
-        _check_given_splits(manifest, data.manifest)
-    else:
-        if given.any():
-            log.warning("split column is filled on only some rows; making new splits for all")
-        if data.task is TaskKind.CLASSIFICATION:
-            strata = manifest["target"].astype(int)
-        else:
-            strata = pd.Series(pd.qcut(manifest["target"], q=AGE_BINS, labels=False, duplicates="drop"),
-                               index=manifest.index)
-        manifest["split"] = assign_splits(leakage_groups(manifest), strata, data, seed)
-
-    for split in SPLITS:
-        in_split = manifest[manifest["split"] == split]
-        if in_split.empty:
-            raise ManifestError(f"{data.manifest}: the {split!r} split is empty")
-        # AUC, sensitivity and early stopping are undefined without every class present.
-        missing = set(data.label_names) - set(in_split["label"]) if data.label_names else set()
-        if missing:
-            raise ManifestError(f"{data.manifest}: the {split!r} split has no {sorted(missing)} samples")
+    try:
+        manifest, duplicates = _split_samples(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), rejects, data, seed)
+    except ManifestError as exc:
+        # The rejects often say why (every file unreadable, a class lost to bad files): the flow reports them.
+        exc.rejects = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+        raise
     if no_patient:
         log.warning("%d samples have no patient id in the manifest or header; each is treated "
                     "as its own patient, so splits cannot guard against same-patient leakage", no_patient)

@@ -30,7 +30,7 @@ from pydicom.uid import MPEG2MPML, generate_uid
 from configs import load_config
 from flows.pipeline import train_pipeline
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
-from tasks.ingest import DICOMDIR_REASON
+from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData
 from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
@@ -139,6 +139,16 @@ def _reasons(table: Artifact) -> dict[str, str]:
     return reasons
 
 
+def _rejects_reported(state: State, run_dir: Path, expected: dict[str, str]) -> str:
+    """Assert that rejects.csv in `run_dir` and the flow run's rejects table artifact both hold
+    exactly `expected`; the artifact's description."""
+    rejects = pd.read_csv(run_dir / "rejects.csv")
+    assert dict(zip(rejects["path"], rejects["reason"])) == expected and rejects["path"].is_unique
+    table = _run_artifacts(state)[REJECTS_KEY]
+    assert _reasons(table) == expected
+    return table.description
+
+
 def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_path, dataset_with_bad_files):
     data_root, expected_rejects = dataset_with_bad_files
     config_path = write_config(tmp_path, data_root, model={"weights": "none"},
@@ -151,16 +161,12 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     # in the Prefect table artifact; the QC markdown artifact is the QC report.
     run_dir = summary.run_dir
     usable = pd.read_csv(run_dir / "manifest.csv")
-    rejects = pd.read_csv(run_dir / "rejects.csv")
-    assert dict(zip(rejects["path"], rejects["reason"])) == expected_rejects and rejects["path"].is_unique
-    discovered = 120 + 1 + len(expected_rejects)  # the subset, the pixel copy, the bad files
     assert len(usable) == 121
-    artifacts = _run_artifacts(state)
-    assert _reasons(artifacts[REJECTS_KEY]) == expected_rejects
-    assert artifacts[REJECTS_KEY].description == (f"Discovered {discovered} = usable 121 "
-                                                   f"+ rejected {len(expected_rejects)}")
+    discovered = 120 + 1 + len(expected_rejects)  # the subset, the pixel copy, the bad files
+    description = _rejects_reported(state, run_dir, expected_rejects)
+    assert description == f"Discovered {discovered} = usable 121 + rejected {len(expected_rejects)}"
     qc = (run_dir / "qc_report.md").read_text()
-    assert artifacts[QC_KEY].data == qc
+    assert _run_artifacts(state)[QC_KEY].data == qc
     assert f"{discovered} files discovered = 121 usable + {len(expected_rejects)} rejected; 121 samples." in qc
 
     # The registry holds the model with both aliases on the new version.
@@ -219,6 +225,48 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     crops = np.stack([preprocess_file(data_root / p, config.preprocess).image for p in test_paths])
     expected = normalised.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crops)).numpy()})[0]
     np.testing.assert_allclose(probabilities, expected, atol=1e-3)
+
+
+# Files in dataset_with_bad_files that ingest accepts and only decoding rejects.
+UNDECODABLE = {"train/corrupt.dcm", "train/notes.dcm", "train/nopixels.dcm", "train/video.dcm"}
+
+
+def _failed_run_dir(config_path: Path) -> Path:
+    """The one run folder of a flow that failed; its MLflow run is marked FAILED and holds rejects.csv."""
+    config = load_config(config_path)
+    (run_dir,) = config.run_dir.iterdir()
+    client = MlflowClient(config.registry.tracking_uri)
+    assert client.get_run(run_dir.name).info.status == "FAILED"
+    assert "data/rejects.csv" in {a.path for a in client.list_artifacts(run_dir.name, "data")}
+    return run_dir
+
+
+def test_too_few_usable_samples_fail_the_flow_after_the_rejects_report(prefect_server, tmp_path,
+                                                                        dataset_with_bad_files):
+    data_root, expected_rejects = dataset_with_bad_files
+    config_path = write_config(tmp_path, data_root, data={"min_usable_per_class": 40})
+    state = train_pipeline(str(config_path), return_state=True)
+    with pytest.raises(NotEnoughData, match=r"\(40\): malignant: 32;"):
+        state.result()
+    run_dir = _failed_run_dir(config_path)
+    assert _rejects_reported(state, run_dir, expected_rejects).endswith(
+        f"= usable 121 + rejected {len(expected_rejects)}")
+    assert "## Rejects by reason" in _run_artifacts(state)[QC_KEY].data
+
+
+def test_unusable_splits_fail_the_flow_after_reporting_the_rejects_found_so_far(prefect_server, tmp_path,
+                                                                              dataset_with_bad_files):
+    data_root, expected_rejects = dataset_with_bad_files
+    manifest = pd.read_csv(data_root / "manifest.csv")
+    manifest["split"] = manifest["split"].replace("test", "val")
+    manifest.to_csv(data_root / "manifest.csv", index=False)
+    config_path = write_config(tmp_path, data_root)
+    state = train_pipeline(str(config_path), return_state=True)
+    with pytest.raises(ManifestError, match="the 'test' split is empty"):
+        state.result()
+    found_by_ingest = {path: reason for path, reason in expected_rejects.items() if path not in UNDECODABLE}
+    description = _rejects_reported(state, _failed_run_dir(config_path), found_by_ingest)
+    assert description == f"Ingest stopped: {data_root / 'manifest.csv'}: the 'test' split is empty"
 
 
 def _phi_strings(data_root: Path) -> set[str]:
