@@ -335,15 +335,15 @@ def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def _reject_duplicates_across_given_splits(manifest: pd.DataFrame, duplicates: pd.DataFrame,
-                                           rejects: list[tuple[str, str]]) -> pd.DataFrame:
+                                           rejects: list[tuple[str, str]], row_of: dict[str, int]) -> pd.DataFrame:
     """Given splits are the site's own: a copy filed under another split than its original is
-    rejected (it would leak), and a copy in the same split is kept."""
+    rejected (it would leak), and a copy in the same split is kept. `row_of`: path -> CSV line."""
     split_of = dict(zip(manifest["path"], manifest["split"]))
     crosses = [split_of[p] != split_of[o] for p, o in zip(duplicates["path"], duplicates["duplicate_of"])]
     leaking = duplicates.loc[np.array(crosses, dtype=bool)]
     for path, original, same in leaking.itertuples(index=False):
-        rejects.append((path, f"duplicate of {original} (same {same}), which is in the "
-                              f"{split_of[original]!r} split"))
+        rejects.append((path, f"row {row_of[path]}: duplicate of {original} (row {row_of[original]}, "
+                              f"same {same}), which is in the {split_of[original]!r} split"))
     return manifest[~manifest["path"].isin(leaking["path"])]
 
 
@@ -356,8 +356,8 @@ def _check_given_splits(manifest: pd.DataFrame, source: Path) -> None:
                                 "split; fix it, or drop the column to let medxfer make patient-disjoint splits")
 
 
-def _split_samples(manifest: pd.DataFrame, rejects: list[tuple[str, str]], data: DataConfig,
-                   seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _split_samples(manifest: pd.DataFrame, rejects: list[tuple[str, str]], data: DataConfig, seed: int,
+                   row_of: dict[str, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The usable samples with their splits, and their duplicates; a copy that would leak across
     given splits moves to `rejects`. Raises ManifestError when the splits cannot be used."""
     if manifest.empty:
@@ -365,7 +365,7 @@ def _split_samples(manifest: pd.DataFrame, rejects: list[tuple[str, str]], data:
     duplicates = find_duplicates(manifest)
     given = manifest["split"].notna()
     if given.all():
-        manifest = _reject_duplicates_across_given_splits(manifest, duplicates, rejects)
+        manifest = _reject_duplicates_across_given_splits(manifest, duplicates, rejects, row_of)
         duplicates = duplicates[duplicates["path"].isin(manifest["path"])]
         _check_given_splits(manifest, data.manifest)
     else:
@@ -455,7 +455,8 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         rejects.append((rel, f"{problem}; not listed in the manifest" if problem else "not listed in the manifest"))
 
     try:
-        manifest, duplicates = _split_samples(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), rejects, data, seed)
+        manifest, duplicates = _split_samples(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), rejects, data, seed,
+                                              dict(zip(table["rel"], table["row"])))
     except ManifestError as exc:
         # The rejects often say why (every file unreadable, a class lost to bad files): the flow reports them.
         exc.rejects = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
