@@ -27,10 +27,10 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, generate_uid
 
-from configs import load_config
+from configs import SALT_ENV_VAR, load_config
 from flows.pipeline import train_pipeline
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
-from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData
+from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_key
 from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
@@ -293,7 +293,8 @@ def _all_prefect_logs() -> list[Log]:
     return _prefect_read(read)
 
 
-def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp_path, breast_dicom_dir):
+def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp_path, breast_dicom_dir,
+                                                             monkeypatch):
     root = tmp_path / "data"
     shutil.copytree(breast_dicom_dir, root)
     manifest = pd.read_csv(root / "manifest.csv")
@@ -306,6 +307,9 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
     phi = _phi_strings(root)
     assert len(phi) >= 4 * 120  # name (two spellings), id, birth date and accession per image
+    salt = "known-salt-5e1d7c"  # from the environment, so no salt file is written to exclude
+    monkeypatch.setenv(SALT_ENV_VAR, salt)
+    phi.add(salt)
 
     config_path = write_config(tmp_path, root, model={"weights": "none"},
                                train={"epochs": 1, "batch_size": 32}, preprocess={"workers": 2})
@@ -337,6 +341,10 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     assert "| US | 121 |" in qc and "| Explicit VR Little Endian | 121 |" in qc and "| 28x28 | 121 |" in qc
     usable = pd.read_csv(summary.run_dir / "manifest.csv")
     assert (usable["split"] == "train").sum() == 41  # the copy went with its original
+    # The known salt is the one used: the scan above looked for the real secret.
+    first = pydicom.dcmread(root / usable.loc[0, "path"], stop_before_pixels=True)
+    assert usable.loc[0, "patient_key"] == patient_key(first.PatientID, salt)
+    assert not list(tmp_path.rglob(".patient_salt"))
     for split, rows in usable.groupby("split"):
         counts = rows["label"].value_counts()
         assert f"| {split} | {counts.get('benign', 0)} | {counts.get('malignant', 0)} | {len(rows)} |" in qc
