@@ -151,11 +151,16 @@ def discover_files(root: Path, manifest_path: Path) -> list[str]:
     Folder links are followed, except to a folder already scanned (a symlink
     loop, or a second link to the same folder): such a link is listed itself,
     so it is rejected with its reason rather than silently skipped or walked forever.
+    A folder that cannot be read is listed itself too, for the same reason.
     """
     manifest_path = os.path.realpath(manifest_path)
     scanned = {os.path.realpath(root)}
     found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:
+        found.append(Path(exc.filename).relative_to(root).as_posix())
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         descend = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             real = os.path.realpath(Path(dirpath) / name)
@@ -185,6 +190,10 @@ def file_problem(path: Path) -> str | None:
             return "symlink loop: the link leads back to itself"
         return f"cannot read the file: {exc.strerror}"
     if stat.S_ISDIR(info.st_mode):
+        try:
+            os.scandir(path).close()
+        except OSError as exc:
+            return f"cannot read folder: {exc.strerror}"
         if path.is_symlink():
             return "symlink loop: a folder link to a folder that is already scanned"
         return "a folder, not a file"

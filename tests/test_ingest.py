@@ -197,6 +197,23 @@ def test_unreadable_files_are_rejected_in_words_and_the_run_goes_on(tmp_path, br
     assert result.discovered == len(result.manifest) + len(result.rejects)
 
 
+def test_a_folder_that_cannot_be_read_is_rejected_not_skipped(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    locked = root / "train" / "more"
+    locked.mkdir()
+    shutil.copyfile(root / "train" / "img0000.dcm", locked / "unlisted.dcm")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("this user (root) reads a mode-000 folder anyway: needs a run as another user")
+        result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
+    finally:
+        locked.chmod(0o700)  # so that the folder can be cleaned up
+    assert result.rejects.values.tolist() == [
+        ["train/more", "cannot read folder: Permission denied; not listed in the manifest"]]
+    assert result.discovered == len(result.manifest) + len(result.rejects) == 121
+
+
 def test_too_few_usable_samples_of_a_class_is_an_error(breast_dicom_dir):
     result = ingest_dataset(classification_data(breast_dicom_dir), seed=0, salt=SALT)
     counts = result.manifest["label"].value_counts()

@@ -5,7 +5,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 from uuid import UUID
 
 import numpy as np
@@ -42,11 +42,11 @@ QC_KEY, REJECTS_KEY = "breast-ultrasound-qc", "breast-ultrasound-rejects"
 
 
 @pytest.fixture
-def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> tuple[Path, dict[str, str]]:
+def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, dict[str, str]]]:
     """The real subset plus a copy of a train image's pixels under a new SOPInstanceUID (usable,
     a same-split duplicate) and one file per reject reason. The manifest lists the extra files
-    as rows 122 on; the loop's second link and the DICOMDIR are not listed.
-    Returns the root and {path: the reason each bad file must be rejected with}."""
+    as rows 122 on; the loop's second link, the DICOMDIR and the unreadable folder are not listed.
+    Yields the root and {path: the reason each bad file must be rejected with}."""
     root = tmp_path / "data"
     shutil.copytree(breast_dicom_dir, root)
     manifest = pd.read_csv(root / "manifest.csv")
@@ -84,19 +84,27 @@ def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> tuple[Path, dict[str, 
         "train/ring_b.dcm": "symlink loop: the link leads back to itself; not listed in the manifest",
         "DICOMDIR": f"{DICOMDIR_REASON}; not listed in the manifest",
     }
-    locked = train / "locked.dcm"
+    locked, locked_folder = train / "locked.dcm", train / "locked_folder"
     shutil.copyfile(good, locked)
-    locked.chmod(0)
-    if os.access(locked, os.R_OK):  # root reads a mode-000 file: this case needs a non-root run
+    locked_folder.mkdir()
+    shutil.copyfile(good, locked_folder / "hidden.dcm")
+    for path in (locked, locked_folder):
+        path.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads mode-000 files and folders: these need a non-root run
         locked.unlink()
+        locked_folder.chmod(0o700)
+        shutil.rmtree(locked_folder)
     else:
         listed.append("locked")
         expected["train/locked.dcm"] = "row 129: cannot read the file: Permission denied (check its permissions)"
+        expected["train/locked_folder"] = "cannot read folder: Permission denied; not listed in the manifest"
     extra = pd.DataFrame({"path": [f"train/{name}.dcm" for name in listed],
                           "label": manifest.loc[1, "label"], "split": "train"})
     assert manifest.loc[1, "split"] == "train" and len(manifest) == 120  # the rows named above
     pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
-    return root, expected
+    yield root, expected
+    if locked_folder.exists():
+        locked_folder.chmod(0o700)  # so that pytest can clean up
 
 
 def _prefect_read(read: Callable[[SyncPrefectClient], T]) -> T:
