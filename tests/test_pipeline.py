@@ -34,7 +34,7 @@ from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_
 from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
-from tests.conftest import write_config
+from tests.conftest import qc_section, write_config
 
 T = TypeVar("T")
 # The Prefect artifacts the flow publishes for configs/breast_ultrasound.yaml.
@@ -45,7 +45,7 @@ QC_KEY, REJECTS_KEY = "breast-ultrasound-qc", "breast-ultrasound-rejects"
 def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, dict[str, str]]]:
     """The real subset plus a copy of a train image's pixels under a new SOPInstanceUID (usable,
     a same-split duplicate) and one file per reject reason. The manifest lists the extra files
-    as rows 122 on; the loop's second link, the DICOMDIR and the unreadable folder are not listed.
+    as rows 122-130; the loop's second link, the DICOMDIR and the unreadable folder are not listed.
     Yields the root and {path: the reason each bad file must be rejected with}."""
     root = tmp_path / "data"
     shutil.copytree(breast_dicom_dir, root)
@@ -56,6 +56,7 @@ def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, d
     copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     copy.save_as(train / "pixel_copy.dcm")
     (train / "corrupt.dcm").write_bytes(good.read_bytes()[:-100])  # cut inside the pixels
+    (train / "corrupt_b.dcm").write_bytes(good.read_bytes()[:-200])  # the same problem, in other words
     (train / "notes.dcm").write_text("this is not an image")
     no_pixels = pydicom.dcmread(good)
     del no_pixels.PixelData
@@ -69,13 +70,17 @@ def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, d
     (train / "ring_a.dcm").symlink_to("ring_b.dcm")
     (train / "ring_b.dcm").symlink_to("ring_a.dcm")
     shutil.copyfile(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
-    listed = ["pixel_copy", "corrupt", "notes", "nopixels", "video", "empty", "ring_a"]
+    listed = ["pixel_copy", "corrupt", "notes", "nopixels", "video", "empty", "ring_a", "corrupt_b"]
     expected = {
         # pydicom 3.0's words for pixel data shorter than the header says.
         "train/corrupt.dcm": "corrupt DICOM: cannot decode Explicit VR Little Endian pixel data: The number of "
                              "bytes of pixel data is less than expected (684 vs 784 bytes) - the dataset may be "
                              "corrupted, have an invalid group 0028 element value, or the transfer syntax may be "
                              "incorrect",
+        "train/corrupt_b.dcm": "corrupt DICOM: cannot decode Explicit VR Little Endian pixel data: The number of "
+                               "bytes of pixel data is less than expected (584 vs 784 bytes) - the dataset may be "
+                               "corrupted, have an invalid group 0028 element value, or the transfer syntax may be "
+                               "incorrect",
         "train/notes.dcm": "not a DICOM, PNG or JPEG file",
         "train/nopixels.dcm": "DICOM has no pixel data",
         "train/video.dcm": "no decoder for transfer syntax MPEG2 Main Profile / Main Level",
@@ -96,7 +101,7 @@ def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, d
         shutil.rmtree(locked_folder)
     else:
         listed.append("locked")
-        expected["train/locked.dcm"] = "row 129: cannot read the file: Permission denied (check its permissions)"
+        expected["train/locked.dcm"] = "row 130: cannot read the file: Permission denied (check its permissions)"
         expected["train/locked_folder"] = "cannot read folder: Permission denied; not listed in the manifest"
     extra = pd.DataFrame({"path": [f"train/{name}.dcm" for name in listed],
                           "label": manifest.loc[1, "label"], "split": "train"})
@@ -176,6 +181,19 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     qc = (run_dir / "qc_report.md").read_text()
     assert _run_artifacts(state)[QC_KEY].data == qc
     assert f"{discovered} files discovered = 121 usable + {len(expected_rejects)} rejected; 121 samples." in qc
+    # Rejects count by kind: both cut files as one decode problem, whatever their byte counts.
+    kinds = {"corrupt DICOM: cannot decode Explicit VR Little Endian pixel data": 2,
+             "not a DICOM, PNG or JPEG file": 1, "DICOM has no pixel data": 1,
+             "no decoder for transfer syntax MPEG2 Main Profile / Main Level": 1, "empty file (0 bytes)": 1,
+             "symlink loop: the link leads back to itself": 1,
+             "symlink loop: the link leads back to itself; not listed in the manifest": 1,
+             f"{DICOMDIR_REASON}; not listed in the manifest": 1}
+    if "train/locked.dcm" in expected_rejects:
+        kinds |= {"cannot read the file: Permission denied (check its permissions)": 1,
+                  "cannot read folder: Permission denied; not listed in the manifest": 1}
+    assert {reason: int(n) for reason, n in qc_section(qc, "Rejects by reason")} == kinds
+    assert qc_section(qc, "Photometric interpretation (PNG/JPEG: image mode)") == [["MONOCHROME2", "121"]]
+    assert qc_section(qc, "Label") == [["benign", "89"], ["malignant", "32"]]  # the pixel copy is benign
 
     # The registry holds the model with both aliases on the new version.
     client = MlflowClient(config.registry.tracking_uri)
@@ -236,7 +254,8 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
 
 
 # Files in dataset_with_bad_files that ingest accepts and only decoding rejects.
-UNDECODABLE = {"train/corrupt.dcm", "train/notes.dcm", "train/nopixels.dcm", "train/video.dcm"}
+UNDECODABLE = {"train/corrupt.dcm", "train/corrupt_b.dcm", "train/notes.dcm", "train/nopixels.dcm",
+               "train/video.dcm"}
 
 
 def _failed_run_dir(config_path: Path) -> Path:
