@@ -65,8 +65,10 @@ def qc_report(title: str, manifest: pd.DataFrame, rejects: pd.DataFrame, duplica
         lines += ["Without row numbers and per-file details; rejects.csv has each file's full reason.", "",
                   _counts(rejects["reason"].map(reject_reason_kind), "reason"), ""]
 
+    # Ingest finds duplicates before decoding: a copy rejected since is not kept anywhere.
+    kept = duplicates[duplicates["path"].isin(manifest["path"])]
     lines += ["## Duplicates (kept in their original's split)", ""]
-    lines += [markdown_table(duplicates) if not duplicates.empty else "None.", ""]
+    lines += [markdown_table(kept) if not kept.empty else "None.", ""]
 
     lines += ["## Split sizes by class", ""]
     labels = manifest["label"].replace("", "all samples")

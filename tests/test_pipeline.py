@@ -194,6 +194,9 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert {reason: int(n) for reason, n in qc_section(qc, "Rejects by reason")} == kinds
     assert qc_section(qc, "Photometric interpretation (PNG/JPEG: image mode)") == [["MONOCHROME2", "121"]]
     assert qc_section(qc, "Label") == [["benign", "89"], ["malignant", "32"]]  # the pixel copy is benign
+    # Only the copy that is kept: the rejected files that share img0000's SOPInstanceUID are not.
+    assert qc_section(qc, "Duplicates (kept in their original's split)") == [
+        ["train/pixel_copy.dcm", "train/img0001.dcm", "stored pixels"]]
 
     # The registry holds the model with both aliases on the new version.
     client = MlflowClient(config.registry.tracking_uri)

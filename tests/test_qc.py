@@ -62,3 +62,13 @@ def test_reasons_with_file_specific_tails_count_together_by_kind(tmp_path):
     }
     assert rejects["reason"].tolist() == list(reasons.values())  # the full reasons stay for rejects.csv
 
+
+def test_duplicates_rejected_after_ingest_are_not_listed_as_kept():
+    manifest = pd.DataFrame({"path": ["a.dcm", "copy.dcm"], "split": "train", "label": "benign"},
+                            columns=MANIFEST_COLUMNS).fillna("")
+    duplicates = pd.DataFrame([["copy.dcm", "a.dcm", "stored pixels"], ["broken.dcm", "a.dcm", "SOPInstanceUID"]],
+                              columns=DUPLICATE_COLUMNS)
+    rejects = pd.DataFrame([["broken.dcm", "DICOM has no pixel data"]], columns=REJECT_COLUMNS)
+    report = qc_report("t", manifest, rejects, duplicates)
+    assert qc_section(report, "Duplicates (kept in their original's split)") == [
+        ["copy.dcm", "a.dcm", "stored pixels"]]
