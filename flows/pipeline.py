@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import yaml
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -28,7 +29,7 @@ from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_me
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, serving_frame, serving_metadata,
                           training_data_sha256)
 from tasks.gradcam import explain_test_cases
-from tasks.ingest import IngestResult, check_enough_samples, ingest_dataset
+from tasks.ingest import IngestResult, ManifestError, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.model_card import CardContext, model_card
 from tasks.preprocess import PreparedData, load_grey, preprocess_dataset, reduced_decode_floor
@@ -45,9 +46,22 @@ def _slug(name: str) -> str:
     return name.replace("_", "-").lower()
 
 
+def _report_rejects(config: PipelineConfig, run_dir: Path, rejects: pd.DataFrame, description: str) -> None:
+    """rejects.csv (a file and an MLflow data/ artifact) and the Prefect rejects table."""
+    write_csv_atomic(rejects, run_dir / "rejects.csv")
+    mlflow.log_artifact(str(run_dir / "rejects.csv"), "data")
+    create_table_artifact(key=f"{_slug(config.name)}-rejects", description=description,
+                          table=rejects.to_dict(orient="records") or [{"path": "-", "reason": "no rejects"}])
+
+
 @stage(name="ingest")
 def ingest(config: PipelineConfig, run_dir: Path) -> IngestResult:
-    result = ingest_dataset(config.data, config.seed, config.patient_salt())
+    try:
+        result = ingest_dataset(config.data, config.seed, config.patient_salt())
+    except ManifestError as exc:
+        if exc.rejects is not None:  # files were examined: say which were dropped before stopping
+            _report_rejects(config, run_dir, exc.rejects, f"Ingest stopped: {exc}")
+        raise
     counts = result.summary()
     get_run_logger().info("ingest: %s", counts)
     write_csv_atomic(result.rejects, run_dir / "rejects_ingest.csv")
@@ -66,22 +80,17 @@ def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) ->
     if ingested.discovered != usable_files + len(rejects):
         raise RuntimeError(f"counts do not reconcile: discovered {ingested.discovered}, "
                            f"usable {usable_files}, rejected {len(rejects)}")
+    _report_rejects(config, run_dir, rejects,
+                    f"Discovered {ingested.discovered} = usable {usable_files} + rejected {len(rejects)}")
     write_csv_atomic(prepared.manifest, run_dir / "manifest.csv")
-    write_csv_atomic(rejects, run_dir / "rejects.csv")
     qc = qc_report(config.name, prepared.manifest, rejects, ingested.duplicates)
     write_text_atomic(run_dir / "qc_report.md", qc)
-    for name in ("manifest.csv", "rejects.csv", "qc_report.md"):
+    for name in ("manifest.csv", "qc_report.md"):
         mlflow.log_artifact(str(run_dir / name), "data")
     create_markdown_artifact(key=f"{_slug(config.name)}-qc", markdown=qc,
                              description="Data QC: header facts, rejects, duplicates, split sizes")
     mlflow.log_metrics({"usable": len(prepared.manifest), "rejected": len(rejects),
                         "cache_hits": prepared.cache_hits})
-    create_table_artifact(
-        key=f"{_slug(config.name)}-rejects",
-        table=rejects.to_dict(orient="records") or [{"path": "-", "reason": "no rejects"}],
-        description=(f"Discovered {ingested.discovered} = usable {len(prepared.manifest)} "
-                     f"+ rejected {len(rejects)}"),
-    )
     check_enough_samples(prepared.manifest, config.data)  # after the reports, so the reasons are kept
     return prepared
 

@@ -50,7 +50,10 @@ _DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12, "Y": 365.25, "": 365.25}
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be used at all; the message names the file and column or row."""
+    """A manifest that cannot be used at all; the message names the file and column or row.
+    `rejects` (REJECT_COLUMNS): the files rejected before it was raised, once files were examined."""
+
+    rejects: pd.DataFrame | None = None
 
 
 class NotEnoughData(ValueError):
@@ -157,11 +160,16 @@ def discover_files(root: Path, manifest_path: Path) -> list[str]:
     Folder links are followed, except to a folder already scanned (a symlink
     loop, or a second link to the same folder): such a link is listed itself,
     so it is rejected with its reason rather than silently skipped or walked forever.
+    A folder that cannot be read is listed itself too, for the same reason.
     """
     manifest_path = os.path.realpath(manifest_path)
     scanned = {os.path.realpath(root)}
     found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:
+        found.append(Path(exc.filename).relative_to(root).as_posix())
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable):
         descend = []
         for name in sorted(d for d in dirnames if not d.startswith(".")):
             real = os.path.realpath(Path(dirpath) / name)
@@ -191,6 +199,10 @@ def file_problem(path: Path) -> str | None:
             return "symlink loop: the link leads back to itself"
         return f"cannot read the file: {exc.strerror}"
     if stat.S_ISDIR(info.st_mode):
+        try:
+            os.scandir(path).close()
+        except OSError as exc:
+            return f"cannot read folder: {exc.strerror}"
         if path.is_symlink():
             return "symlink loop: a folder link to a folder that is already scanned"
         return "a folder, not a file"
@@ -341,15 +353,15 @@ def find_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
 
 
 def _reject_duplicates_across_given_splits(manifest: pd.DataFrame, duplicates: pd.DataFrame,
-                                           rejects: list[tuple[str, str]]) -> pd.DataFrame:
+                                           rejects: list[tuple[str, str]], row_of: dict[str, int]) -> pd.DataFrame:
     """Given splits are the site's own: a copy filed under another split than its original is
-    rejected (it would leak), and a copy in the same split is kept."""
+    rejected (it would leak), and a copy in the same split is kept. `row_of`: path -> CSV line."""
     split_of = dict(zip(manifest["path"], manifest["split"]))
     crosses = [split_of[p] != split_of[o] for p, o in zip(duplicates["path"], duplicates["duplicate_of"])]
     leaking = duplicates.loc[np.array(crosses, dtype=bool)]
     for path, original, same in leaking.itertuples(index=False):
-        rejects.append((path, f"duplicate of {original} (same {same}), which is in the "
-                              f"{split_of[original]!r} split"))
+        rejects.append((path, f"row {row_of[path]}: duplicate of {original} (row {row_of[original]}, "
+                              f"same {same}), which is in the {split_of[original]!r} split"))
     return manifest[~manifest["path"].isin(leaking["path"])]
 
 
@@ -360,6 +372,39 @@ def _check_given_splits(manifest: pd.DataFrame, source: Path) -> None:
         if shared:
             raise ManifestError(f"{source}: the split column puts {shared} {what} in more than one "
                                 "split; fix it, or drop the column to let medxfer make patient-disjoint splits")
+
+
+def _split_samples(manifest: pd.DataFrame, rejects: list[tuple[str, str]], data: DataConfig, seed: int,
+                   row_of: dict[str, int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The usable samples with their splits, and their duplicates; a copy that would leak across
+    given splits moves to `rejects`. Raises ManifestError when the splits cannot be used."""
+    if manifest.empty:
+        raise ManifestError(f"{data.manifest}: no usable samples ({len(rejects)} rejected)")
+    duplicates = find_duplicates(manifest)
+    given = manifest["split"].notna()
+    if given.all():
+        manifest = _reject_duplicates_across_given_splits(manifest, duplicates, rejects, row_of)
+        duplicates = duplicates[duplicates["path"].isin(manifest["path"])]
+        _check_given_splits(manifest, data.manifest)
+    else:
+        if given.any():
+            log.warning("split column is filled on only some rows; making new splits for all")
+        if data.task is TaskKind.CLASSIFICATION:
+            strata = manifest["target"].astype(int)
+        else:
+            strata = pd.Series(pd.qcut(manifest["target"], q=AGE_BINS, labels=False, duplicates="drop"),
+                               index=manifest.index)
+        manifest["split"] = assign_splits(leakage_groups(manifest), strata, data, seed)
+
+    for split in SPLITS:
+        in_split = manifest[manifest["split"] == split]
+        if in_split.empty:
+            raise ManifestError(f"{data.manifest}: the {split!r} split is empty")
+        # AUC, sensitivity and early stopping are undefined without every class present.
+        missing = set(data.label_names) - set(in_split["label"]) if data.label_names else set()
+        if missing:
+            raise ManifestError(f"{data.manifest}: the {split!r} split has no {sorted(missing)} samples")
+    return manifest, duplicates
 
 
 def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
@@ -427,33 +472,13 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         problem = file_problem(full) or (DICOMDIR_REASON if is_dicomdir(read_dicom_header(full)) else None)
         rejects.append((rel, f"{problem}; not listed in the manifest" if problem else "not listed in the manifest"))
 
-    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    if manifest.empty:
-        raise ManifestError(f"{data.manifest}: no usable samples ({len(rejects)} rejected)")
-    duplicates = find_duplicates(manifest)
-    given = manifest["split"].notna()
-    if given.all():
-        manifest = _reject_duplicates_across_given_splits(manifest, duplicates, rejects)
-        duplicates = duplicates[duplicates["path"].isin(manifest["path"])]
-        _check_given_splits(manifest, data.manifest)
-    else:
-        if given.any():
-            log.warning("split column is filled on only some rows; making new splits for all")
-        if data.task is TaskKind.CLASSIFICATION:
-            strata = manifest["target"].astype(int)
-        else:
-            strata = pd.Series(pd.qcut(manifest["target"], q=AGE_BINS, labels=False, duplicates="drop"),
-                               index=manifest.index)
-        manifest["split"] = assign_splits(leakage_groups(manifest), strata, data, seed)
-
-    for split in SPLITS:
-        in_split = manifest[manifest["split"] == split]
-        if in_split.empty:
-            raise ManifestError(f"{data.manifest}: the {split!r} split is empty")
-        # AUC, sensitivity and early stopping are undefined without every class present.
-        missing = set(data.label_names) - set(in_split["label"]) if data.label_names else set()
-        if missing:
-            raise ManifestError(f"{data.manifest}: the {split!r} split has no {sorted(missing)} samples")
+    try:
+        manifest, duplicates = _split_samples(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), rejects, data, seed,
+                                              dict(zip(table["rel"], table["row"])))
+    except ManifestError as exc:
+        # The rejects often say why (every file unreadable, a class lost to bad files): the flow reports them.
+        exc.rejects = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+        raise
     if no_patient:
         log.warning("%d samples have no patient id in the manifest or header; each is treated "
                     "as its own patient, so splits cannot guard against same-patient leakage", no_patient)

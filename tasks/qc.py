@@ -21,12 +21,26 @@ COUNTED_COLUMNS = {
     "label": "Label",
 }
 _ROW_PREFIX = re.compile(r"^rows? [\d, ]+: |^rows [\d, ]+ ")
+_DUPLICATE = re.compile(r"duplicate of .+ \(row \d+, same (?P<same>[^)]+)\), which is in the (?P<split>'\w+') split")
+# tasks.preprocess reasons that end in ": <an exception's words>", which differ from file to file
+# (byte counts, file positions); `kind` is what comes before them. Its own sentences after
+# "corrupt DICOM: " are not exception text.
+_EXCEPTION_TEXT = re.compile(
+    r"(?P<kind>corrupt DICOM: cannot decode .+? pixel data|corrupt DICOM: bad palette colour lookup table"
+    r"|corrupt DICOM(?!: pixel data is truncated or unreadable$|: compressed pixel data but no transfer syntax$)"
+    r"|corrupt PNG|corrupt JPEG): .+")
 SPLIT_ORDER = ["train", "val", "test"]
 
 
 def reject_reason_kind(reason: str) -> str:
-    """A reason without its row numbers, so that equal reasons count together."""
-    return _ROW_PREFIX.sub("", reason)
+    """A reason without its row numbers and its one file's details (the original of a
+    duplicate, an exception's words), so that equal problems count together."""
+    kind = _ROW_PREFIX.sub("", reason)
+    if match := _DUPLICATE.fullmatch(kind):
+        return f"duplicate of a file in the {match['split']} split (same {match['same']})"
+    if match := _EXCEPTION_TEXT.fullmatch(kind):
+        return match["kind"]
+    return kind
 
 
 def _counts(values: pd.Series, heading: str) -> str:
@@ -48,10 +62,13 @@ def qc_report(title: str, manifest: pd.DataFrame, rejects: pd.DataFrame, duplica
     if rejects.empty:
         lines += ["None.", ""]
     else:
-        lines += [_counts(rejects["reason"].map(reject_reason_kind), "reason"), ""]
+        lines += ["Without row numbers and per-file details; rejects.csv has each file's full reason.", "",
+                  _counts(rejects["reason"].map(reject_reason_kind), "reason"), ""]
 
+    # Ingest finds duplicates before decoding: a copy rejected since is not kept anywhere.
+    kept = duplicates[duplicates["path"].isin(manifest["path"])]
     lines += ["## Duplicates (kept in their original's split)", ""]
-    lines += [markdown_table(duplicates) if not duplicates.empty else "None.", ""]
+    lines += [markdown_table(kept) if not kept.empty else "None.", ""]
 
     lines += ["## Split sizes by class", ""]
     labels = manifest["label"].replace("", "all samples")

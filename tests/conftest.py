@@ -79,6 +79,13 @@ def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:
     return path
 
 
+def qc_section(report: str, heading: str) -> list[list[str]]:
+    """The cells of each body row of the table under `## heading` in a QC report (none for "None.")."""
+    section = report.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # rows[0] is the header
+
+
 @pytest.fixture
 def breast_config(tmp_path, breast_dicom_dir) -> PipelineConfig:
     return load_config(write_config(tmp_path, breast_dicom_dir))

@@ -56,21 +56,24 @@ def test_bad_rows_and_files_are_rejected_with_reasons(tmp_path, breast_dicom_dir
     (root / "stray.txt").write_text("not listed anywhere")
     extra = pd.DataFrame([
         {"path": "train/missing.dcm", "label": "benign", "split": "train"},
-        {"path": manifest.loc[1, "path"], "label": "malignant", "split": "train"},  # duplicate
-        {"path": manifest.loc[2, "path"].replace(".dcm", ".dcm"), "label": "2", "split": "train"},
+        {"path": manifest.loc[1, "path"], "label": "malignant", "split": "train"},  # listed twice
+        {"path": manifest.loc[2, "path"], "label": "2", "split": "train"},
+        {"path": manifest.loc[3, "path"], "label": "benign", "split": "trian"},
     ])
-    manifest = manifest.drop(index=2)  # row 2 re-listed above with a label of the wrong kind
+    manifest = manifest.drop(index=[2, 3])  # re-listed above, with a bad label and a bad split
     pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
 
     result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
-    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
-    assert reasons["train/missing.dcm"].endswith("file not found")
-    assert reasons["stray.txt"] == "not listed in the manifest"
-    assert "all name this file" in reasons[manifest.loc[1, "path"]]
-    assert "label '2' is not one of ['benign', 'malignant']" in reasons[extra.loc[2, "path"]]
-    assert reasons[extra.loc[2, "path"]].startswith("row ")
-    assert result.discovered == len(result.manifest) + len(result.rejects)
-    assert len(result.manifest) == 120 - 2  # the duplicated file and the mislabelled one
+    # CSV lines: the header is 1, the 118 rows kept are 2-119 (index 1 is line 3), the extra rows 120-123.
+    assert result.rejects.values.tolist() == [
+        [manifest.loc[1, "path"], "rows 3, 121 all name this file"],
+        ["train/missing.dcm", "row 120: file not found"],
+        [extra.loc[2, "path"], "row 122: label '2' is not one of ['benign', 'malignant']"],
+        [extra.loc[3, "path"], "row 123: split 'trian' is not one of ['train', 'val', 'test']"],
+        ["stray.txt", "not listed in the manifest"],
+    ]
+    assert result.discovered == len(result.manifest) + len(result.rejects) == 120 + 2  # + stray, missing
+    assert len(result.manifest) == 120 - 3  # the file listed twice, the bad label, the bad split
 
 
 def test_image_facts_name_the_transfer_syntax_preprocess_infers():
@@ -220,6 +223,23 @@ def test_unreadable_files_are_rejected_in_words_and_the_run_goes_on(tmp_path, br
     assert result.discovered == len(result.manifest) + len(result.rejects)
 
 
+def test_a_folder_that_cannot_be_read_is_rejected_not_skipped(tmp_path, breast_dicom_dir):
+    root = copy_dataset(breast_dicom_dir, tmp_path / "data")
+    locked = root / "train" / "more"
+    locked.mkdir()
+    shutil.copyfile(root / "train" / "img0000.dcm", locked / "unlisted.dcm")
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("this user (root) reads a mode-000 folder anyway: needs a run as another user")
+        result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
+    finally:
+        locked.chmod(0o700)  # so that the folder can be cleaned up
+    assert result.rejects.values.tolist() == [
+        ["train/more", "cannot read folder: Permission denied; not listed in the manifest"]]
+    assert result.discovered == len(result.manifest) + len(result.rejects) == 121
+
+
 def test_too_few_usable_samples_of_a_class_is_an_error(breast_dicom_dir):
     result = ingest_dataset(classification_data(breast_dicom_dir), seed=0, salt=SALT)
     counts = result.manifest["label"].value_counts()
@@ -287,8 +307,8 @@ def test_given_splits_reject_a_copy_in_another_split_and_refuse_a_shared_study(d
     manifest.loc[manifest["path"] == "same_study.dcm", "split"] = "train"  # with its study
     manifest.to_csv(root / "manifest.csv", index=False)
     result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
-    assert result.rejects.values.tolist() == [
-        ["sop_copy.dcm", f"duplicate of {first} (same SOPInstanceUID), which is in the 'train' split"]]
+    assert result.rejects.values.tolist() == [  # the copy is CSV line 122, its original line 2
+        ["sop_copy.dcm", f"row 122: duplicate of {first} (row 2, same SOPInstanceUID), which is in the 'train' split"]]
     # A copy in its original's split does not leak: kept, and reported.
     assert result.duplicates.values.tolist() == [["pixel_copy.dcm", second, "stored pixels"]]
     assert result.discovered == len(result.manifest) + len(result.rejects) == 123
