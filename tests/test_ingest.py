@@ -223,17 +223,26 @@ def test_unreadable_files_are_rejected_in_words_and_the_run_goes_on(tmp_path, br
     assert result.discovered == len(result.manifest) + len(result.rejects)
 
 
-def test_a_folder_that_cannot_be_read_is_rejected_not_skipped(tmp_path, breast_dicom_dir):
+def test_a_folder_that_cannot_be_read_is_rejected_not_skipped(tmp_path, breast_dicom_dir, monkeypatch):
     root = copy_dataset(breast_dicom_dir, tmp_path / "data")
     locked = root / "train" / "more"
     locked.mkdir()
     shutil.copyfile(root / "train" / "img0000.dcm", locked / "unlisted.dcm")
     locked.chmod(0)
+    if os.access(locked, os.R_OK):
+        # root lists a mode-000 folder anyway, so the error chmod gives other
+        # users is raised by hand here, for this one folder only (os.walk lists through os.scandir).
+        real_scandir = os.scandir
+
+        def denied(path=".", *args, **kwargs):
+            if Path(path) == locked:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_scandir(path, *args, **kwargs)
+        monkeypatch.setattr(os, "scandir", denied)
     try:
-        if os.access(locked, os.R_OK):
-            pytest.skip("this user (root) reads a mode-000 folder anyway: needs a run as another user")
         result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
     finally:
+        monkeypatch.undo()
         locked.chmod(0o700)  # so that the folder can be cleaned up
     assert result.rejects.values.tolist() == [
         ["train/more", "cannot read folder: Permission denied; not listed in the manifest"]]
