@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -501,6 +502,31 @@ def test_rejects_truncated_dicom(tmp_path):
         with pytest.raises(UnreadableImage, match="^corrupt DICOM: ") as info:
             load_grey(path)
         assert info.value.path == path
+
+
+def _overwrite_pixel_bytes(start: int, fill: bytes):
+    def damage(ds: pydicom.Dataset) -> None:
+        data = bytearray(ds.PixelData)
+        data[start:start + len(fill)] = fill
+        ds.PixelData = bytes(data)
+    return damage
+
+
+@pytest.mark.parametrize("name, damage, syntax", [
+    # The header promises more pixels than the file holds: a wrong Rows, not a short file.
+    ("CT_small.dcm", lambda ds: setattr(ds, "Rows", 1024), "Explicit VR Little Endian"),
+    # Bytes overwritten in place, the file keeps its length: the RLE header's segment offsets...
+    ("MR_small_RLE.dcm", _overwrite_pixel_bytes(20, b"\xff" * 20), "RLE Lossless"),
+    # ... and a JPEG stream's quantisation tables.
+    ("SC_rgb_jpeg_dcmtk.dcm", _overwrite_pixel_bytes(40, bytes(20)), "JPEG Baseline (Process 1)"),
+])
+def test_rejects_damaged_dicom_of_full_length(tmp_path, name, damage, syntax):
+    ds = pydicom.dcmread(data_file(name))
+    damage(ds)
+    path = tmp_path / name
+    ds.save_as(path)
+    with pytest.raises(UnreadableImage, match=rf"^corrupt DICOM: cannot decode {re.escape(syntax)} pixel data: "):
+        load_grey(path)
 
 
 def test_rejects_compressed_dicom_without_file_meta(tmp_path):
