@@ -40,7 +40,7 @@ from pydicom.pixels import (
     apply_windowing,
     get_decoder,
 )
-from pydicom.uid import JPEG2000, JPEG2000Lossless
+from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 from torchvision.transforms.v2 import functional as TF
 
 from configs import FramePolicy, PreprocessConfig
@@ -89,7 +89,8 @@ _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # (7FE0,0010) Pixel Data tag as it appears in little- and big-endian files.
 _PIXEL_DATA_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 _COLOUR_PIS = ("RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR")
-_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000)
+# HTJ2K (Part 15) keeps Part 1's wavelet pyramid and main header; only the block coder differs.
+_J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
 
 
 class UnreadableImage(Exception):

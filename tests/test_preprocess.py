@@ -40,6 +40,7 @@ def data_file(name: str) -> Path:
 
 # Made by tests/data/make_htj2k.py: pydicom-data has no HTJ2K file.
 HTJ2K_FILE = Path(__file__).parent / "data" / "MR_small_htj2k.dcm"
+HTJ2K_CR_CROP = Path(__file__).parent / "data" / "RG1_crop_htj2k.dcm"  # unsigned, 256 x 256
 
 
 def without_preamble_and_meta(data: bytes) -> bytes:
@@ -474,6 +475,26 @@ def test_htj2k_lossless_gives_the_uncompressed_pixels():
     np.testing.assert_array_equal(grey, reference)
     assert provenance == ["decode:dicom(High-Throughput JPEG 2000 Image Compression (Lossless Only))",
                           *reference_provenance[1:]]
+
+
+def test_htj2k_decodes_at_reduced_resolution_exactly_as_jpeg_2000_does():
+    # HTJ2K changes only JPEG 2000's block coder: losslessly coded, both keep
+    # the same wavelet coefficients, so their 1/2-resolution LL bands must be
+    # identical. The Part 1 reference is the same real pixels coded by OpenJPEG.
+    ds = pydicom.dcmread(HTJ2K_CR_CROP)
+    stored = ds.pixel_array
+    part1 = io.BytesIO()
+    Image.frombytes("I;16", stored.shape[::-1], stored.astype("<u2").tobytes()).save(
+        part1, "JPEG2000", irreversible=False, no_jp2=True)
+    with Image.open(io.BytesIO(part1.getvalue())) as reference:
+        reference.reduce = 1
+        expected = np.asarray(reference)
+    reduced, level = pp._decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, 128)
+    assert level == 1
+    np.testing.assert_array_equal(reduced, expected)
+    _, provenance = load_grey(HTJ2K_CR_CROP, min_short_side=128)
+    assert provenance[:2] == ["decode:dicom(High-Throughput JPEG 2000 Image Compression (Lossless Only))",
+                              "decode:reduced_resolution(1/2,256x256->128x128)"]
 
 
 @pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"])
