@@ -71,8 +71,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Part of every cache key: bump whenever the pixels this module produces for
 # the same file and settings could change, so old cache entries stop matching.
 PIPELINE_VERSION = 3  # 2: JPEG 2000 decoded at reduced resolution when the resize allows;
-# 3: provenance records a transfer syntax inferred from the encoding (pixels unchanged,
-# but entries cached before would keep provenance that omits the guess)
+# 3: HTJ2K decoded at reduced resolution too; provenance records a transfer syntax
+# inferred from the encoding
 
 PERCENTILE_WINDOW = (0.5, 99.5)
 # preprocess_file lets JPEG 2000 decode at reduced resolution down to this many
