@@ -41,7 +41,7 @@ def preprocess_on_dask(manifest: pd.DataFrame, root: Path, config: PreprocessCon
     return _preprocess_flow.with_options(task_runner=dask_task_runner(config))(manifest, root, config)
 
 
-def dask_task_runner(config: PreprocessConfig) -> "DaskTaskRunner":
+def dask_task_runner(config: PreprocessConfig) -> DaskTaskRunner:
     """A DaskTaskRunner on the scheduler at `config.dask_address`, or on a temporary LocalCluster for "local".
 
     The local cluster has `config.workers` (default: every usable core)
