@@ -13,19 +13,32 @@ Measured in one run, on the same files:
 
 Run: python -m benchmarks.ingest            (about 1.5 minutes on 2 cores)
      python -m benchmarks.ingest --cr-copies 100   (400 CR files: a bigger run, about 4 minutes)
+     python -m benchmarks.ingest --reader-floor    (what the BUSI files cost to read, per step)
+
+--reader-floor times, per BUSI file held in memory, the steps a cold cache miss
+cannot skip (pydicom's parse and decode, the sha256 cache key, the atomic cache
+write) against the naive loop, and the other DICOM readers when they import
+(dicomsdl, python-gdcm: not project dependencies), including whether a reader
+survives a file cut short inside its pixel data (run in a child process,
+because a reader that crashes takes its process with it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import itertools
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import numpy as np
 import pandas as pd
@@ -36,7 +49,7 @@ from pydicom.uid import generate_uid
 
 from configs import PreprocessConfig
 from sample_data.breastmnist import ultrasound_dicom
-from tasks.io import markdown_table
+from tasks.io import markdown_table, write_bytes_atomic
 from tasks.preprocess import preprocess_dataset
 
 CR_FILES = ("RG1_UNCR.dcm", "RG3_UNCR.dcm", "RG1_J2KR.dcm", "RG3_J2KR.dcm")
@@ -71,7 +84,7 @@ def write_busi(out_dir: Path) -> list[str]:
     return paths
 
 
-def naive(path: Path) -> np.ndarray:
+def naive(path: Path | BinaryIO) -> np.ndarray:
     """What a first script does: decode, min-max to 8 bits, PIL resize, centre crop."""
     pixels = pydicom.dcmread(path).pixel_array.astype(np.float32)
     low, high = pixels.min(), pixels.max()
@@ -140,16 +153,100 @@ def bench(label: str, root: Path, rel_paths: list[str], scratch: Path, workers: 
     return rows
 
 
+def best_ms_per_item(function: Callable[[bytes], object], items: list[bytes], repeats: int = 5) -> float:
+    """Best of `repeats` passes over `items`, in milliseconds per item."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            function(item)
+        best = min(best, time.perf_counter() - start)
+    return best / len(items) * 1e3
+
+
+def survives_truncation(reader_code: str, path: Path) -> str:
+    """Whether `reader_code` (Python reading the file named by `path`) survives that file cut
+    inside its pixel data: 'raises' or 'reads' if the child lives, else how it died."""
+    cut = path.with_name(f"cut_{path.name}")
+    data = path.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    child = subprocess.run([sys.executable, "-c", reader_code.format(path=str(cut))], capture_output=True, text=True)
+    if child.returncode < 0:
+        return f"no: killed by signal {-child.returncode}"
+    return "yes: " + (child.stdout.strip() or f"exit {child.returncode}")
+
+
+def reader_floor(data_dir: Path) -> None:
+    paths = [data_dir / rel for rel in write_busi(data_dir)]
+    contents = [path.read_bytes() for path in paths]
+    image = np.zeros((CROP, CROP), np.uint8).tobytes()
+    entries = itertools.count()
+
+    def write_entry(_: bytes) -> None:  # a new entry each time, over 256 shard folders as the cache has
+        entry = next(entries)
+        write_bytes_atomic(data_dir / "cache" / f"{entry % 256:02x}" / f"{entry}.u8img", image)
+    rows = [
+        ("naive loop: dcmread + pixel_array + min-max + PIL resize", best_ms_per_item(
+            lambda data: naive(io.BytesIO(data)), contents)),
+        ("pydicom.dcmread", best_ms_per_item(lambda data: pydicom.dcmread(io.BytesIO(data)), contents)),
+        ("pydicom.dcmread + pixel_array", best_ms_per_item(
+            lambda data: pydicom.dcmread(io.BytesIO(data)).pixel_array, contents)),
+        ("sha256 of the file (the cache key)", best_ms_per_item(lambda data: hashlib.sha256(data).digest(), contents)),
+        ("atomic cache entry write (224 x 224 uint8)", best_ms_per_item(write_entry, contents)),
+    ]
+    survival = {"pydicom": survives_truncation(
+        "import pydicom\ntry:\n    pydicom.dcmread({path!r}).pixel_array\n    print('reads')\n"
+        "except Exception:\n    print('raises')", paths[0])}
+    try:
+        import dicomsdl
+        rows.append(("dicomsdl open_memory + pixelData", best_ms_per_item(
+            lambda data: dicomsdl.open_memory(data).pixelData(storedvalue=True), contents)))
+        survival["dicomsdl"] = survives_truncation(
+            "import dicomsdl\ntry:\n    dicomsdl.open_file({path!r}).pixelData(storedvalue=True)\n"
+            "    print('reads')\nexcept Exception:\n    print('raises')", paths[0])
+    except ImportError:
+        print("dicomsdl: not installed, skipped")
+    try:
+        import gdcm
+
+        def gdcm_read(path: Path) -> bytes:
+            reader = gdcm.ImageReader()
+            reader.SetFileName(str(path))
+            if not reader.Read():
+                raise ValueError(f"gdcm cannot read {path}")
+            return reader.GetImage().GetBuffer()
+        rows.append(("python-gdcm ImageReader + GetBuffer (from the file)", best_ms_per_item(
+            gdcm_read, paths)))
+        survival["python-gdcm"] = survives_truncation(
+            "import gdcm\nreader = gdcm.ImageReader()\nreader.SetFileName({path!r})\n"
+            "print('reads' if reader.Read() else 'refuses (Read() is false)')", paths[0])
+    except ImportError:
+        print("python-gdcm: not installed, skipped")
+    naive_ms = rows[0][1]
+    print(f"\nBUSI 256 px, {len(paths)} files, one process, best of 5 passes; 2x the naive loop is "
+          f"a budget of {naive_ms / 2:.3f} ms per image\n")
+    print(markdown_table(pd.DataFrame([{"step": step, "ms_per_file": round(ms, 3)} for step, ms in rows])))
+    print("\nsurvives a file cut inside its pixel data: "
+          + "; ".join(f"{reader}: {verdict}" for reader, verdict in survival.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cr-copies", type=int, default=25, help="copies of each of the 4 CR files")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-busi", action="store_true")
+    parser.add_argument("--reader-floor", action="store_true", help="time the per-file read steps on BUSI only")
     args = parser.parse_args()
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
           f"({len(os.sched_getaffinity(0))} usable), {platform.python_implementation()} "
           f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start")
+    if args.reader_floor:
+        if not BUSI_NPZ.exists():
+            raise SystemExit(f"--reader-floor needs the BUSI images: {BUSI_NPZ} not found")
+        with tempfile.TemporaryDirectory(prefix="medxfer-bench-") as tmp:
+            reader_floor(Path(tmp))
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="medxfer-bench-") as tmp:
         scratch = Path(tmp)
