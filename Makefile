@@ -10,10 +10,12 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install run sample test serve score clean
 
+# --no-cache-dir: where pip downloads over HTTP, its cache would keep a second copy of the
+# ~3 GB of CUDA torch wheels beside the 7 GB venv, on CI disks that have little to spare.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
