@@ -26,13 +26,13 @@ from prefect.cache_policies import NO_CACHE
 from configs import PipelineConfig, TaskKind, load_config
 from flows.dask_preprocess import preprocess_on_dask
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
-from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, serving_frame, serving_metadata,
+from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, ServedDecode, serving_metadata,
                           training_data_sha256)
 from tasks.gradcam import explain_test_cases
 from tasks.ingest import IngestResult, ManifestError, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.model_card import CardContext, model_card
-from tasks.preprocess import PreparedData, load_grey, preprocess_dataset, reduced_decode_floor
+from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
@@ -197,8 +197,8 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
         voi_window=pre.voi_window, frames=pre.frames)
     test = prepared.split("test")
     test_paths = prepared.manifest.loc[prepared.manifest["split"] == "test", "path"]
-    greys = [load_grey(Path(data.root) / rel, frames=serving_frame(pre.frames), voi_window=pre.voi_window,
-                       min_short_side=reduced_decode_floor(pre.resize))[0] for rel in test_paths]
+    decode = ServedDecode.from_metadata(metadata)  # as the service will: checks what the metadata says
+    greys = [decode(Path(data.root) / rel) for rel in test_paths]
     models = export_serving_models(
         trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
         test_crops=test.images, test_greys=greys, test_targets=test.targets,

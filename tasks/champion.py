@@ -27,10 +27,10 @@ import onnx
 import torch
 from mlflow import MlflowClient
 
-from configs import FramePolicy, TaskKind
-from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, decisions, network_graph, open_session
+from configs import TaskKind
+from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
-from tasks.preprocess import load_grey, reduced_decode_floor, resize_and_crop, to_model_input
+from tasks.preprocess import resize_and_crop, to_model_input
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)
@@ -103,18 +103,9 @@ class ServedModel:
         return json.loads(self.metadata["preprocess"])
 
     @cached_property
-    def decode_spec(self) -> dict:
-        """The training's VOI window and served frame; models exported before `decode` had the defaults."""
-        return json.loads(self.metadata.get("decode", "{}"))
-
-    def decode(self, path: Path, data: bytes) -> np.ndarray:
-        """A DICOM/PNG/JPEG as grey [0, 1], decoded as training decoded it: the same VOI window
-        and frame (`decode_spec`) and the same reduced-resolution JPEG 2000 floor for this
-        model's resize."""
-        frame = FramePolicy(self.decode_spec.get("frame", FramePolicy.MIDDLE.value))
-        floor = reduced_decode_floor(self.preprocess_spec["resize_short_side"])
-        return load_grey(path, data=data, frames=frame, voi_window=int(self.decode_spec.get("voi_window", 0)),
-                         min_short_side=floor)[0]
+    def decode(self) -> ServedDecode:
+        """decode(path, data): a request's bytes as grey [0, 1], decoded as training decoded them."""
+        return ServedDecode.from_metadata(self.metadata)
 
     def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
         """Answers for decoded grey images (float [0, 1], any sizes), in order: each is

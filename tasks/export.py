@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -33,7 +33,8 @@ from configs import FramePolicy, TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import predict
 from tasks.io import atomic_path
-from tasks.preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
+from tasks.preprocess import (IMAGENET_MEAN, IMAGENET_STD, load_grey, reduced_decode_floor, resize_and_crop,
+                             to_model_input)
 
 INPUT_NAME = "image"  # normalised variant: float32 (batch, 3, crop, crop), ImageNet-normalised
 GREY_INPUT_NAME = "grey"  # self-contained variant: float32 (batch, 1, H, W) in [0, 1]
@@ -230,6 +231,30 @@ def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_ind
         "weights_sha256": weights_sha256,
         "model_name": model_name,
     }
+
+
+@dataclass(frozen=True)
+class ServedDecode:
+    """How a request is decoded, read back from the model's metadata: training's VOI window and
+    served frame (`decode`), and the reduced-resolution JPEG 2000 floor for its resize. The
+    service, batch scoring and the export check all decode through this, so what they check is
+    what the metadata says."""
+
+    frame: FramePolicy
+    voi_window: int
+    min_short_side: int
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str]) -> ServedDecode:
+        decode = json.loads(metadata.get("decode", "{}"))  # models exported before `decode` had the defaults
+        resize = json.loads(metadata["preprocess"])["resize_short_side"]
+        return cls(frame=FramePolicy(decode.get("frame", FramePolicy.MIDDLE.value)),
+                   voi_window=int(decode.get("voi_window", 0)), min_short_side=reduced_decode_floor(resize))
+
+    def __call__(self, path: Path, data: bytes | None = None) -> np.ndarray:
+        """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read)."""
+        return load_grey(path, data=data, frames=self.frame, voi_window=self.voi_window,
+                         min_short_side=self.min_short_side)[0]
 
 
 def decisions(outputs: np.ndarray, threshold: float, positive_index: int) -> np.ndarray:
