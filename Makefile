@@ -8,17 +8,28 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # A busy 2-core machine can take longer than Prefect's default to start the ephemeral server.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install run sample test serve score clean
+.PHONY: install lock run sample test serve score clean
 
 # --no-cache-dir: where pip downloads over HTTP, its cache would keep a second copy of the
 # ~3 GB of CUDA torch wheels beside the 7 GB venv, on CI disks that have little to spare.
-$(VENV)/.installed: pyproject.toml constraints.txt
+# requirements.lock pins every package, direct and transitive; --no-deps keeps pip from
+# resolving anything of its own, so every install is the set the tests ran on.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
-	$(PY) -m pip install --quiet --no-cache-dir -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-cache-dir pip==26.3  # the installer itself, pinned too
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-cache-dir --no-deps --no-build-isolation -e .
 	touch $@
 
 install: $(VENV)/.installed
+
+# Refresh the lock after changing pyproject.toml or constraints.txt (needs the registry):
+# the direct dependencies and constraints.txt's pins are resolved again, for the Python and
+# platform the project runs on (CPython 3.11, manylinux x86-64). Then `make install`, `make test`.
+lock:
+	$(PY) -m uv pip compile pyproject.toml --extra dev --extra dask -c constraints.txt \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-emit-package medxfer \
+		--custom-compile-command "make lock" -o requirements.lock
 
 $(SAMPLE_DIR)/manifest.csv: $(VENV)/.installed sample_data/breastmnist.npz
 	$(PY) -m sample_data.breastmnist $(SAMPLE_DIR)
