@@ -46,6 +46,9 @@ class ClassBalance(str, Enum):
 
 
 class Precision(str, Enum):
+    # bf16 where it is native (CUDA with bf16 units, CPUs with avx512_bf16 or AMX), fp32
+    # elsewhere: read from the hardware by tasks.hardware.training_precision
+    AUTO = "auto"
     FP32 = "fp32"
     BF16 = "bf16"  # torch.autocast to bfloat16 (CPU and CUDA); weights and optimizer stay fp32
 
@@ -172,8 +175,8 @@ class TrainConfig(Strict):
     patience: Annotated[int, Field(gt=0)] = 3  # epochs without val improvement
     class_balance: ClassBalance = ClassBalance.NONE  # classification only
     augment: AugmentConfig = AugmentConfig()
-    precision: Precision = Precision.FP32
-    channels_last: bool = False
+    precision: Precision = Precision.AUTO
+    channels_last: bool | None = None  # NHWC; unset: on when training in bf16
     compile: bool = False  # torch.compile the model; CUDA only, ignored (with a log line) on CPU
     resume: bool = True  # continue from the run's last checkpoint when one matches
     num_workers: Annotated[int, Field(ge=0)] = 0

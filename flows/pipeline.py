@@ -117,6 +117,8 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
         logger.info("resumed from a checkpoint at epoch %d", result.resumed_from_epoch)
     logger.info("backbone: %s; strategy %s (%s)", result.weights.describe(),
                 result.strategy.value, result.strategy_reason)
+    logger.info("precision %s, channels_last %s (%s)", result.precision, result.channels_last,
+                result.precision_reason)
     if not result.weights.pretrained:
         logger.warning("trained from random initialisation: no pretrained weights were used")
     mlflow.log_params({"weights_name": result.weights.name,
@@ -125,6 +127,7 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
                        "freeze_strategy_used": result.strategy.value,
                        "freeze_reason": result.strategy_reason, "device": result.device,
                        "cached_features": result.cached_features, "precision_used": result.precision,
+                       "precision_reason": result.precision_reason, "channels_last_used": result.channels_last,
                        "resumed_from_epoch": result.resumed_from_epoch})
     mlflow.log_metrics({"best_epoch": result.best_epoch, f"val_{result.metric_name}": result.best_metric,
                         "feature_cache_seconds": result.feature_seconds})

@@ -87,6 +87,8 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
         f"- Backbone weights: {trained.weights.describe()}.",
         f"- Strategy: `{trained.strategy.value}` ({trained.strategy_reason}); {_best_step(trained)}, "
         f"validation {trained.metric_name} {trained.best_metric:.4f}; trained on {trained.device}.",
+        f"- Training precision: {trained.precision}{', channels_last' if trained.channels_last else ''} "
+        f"({trained.precision_reason}); the weights and the exported model are float32.",
         f"- Input: one grey image; short side to {config.preprocess.resize}, centre crop {config.preprocess.crop}, "
         "repeated to 3 channels with ImageNet mean/std normalisation.",
         "", "## Data", "",

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from configs import AugmentConfig, ClassBalance, FreezeStrategy, PipelineConfig, Precision, TaskKind
 from models.resnet import TransferResNet, WeightsInfo, apply_freeze, build_model, resolve_freeze, set_train_mode
 from tasks.evaluate import compute_metrics, predict, primary_metric
+from tasks.hardware import cpu_info, training_precision
 from tasks.io import atomic_path
 from tasks.preprocess import SplitData, to_model_input
 
@@ -82,7 +83,9 @@ class TrainResult:
     history: list[EpochResult] = field(default_factory=list)
     cached_features: bool = False  # `head`: the head trained on features computed once
     feature_seconds: float = 0.0  # time to compute those features (train + val)
-    precision: str = Precision.FP32.value
+    precision: str = Precision.FP32.value  # what training ran in (`auto` resolved)
+    precision_reason: str = ""
+    channels_last: bool = False
     resumed_from_epoch: int = 0  # 0: trained from the start
 
 
@@ -255,8 +258,14 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
     take seconds and are not checkpointed.)
     """
     seed_everything(config.seed)
+    device = select_device(config.train.device)
+    choice = training_precision(config.train.precision, config.train.channels_last, device.type, cpu_info(),
+                                device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
+    log.info("precision %s, channels_last %s (%s)", choice.precision.value, choice.channels_last, choice.reason)
+    # Everything below (and the checkpoint fingerprint) sees the precision actually used.
+    config = config.model_copy(update={"train": config.train.model_copy(
+        update={"precision": choice.precision, "channels_last": choice.channels_last})})
     task, settings = config.data.task, config.train
-    device = select_device(settings.device)
     if task is TaskKind.CLASSIFICATION:
         num_outputs, mean, std = len(config.data.label_names), 0.0, 1.0
     else:
@@ -272,7 +281,8 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
 
     result = TrainResult(model=model, weights=weights, strategy=strategy, strategy_reason=reason,
                          device=str(device), metric_name=primary_metric(task)[0], best_epoch=0,
-                         best_metric=float("nan"), cached_features=cached, precision=settings.precision.value)
+                         best_metric=float("nan"), cached_features=cached, precision=settings.precision.value,
+                         precision_reason=choice.reason, channels_last=settings.channels_last)
     if cached:
         return _fit_head_on_features(config, model, train, val, result, on_epoch_end)
     augment = build_augmentation(settings.augment, train.images.shape[-1])

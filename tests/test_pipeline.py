@@ -27,9 +27,10 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, generate_uid
 
-from configs import SALT_ENV_VAR, load_config
+from configs import SALT_ENV_VAR, Precision, load_config
 from flows.pipeline import train_pipeline
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
+from tasks.hardware import cpu_info, training_precision
 from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_key
 from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
@@ -206,6 +207,11 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == "1"
     run = client.get_run(champion.run_id)
     assert run.data.params["weights_name"] == "none" and run.data.params["weights_pretrained"] == "False"
+    # train.precision: auto (the default) chose from this machine's CPU flags, and says why.
+    chosen = training_precision(Precision.AUTO, None, "cpu", cpu_info())
+    assert run.data.params["precision_used"] == chosen.precision.value
+    assert run.data.params["precision_reason"] == chosen.reason
+    assert run.data.params["channels_last_used"] == str(chosen.channels_last)
     metrics = run.data.metrics
     assert 0.0 <= metrics["test_roc_auc_ci_low"] <= metrics["test_roc_auc"] <= metrics["test_roc_auc_ci_high"] <= 1.0
     assert 0.0 <= metrics["test_ece"] <= 1.0 and 0.0 <= metrics["operating_threshold"] <= 1.0
@@ -222,6 +228,7 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     card = (run_dir / "model_card.md").read_text()
     assert f"# Model card: {name} version 1" in card and "random initialisation (no pretrained weights)" in card
     assert "plots/reliability.png" in card and "| sensitivity_at_threshold |" in card
+    assert f"Training precision: {chosen.precision.value}" in card and chosen.reason in card
 
     # The self-contained ONNX file takes decoded grey images of any size and agrees with
     # PyTorch (tasks.preprocess + the network) on held-out images.
