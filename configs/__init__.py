@@ -199,7 +199,16 @@ class ExportConfig(Strict):
     # antialiased resize can round a rare pixel to the neighbouring 8-bit level.
     self_contained_max_abs_diff: Annotated[float, Field(gt=0)] = 1e-3
     parity_samples: Annotated[int, Field(gt=0)] = 32
-    int8: bool = True  # also write model_int8.onnx (dynamic quantisation, for CPUs)
+    int8: bool = True  # also write model_int8.onnx (static quantisation, for CPUs)
+    # int8 is calibrated on this many training crops (spread evenly over the split) and kept only
+    # if its test-set loss against model.onnx stays within these tolerances (else dropped, with why).
+    int8_calibration_images: Annotated[int, Field(gt=0)] = 256
+    # Calibration methods tried; the one closest to float32 on the validation crops is kept.
+    int8_calibration_methods: Annotated[list[Literal["minmax", "percentile"]], Field(min_length=1)] = [
+        "minmax", "percentile"]
+    int8_max_auc_loss: Annotated[float, Field(ge=0)] = 0.005
+    int8_min_decision_agreement: Annotated[float, Field(ge=0, le=1)] = 0.99  # same decision as fp32
+    int8_max_mae_increase: Annotated[float, Field(ge=0)] = 0.1  # regression, in the target's unit (years)
     fp16: bool = True  # also write model_fp16.onnx (half precision, for GPUs)
     fp16_max_abs_diff: Annotated[float, Field(gt=0)] = 1e-2
 

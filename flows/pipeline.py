@@ -204,6 +204,7 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     greys = [decode(Path(data.root) / rel) for rel in test_paths]
     models = export_serving_models(
         trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
+        train_crops=prepared.split("train").images, val_crops=prepared.split("val").images,
         test_crops=test.images, test_greys=greys, test_targets=test.targets,
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
         positive_index=data.positive_index if classification else 0)
@@ -218,6 +219,13 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     for report in models.parity:
         logger.info("ONNX %s graph on %s: %s over %d test images", report.graph, report.provider,
                     report.verdict(), report.samples)
+    if models.calibration:
+        calibration = models.calibration
+        mlflow.log_params({"int8_calibration_method": calibration.method,
+                           "int8_calibration_images": calibration.images})
+        logger.info("int8 calibrated on %d training crops with %s (mean |int8 - fp32| on validation: %s)",
+                    calibration.images, calibration.method,
+                    ", ".join(f"{k} {v:.2g}" for k, v in calibration.validation_mean_abs_diff.items()))
     for variant, reason in models.dropped.items():
         logger.warning("%s variant not kept: %s", variant, reason)
     if not models.passed:

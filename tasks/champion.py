@@ -75,10 +75,11 @@ class ServedModel:
     path: Path
     metadata: dict[str, str]
     session: object  # onnxruntime.InferenceSession on the network graph (input `image`)
-    # Dynamic int8 quantisation scales activations by the range of the whole input
-    # tensor, so an image's answer would depend on the other requests in its batch
-    # (4e-3 in probability for a random-weights ResNet-18, measured): such a network
-    # runs one image per call.
+    # A dynamically quantised network (int8 files exported before static quantisation)
+    # scales activations by the range of the whole input tensor, so an image's answer
+    # would depend on the other requests in its batch (4e-3 in probability for a
+    # random-weights ResNet-18, measured): such a network runs one image per call.
+    # Static int8 has fixed, calibrated scales and batches like fp32.
     per_image: bool
     network_calls: int = 0  # session runs so far: how many images shared a call shows here
 

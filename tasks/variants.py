@@ -1,8 +1,11 @@
 """The ONNX files a model ships as, verified: float32 graphs gated on parity with PyTorch,
 and smaller, faster variants with what they cost in accuracy.
 
-- int8: ONNX Runtime's dynamic quantisation (weights stored as 8 bits, activations
-  quantised on the fly), for CPUs;
+- int8: ONNX Runtime's static quantisation, for CPUs: QDQ format, int8 weights per output
+  channel, uint8 activations whose scales are calibrated once on training crops (MinMax or
+  percentile ranges, whichever stays closer to float32 on the validation crops). Fixed scales
+  make an image's answer independent of its batch-mates, so the service batches int8 too.
+  Kept only when its test-set loss is within `export.int8_*`; dropped with the reason otherwise;
 - fp16: weights and arithmetic in half precision (inputs and outputs stay float32),
   for GPUs.
 
@@ -21,7 +24,9 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
+import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -29,30 +34,105 @@ from configs import ExportConfig, TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import compute_metrics
 from tasks.export import (CPU_PROVIDER, FP16_FILE, INPUT_NAME, INT8_FILE, NORMALISED_FILE, SELF_CONTAINED_FILE,
-                          ParityReport, check_parity, check_self_contained_parity, export_onnx,
+                          ParityReport, check_parity, check_self_contained_parity, decisions, export_onnx,
                           export_self_contained, open_session, parity_providers, run_self_contained)
+from tasks.hardware import cpu_info
+from tasks.preprocess import to_model_input
+
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+CALIBRATION_BATCH = 16
 
 
-def quantise_network(normalised: Path, path: Path) -> Path:
-    """Dynamic int8 quantisation of the normalised network (input `image`)."""
+def calibration_sample(crops: np.ndarray, count: int) -> np.ndarray:
+    """`count` crops spread evenly over the split (all of them when it has fewer), whatever its order."""
+    if len(crops) <= count:
+        return crops
+    return crops[np.linspace(0, len(crops) - 1, count).round().astype(int)]
+
+
+class CropBatches(CalibrationDataReader):
+    """uint8 crops as normalised `image` batches. Its length and range count batches, so that
+    quantize_static's strided collection (`CalibStridedMinMax: 1`) holds one batch's activations
+    at a time: percentile calibration keeps every activation it is given (~20 MB per image)."""
+
+    def __init__(self, crops: np.ndarray):
+        self.crops = crops
+        self.set_range(0, len(self))
+
+    def __len__(self) -> int:
+        return -(-len(self.crops) // CALIBRATION_BATCH)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._batches = iter(range(start_index, min(end_index, len(self))))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        index = next(self._batches, None)
+        if index is None:
+            return None
+        batch = self.crops[index * CALIBRATION_BATCH:(index + 1) * CALIBRATION_BATCH]
+        return {INPUT_NAME: to_model_input(torch.from_numpy(np.ascontiguousarray(batch))).numpy()}
+
+
+def quantise_network(normalised: Path, path: Path, calibration_crops: np.ndarray, method: str,
+                     reduce_range: bool) -> Path:
+    """Static int8 quantisation of the normalised network (input `image`), calibrated on
+    `calibration_crops` (uint8, N x crop x crop) with `method` ("minmax" or "percentile")."""
     proto = onnx.load(normalised)
-    # The exporter's intermediate shape annotations trip the quantiser's own shape
-    # inference (it infers (512,) where the exporter wrote a 2-D shape); it re-infers them.
+    # The exporter's intermediate shape annotations trip the quantiser's shape inference
+    # (it infers (512,) where the exporter wrote a 2-D shape); pre-processing infers them again.
     del proto.graph.value_info[:]
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        plain = Path(work) / "network.onnx"
-        onnx.save_model(proto, plain)
-        # Unsigned 8-bit weights: ONNX Runtime's x86 ConvInteger kernels ran about 3x
-        # faster with them than with signed ones here (ResNet-18, batch 1).
-        quantize_dynamic(plain, path, weight_type=QuantType.QUInt8)
+        prepared = Path(work) / "prepared.onnx"
+        # Shape inference and graph optimisation (BatchNorm folded into the convolutions)
+        # first, as ONNX Runtime's quantisation guide asks.
+        quant_pre_process(proto, prepared)
+        # uint8 activations x int8 weights is the pair ONNX Runtime's x86 kernels run fastest
+        # (int8 x int8 ran at 1.2x fp32 where this pair ran at 3.3x, benchmarks/RESULTS.md).
+        quantize_static(prepared, path, CropBatches(calibration_crops), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[method],
+                        extra_options={"CalibStridedMinMax": 1})
     return Path(path)
 
 
-def quantise_int8(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
-    """Dynamic int8 quantisation of the network, behind the float32 preprocessing graph."""
+def network_outputs(network: Path, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """A normalised-input network's outputs for uint8 crops, on the CPU."""
+    session = open_session(network, [CPU_PROVIDER])
+    return np.concatenate([
+        session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(np.ascontiguousarray(
+            crops[start:start + batch_size]))).numpy()})[0]
+        for start in range(0, len(crops), batch_size)])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the int8 variant was calibrated, and why with that method."""
+
+    method: str
+    images: int
+    reduce_range: bool  # weights in 7 bits: the exporting CPU is x86 without VNNI
+    cpu: str
+    # Per method tried: mean |int8 - float32| of the network's outputs on the validation crops.
+    validation_mean_abs_diff: dict[str, float]
+
+
+def quantise_int8(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str], *,
+                  calibration_crops: np.ndarray, selection_crops: np.ndarray,
+                  methods: Sequence[str] = tuple(CALIBRATION_METHODS)) -> tuple[Path, Calibration]:
+    """The int8 network behind the float32 preprocessing graph: quantised with each
+    calibration method in `methods`, keeping the one whose outputs stay closest to float32
+    on `selection_crops` (validation, so the test set only judges the result)."""
+    cpu = cpu_info()
+    expected = network_outputs(normalised, selection_crops)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        network = quantise_network(normalised, Path(work) / "network_int8.onnx")
-        return export_self_contained(network, path, resize, crop, metadata)
+        networks, diffs = {}, {}
+        for method in methods:
+            networks[method] = quantise_network(normalised, Path(work) / f"network_int8_{method}.onnx",
+                                                calibration_crops, method, cpu.int8_saturates)
+            diffs[method] = float(np.abs(network_outputs(networks[method], selection_crops) - expected).mean())
+        best = min(diffs, key=diffs.get)
+        export_self_contained(networks[best], path, resize, crop, metadata)
+    return Path(path), Calibration(best, len(calibration_crops), cpu.int8_saturates, cpu.describe(), diffs)
 
 
 def half_precision(normalised: Path) -> onnx.ModelProto:
@@ -77,6 +157,7 @@ class VariantAccuracy:
     samples: int
     metrics: dict[str, float]
     reference: dict[str, float]  # the float32 model.onnx on the same images
+    decision_agreement: float | None  # classification: share of images with model.onnx's decision
 
     @property
     def lost(self) -> dict[str, float]:
@@ -89,21 +170,39 @@ class VariantAccuracy:
 
 
 def variant_accuracy(variant: str, path: Path, reference: Path, greys: Sequence[np.ndarray],
-                     targets: np.ndarray, task: TaskKind, positive_index: int,
+                     targets: np.ndarray, task: TaskKind, positive_index: int, threshold: float,
                      providers: Sequence[str] | None = None) -> VariantAccuracy:
-    """Test-set metrics of a variant next to the float32 model's, on the same decoded images."""
+    """Test-set metrics of a variant next to the float32 model's, on the same decoded images,
+    and how often the two decide alike at the operating threshold."""
     session = open_session(path, providers)
     outputs = run_self_contained(session, greys)
     reference_outputs = run_self_contained(open_session(reference, providers), greys)
+    agreement = None
+    if task is TaskKind.CLASSIFICATION:
+        agreement = float((decisions(outputs, threshold, positive_index)
+                           == decisions(reference_outputs, threshold, positive_index)).mean())
     return VariantAccuracy(
         variant=variant, provider=session.get_providers()[0], samples=len(greys),
         metrics=compute_metrics(task, targets, outputs, positive_index),
         reference=compute_metrics(task, targets, reference_outputs, positive_index),
+        decision_agreement=agreement,
     )
 
 
-def accuracy_json(results: Sequence[VariantAccuracy]) -> str:
-    return json.dumps([r.as_dict() for r in results], indent=2)
+def int8_loss_verdict(accuracy: VariantAccuracy, export: ExportConfig) -> str | None:
+    """Why the int8 variant loses too much on the test set to be kept, or None when it is within
+    `export.int8_max_auc_loss` and `int8_min_decision_agreement` (regression: `int8_max_mae_increase`)."""
+    lost, problems = accuracy.lost, []
+    if accuracy.decision_agreement is None:
+        if -lost["mae"] > export.int8_max_mae_increase:
+            problems.append(f"test MAE up {-lost['mae']:.4f} (tolerance {export.int8_max_mae_increase})")
+    else:
+        if lost["roc_auc"] > export.int8_max_auc_loss:
+            problems.append(f"test AUC loss {lost['roc_auc']:.4f} (tolerance {export.int8_max_auc_loss})")
+        if accuracy.decision_agreement < export.int8_min_decision_agreement:
+            problems.append(f"decisions agree with model.onnx on {accuracy.decision_agreement:.2%} of "
+                            f"{accuracy.samples} test images (at least {export.int8_min_decision_agreement:.0%} needed)")
+    return "; ".join(problems) or None
 
 
 GATING_GRAPHS = ("normalised", "self-contained")
@@ -117,8 +216,9 @@ class ServingModels:
     normalised: Path
     variants: dict[str, Path]  # "int8", "fp16": only those that passed their checks
     parity: list[ParityReport]
-    accuracy: list[VariantAccuracy]
+    accuracy: list[VariantAccuracy]  # every variant measured, kept or dropped
     dropped: dict[str, str]  # variant -> why it was not kept
+    calibration: Calibration | None = None  # int8
 
     @property
     def passed(self) -> bool:
@@ -129,23 +229,35 @@ class ServingModels:
         return "; ".join(f"{r.graph} graph on {r.provider}: {r.verdict()}"
                          for r in self.parity if r.graph in GATING_GRAPHS and not r.passed)
 
+    def keep_or_drop(self, variant: str, path: Path, accuracy: VariantAccuracy, failure: str | None) -> None:
+        """The variant's accuracy is stated either way; the file stays only without a failure."""
+        self.accuracy.append(accuracy)
+        if failure:
+            self.dropped[variant] = failure
+            path.unlink()
+        else:
+            self.variants[variant] = path
+
     def report_json(self) -> str:
         return json.dumps({"passed": self.passed, "reason": self.failure_reason(),
                            "parity": [r.as_dict() for r in self.parity],
                            "variants": {k: p.name for k, p in self.variants.items()},
                            "dropped": self.dropped,
-                           "accuracy": [a.as_dict() for a in self.accuracy]}, indent=2)
+                           "accuracy": [a.as_dict() for a in self.accuracy],
+                           "int8_calibration": asdict(self.calibration) if self.calibration else None}, indent=2)
 
 
 def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[str, str],
-                          export: ExportConfig, resize: int, crop: int, *, test_crops: np.ndarray,
-                          test_greys: Sequence[np.ndarray], test_targets: np.ndarray,
-                          threshold: float, positive_index: int) -> ServingModels:
+                          export: ExportConfig, resize: int, crop: int, *, train_crops: np.ndarray,
+                          val_crops: np.ndarray, test_crops: np.ndarray, test_greys: Sequence[np.ndarray],
+                          test_targets: np.ndarray, threshold: float, positive_index: int) -> ServingModels:
     """Export both float32 graphs and the enabled variants, and check each against PyTorch
     on held-out test images, on CPU and (where a GPU is present) CUDA.
 
     The float32 checks gate registration; a variant that fails its own check is dropped
-    with the reason. Variant accuracy is measured on every test image given.
+    with the reason: fp16 on parity with PyTorch, int8 (calibrated on `train_crops`, its
+    calibration method chosen on `val_crops`) on its test-set loss. Variant accuracy is
+    measured on every test image given.
     """
     normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, crop, export.opset,
                              metadata | {"variant": "normalised", "input_name": INPUT_NAME})
@@ -164,23 +276,24 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     if not result.passed:
         return result
 
-    makers = {"int8": (export.int8, quantise_int8, INT8_FILE, [CPU_PROVIDER]),
-              # Half precision is for GPUs: checked on one where present, else on the CPU.
-              "fp16": (export.fp16, convert_fp16, FP16_FILE, parity_providers()[-1])}
-    for name, (enabled, make, filename, providers) in makers.items():
-        if not enabled:
-            continue
-        path = make(normalised, run_dir / filename, resize, crop, metadata | {"variant": name})
-        if name == "fp16":
-            report = check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
-                                                 export.fp16_max_abs_diff, providers=providers, **decide)
-            report = dataclasses.replace(report, graph="fp16")
-            parity.append(report)
-            if not report.passed:
-                result.dropped[name] = report.verdict()
-                path.unlink()
-                continue
-        result.accuracy.append(variant_accuracy(name, path, full, test_greys, test_targets, model.task,
-                                                positive_index, providers=providers))
-        result.variants[name] = path
+    measure = dict(reference=full, greys=test_greys, targets=test_targets, task=model.task, **decide)
+    if export.int8:
+        path, result.calibration = quantise_int8(
+            normalised, run_dir / INT8_FILE, resize, crop, metadata | {"variant": "int8"},
+            calibration_crops=calibration_sample(train_crops, export.int8_calibration_images),
+            selection_crops=val_crops, methods=export.int8_calibration_methods)
+        accuracy = variant_accuracy("int8", path, providers=[CPU_PROVIDER], **measure)
+        result.keep_or_drop("int8", path, accuracy, int8_loss_verdict(accuracy, export))
+    if export.fp16:
+        providers = parity_providers()[-1]  # half precision is for GPUs: checked on one where present
+        path = convert_fp16(normalised, run_dir / FP16_FILE, resize, crop, metadata | {"variant": "fp16"})
+        report = dataclasses.replace(check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
+                                                                 export.fp16_max_abs_diff, providers=providers,
+                                                                 **decide), graph="fp16")
+        parity.append(report)
+        if report.passed:
+            result.keep_or_drop("fp16", path, variant_accuracy("fp16", path, providers=providers, **measure), None)
+        else:
+            result.dropped["fp16"] = report.verdict()
+            path.unlink()
     return result

@@ -249,6 +249,13 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert all(r["passed"] for r in parity["parity"])
     assert sorted(parity["variants"]) == ["fp16", "int8"]
     assert {a["variant"] for a in parity["accuracy"]} == {"int8", "fp16"}
+    # int8 is static, calibrated on the training crops with the method recorded.
+    train_count = int((usable["split"] == "train").sum())
+    calibration = parity["int8_calibration"]
+    assert calibration["images"] == min(train_count, config.export.int8_calibration_images)
+    assert run.data.params["int8_calibration_method"] == calibration["method"]
+    int8_ops = {node.op_type for node in onnx.load(run_dir / "model_int8.onnx").graph.node}
+    assert "QuantizeLinear" in int8_ops and "DynamicQuantizeLinear" not in int8_ops
     for tag in ("onnx_uri", "onnx_normalised_uri", "onnx_int8_uri", "onnx_fp16_uri"):
         assert tag in client.get_model_version(name, "1").tags
 

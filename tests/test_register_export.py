@@ -1,9 +1,13 @@
 """Export parity and the registry's champion/challenger rules, on a real MLflow SQLite store."""
 
+import dataclasses
 import json
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnx
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -141,9 +145,9 @@ def test_gate_fails_with_reason_and_makes_no_variants(tmp_path, classifier, real
 
     greys = [image.astype(np.float32) / 255 for image in real_images]
     strict = ExportConfig(max_abs_diff=1e-12, self_contained_max_abs_diff=1e-12)
-    models = export_serving_models(classifier, tmp_path, {}, strict, 256, 224, test_crops=real_images,
-                                   test_greys=greys, test_targets=np.zeros(len(greys)), threshold=0.5,
-                                   positive_index=1)
+    models = export_serving_models(classifier, tmp_path, {}, strict, 256, 224, train_crops=real_images,
+                                   val_crops=real_images, test_crops=real_images, test_greys=greys,
+                                   test_targets=np.zeros(len(greys)), threshold=0.5, positive_index=1)
     assert not models.passed and models.variants == {}
     assert "normalised graph on CPUExecutionProvider" in models.failure_reason()
     assert json.loads(models.report_json())["reason"] == models.failure_reason()
@@ -155,12 +159,51 @@ def test_variants_pass_their_checks_and_report_accuracy(tmp_path, classifier, re
 
     greys = [image.astype(np.float32) / 255 for image in real_images]
     models = export_serving_models(classifier, tmp_path, {"task": "classification"}, ExportConfig(), 256, 224,
-                                   test_crops=real_images, test_greys=greys,
-                                   test_targets=np.array([0, 1] * (len(greys) // 2)), threshold=0.5,
-                                   positive_index=1)
-    assert models.passed and sorted(models.variants) == ["fp16", "int8"]
+                                   train_crops=real_images, val_crops=real_images[:4], test_crops=real_images,
+                                   test_greys=greys, test_targets=np.array([0, 1] * (len(greys) // 2)),
+                                   threshold=0.5, positive_index=1)
+    assert models.passed and sorted(models.variants) == ["fp16", "int8"] and models.dropped == {}
     for name, path in models.variants.items():
         assert read_metadata(path)["variant"] == name
     accuracy = {a.variant: a for a in models.accuracy}
     assert set(accuracy["int8"].metrics) == {"roc_auc", "accuracy", "sensitivity", "specificity", "f1"}
     assert accuracy["int8"].lost["accuracy"] == accuracy["int8"].reference["accuracy"] - accuracy["int8"].metrics["accuracy"]
+    assert accuracy["int8"].decision_agreement >= ExportConfig().int8_min_decision_agreement
+    # Static QDQ int8: calibrated on the training crops with the method closest to float32 on validation.
+    calibration = models.calibration
+    assert calibration.images == len(real_images) and set(calibration.validation_mean_abs_diff) == {"minmax", "percentile"}
+    assert calibration.validation_mean_abs_diff[calibration.method] == min(calibration.validation_mean_abs_diff.values())
+    assert json.loads(models.report_json())["int8_calibration"]["method"] == calibration.method
+    graph = onnx.load(models.variants["int8"]).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "DynamicQuantizeLinear" not in ops
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
+    conv_weights = [node.input[1] for node in graph.node if node.op_type == "Conv"]
+    dequantised = {node.output[0]: node for node in graph.node if node.op_type == "DequantizeLinear"}
+    first = dequantised[conv_weights[0]]  # int8 weights, one scale per output channel
+    assert weights[first.input[0]].dtype == np.int8 and weights[first.input[1]].shape == (64,)
+
+
+def test_int8_is_dropped_with_its_reason_when_it_loses_too_much():
+    from configs import ExportConfig
+    from tasks.variants import ServingModels, VariantAccuracy, int8_loss_verdict
+
+    reference = {"roc_auc": 0.90, "accuracy": 0.85}
+    close = VariantAccuracy("int8", "CPUExecutionProvider", 200, {"roc_auc": 0.897, "accuracy": 0.85}, reference, 0.995)
+    assert int8_loss_verdict(close, ExportConfig()) is None
+    worse = VariantAccuracy("int8", "CPUExecutionProvider", 200, {"roc_auc": 0.89, "accuracy": 0.84}, reference, 0.98)
+    verdict = int8_loss_verdict(worse, ExportConfig())
+    assert "test AUC loss 0.0100 (tolerance 0.005)" in verdict and "98.00% of 200 test images" in verdict
+    assert int8_loss_verdict(worse, ExportConfig(int8_max_auc_loss=0.02, int8_min_decision_agreement=0.95)) is None
+    ages = VariantAccuracy("int8", "CPUExecutionProvider", 50, {"mae": 8.3}, {"mae": 8.1}, None)
+    assert "test MAE up 0.2000 (tolerance 0.1)" in int8_loss_verdict(ages, ExportConfig())
+
+    models = ServingModels(Path("model.onnx"), Path("model_normalised.onnx"), {}, [], [], {})
+    with tempfile.TemporaryDirectory() as tmp:
+        kept, dropped = Path(tmp) / "kept.onnx", Path(tmp) / "dropped.onnx"
+        kept.write_bytes(b"x")
+        dropped.write_bytes(b"x")
+        models.keep_or_drop("fp16", kept, dataclasses.replace(close, variant="fp16"), None)
+        models.keep_or_drop("int8", dropped, worse, verdict)
+        assert models.variants == {"fp16": kept} and models.dropped == {"int8": verdict}
+        assert not dropped.exists() and [a.variant for a in models.accuracy] == ["fp16", "int8"]  # both stated
