@@ -33,7 +33,10 @@ def backbone_state(model) -> dict[str, torch.Tensor]:
 
 
 def test_head_trains_on_cached_features_and_gives_the_same_model(tmp_path, breast_splits, backbone_file):
-    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, head_l2=[0.01, 1.0, 100.0])
+    # fp32 features, as `predict` computes them below: under `auto` a CPU with native bf16 caches
+    # bf16-autocast features, whose validation metric then differs from fp32's in the last pairs.
+    config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, head_l2=[0.01, 1.0, 100.0],
+                        precision="fp32")
     result = train_model(config, breast_splits["train"], breast_splits["val"])
     assert result.cached_features and result.strategy.value == "head" and result.feature_seconds > 0
     # One fit per L2 strength, strongest first; the best on validation is the one kept.
