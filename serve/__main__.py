@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from configs import load_config
@@ -20,6 +21,9 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, check_paths=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # torch only resizes and normalises single images here, in many request threads at once;
+    # its own thread pool per call would only fight ONNX Runtime's for the same cores.
+    torch.set_num_threads(1)
     uvicorn.run(create_app(Settings.from_config(config)), host=args.host or config.serve.host,
                 port=args.port or config.serve.port, log_level="info")
 

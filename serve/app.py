@@ -26,7 +26,7 @@ from PIL import Image
 
 from configs import PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
-from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
+from tasks.champion import Prediction, ServedModel, champion_version, load_champion
 from tasks.preprocess import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
@@ -78,11 +78,18 @@ class Service:
         self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
                                     settings.serve.batch_window_ms / 1000)
 
-    def _predict(self, greys: Sequence[np.ndarray]) -> list[tuple[Prediction, ServedModel]]:
-        model = self.model  # one reference per batch: a swap mid-batch cannot mix models
-        if model is None:
-            raise ModelUnavailable(self.load_error or "no model loaded")
-        return [(prediction, model) for prediction in model.predict(greys)]
+    @staticmethod
+    def _predict(requests: Sequence[tuple[ServedModel, np.ndarray]]) -> list[tuple[Prediction, ServedModel]]:
+        """Each request's crop runs on the model that decoded and cropped it, so a reload while
+        requests are in flight never mixes one model's preprocessing with another's network:
+        one network call per model in the batch (one model but for a moment after a swap)."""
+        answers: list[tuple[Prediction, ServedModel] | None] = [None] * len(requests)
+        for model in {id(model): model for model, _ in requests}.values():
+            indices = [i for i, (owner, _) in enumerate(requests) if owner is model]
+            crops = np.stack([requests[i][1] for i in indices])
+            for index, prediction in zip(indices, model.predict_crops(crops)):
+                answers[index] = (prediction, model)
+        return answers
 
     def _load(self) -> None:
         s = self.settings
@@ -139,6 +146,16 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _request_crop(model: ServedModel, body: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+    """A request body as the model's uint8 crop, with the decoded image's size."""
+    grey = model.decode(REQUEST_NAME, body)
+    if max(grey.shape) > MAX_ASPECT * min(grey.shape):
+        # The short side is scaled up to the model's size: a sliver would become enormous.
+        raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
+                                 f"over {MAX_ASPECT}:1 is not supported")
+    return model.crop(grey), grey.shape
+
+
 def create_app(settings: Settings) -> FastAPI:
     service = Service(settings)
     app = FastAPI(title="medxfer inference", lifespan=service.lifespan)
@@ -180,22 +197,17 @@ def create_app(settings: Settings) -> FastAPI:
         if model is None:
             raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
-            grey = await asyncio.to_thread(model.decode, REQUEST_NAME, body)
+            # Decoding, resizing and cropping in the request's own thread: the batch then holds
+            # small crops and its thread does nothing but the network call.
+            crop, shape = await asyncio.to_thread(_request_crop, model, body)
         except UnreadableImage as exc:
             raise HTTPException(_status_for(exc.reason),
                                 f"cannot read the {content_type} body: {exc.reason}") from None
         except Image.DecompressionBombError:
             raise HTTPException(413, f"the {content_type} image has too many pixels") from None
-        if max(grey.shape) > MAX_ASPECT * min(grey.shape):
-            # The short side is scaled up to the model's size: a sliver would become enormous.
-            raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
-                                     f"over {MAX_ASPECT}:1 is not supported")
-        try:
-            prediction, model = await service.batcher.submit(grey)
-        except ModelUnavailable as exc:
-            raise HTTPException(503, str(exc)) from None
+        prediction, model = await service.batcher.submit((model, crop))
         # Only sizes and timings: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *grey.shape,
+        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *shape,
                  1000 * (time.perf_counter() - started))
         return prediction.body | {"model": model.describe()}
 

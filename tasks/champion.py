@@ -108,13 +108,20 @@ class ServedModel:
         """decode(path, data): a request's bytes as grey [0, 1], decoded as training decoded them."""
         return ServedDecode.from_metadata(self.metadata)
 
+    def crop(self, grey: np.ndarray) -> np.ndarray:
+        """A decoded grey image (float [0, 1], any size) as the uint8 crop evaluation saw."""
+        spec = self.preprocess_spec
+        return resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"])
+
     def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
         """Answers for decoded grey images (float [0, 1], any sizes), in order: each is
         resized and cropped as in evaluation, then all run in one network call (one call
         per image for a per_image network)."""
-        spec = self.preprocess_spec
-        crops = np.stack([resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"])
-                          for grey in greys])
+        return self.predict_crops(np.stack([self.crop(grey) for grey in greys]))
+
+    def predict_crops(self, crops: np.ndarray) -> list[Prediction]:
+        """Answers for uint8 crops (N, crop, crop) made by `crop`, in one network call (one
+        per image for a per_image network)."""
         images = to_model_input(torch.from_numpy(crops)).numpy()
         batches = [image[None] for image in images] if self.per_image else [images]
         outputs = np.concatenate([self.session.run(None, {INPUT_NAME: batch})[0] for batch in batches])

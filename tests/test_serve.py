@@ -24,7 +24,7 @@ from pydicom.uid import MPEG2MPML
 
 from configs import ServeConfig
 from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
-from serve.app import API_KEY_HEADER, REQUEST_NAME, Settings, create_app
+from serve.app import API_KEY_HEADER, REQUEST_NAME, Service, Settings, create_app
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
 from tasks.export import NORMALISED_FILE, export_self_contained, read_metadata
@@ -309,6 +309,22 @@ def test_micro_batcher_runs_waiting_items_together():
 
     assert asyncio.run(scenario()) == [0, 10, 20, 30, 40, 50]
     assert [len(c) for c in calls] == [4, 2]
+
+
+def test_a_batch_answers_each_request_with_the_model_that_cropped_it(champion_registry):
+    """Requests decoded and cropped before a reload meet requests after it in one batch:
+    each runs on its own model's network, never on the other's."""
+    _, _, full = champion_registry
+    old, new = (open_served_model("serve-test", version, "fp32", full) for version in ("1", "2"))
+    greys = [load_grey(get_testdata_file(name))[0] for name in ("CT_small.dcm", "MR_small.dcm", "US1_J2KR.dcm")]
+    requests = [(old, old.crop(greys[0])), (new, new.crop(greys[1])), (old, old.crop(greys[2]))]
+    answers = Service._predict(requests)
+    assert [model.version for _, model in answers] == ["1", "2", "1"]
+    assert (old.network_calls, new.network_calls) == (1, 1)  # one call per model, both old requests in one
+    for (prediction, _), grey in zip(answers, greys):  # same weights: each is the one-image answer
+        alone = old.predict([grey])[0].body
+        assert prediction.body["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-6)
+        assert prediction.body["label"] == alone["label"]
 
 
 def test_no_patient_data_in_logs(service):
