@@ -144,7 +144,8 @@ def gpu_capacity_images_per_s() -> float:
     return tflops * 1e3 / RESNET18_GFLOP
 
 
-def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torch.nn.Module]:
+def bench_model(work: Path) -> tuple[torch.nn.Module, Path, Path]:
+    """A random-weights ResNet-18 classifier, its normalised and self-contained ONNX files."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
@@ -152,7 +153,10 @@ def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torc
                                 training_data="none", weights_name="none", weights_sha256="none",
                                 model_name="bench")
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, work / "model_normalised.onnx", 224, 18, metadata)
-    full = export_self_contained(normalised, work / "model.onnx", 256, 224, metadata)
+    return model, normalised, export_self_contained(normalised, work / "model.onnx", 256, 224, metadata)
+
+
+def model_benchmarks(work: Path, model: torch.nn.Module, normalised: Path, full: Path, budget_s: float) -> list[str]:
     cpu = cpu_info()
     int8 = quantise_network(normalised, work / "model_int8_normalised.onnx", calibration_crops(), "minmax",
                             reduce_range=cpu.int8_saturates)
@@ -188,7 +192,7 @@ def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torc
     else:
         lines.append("\nGPU paths (PyTorch CUDA eager and torch.compile, ONNX Runtime CUDA, TensorRT, "
                      "fp16): not measured, this machine has no CUDA GPU.")
-    return lines, full, model
+    return lines
 
 
 def gpu_rows(serving, normalised: Path, work: Path, inputs: np.ndarray, batch: int, budget_s: float,
@@ -460,13 +464,15 @@ def main() -> None:
                         help="seconds at 32 clients: the issue's 2-minute run for memory growth")
     parser.add_argument("--same-image-seconds", type=float, default=60.0,
                         help="seconds at 32 clients posting CT_small only, against the raw network (0: skip)")
-    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--skip-load", action="store_true", help="part 1 only")
+    parser.add_argument("--skip-models", action="store_true", help="part 2 only")
     args = parser.parse_args()
     print(f"Machine: {machine()}\n")
     with tempfile.TemporaryDirectory(prefix="medxfer-bench-") as tmp:
         work = Path(tmp)
-        lines, full, model = model_benchmarks(work, args.budget_seconds)
-        print("\n".join(lines), flush=True)
+        model, normalised, full = bench_model(work)
+        if not args.skip_models:
+            print("\n".join(model_benchmarks(work, model, normalised, full, args.budget_seconds)), flush=True)
         if not args.skip_load:
             print("\nService under load (python -m serve on 127.0.0.1, real images of seven sizes):\n")
             levels = [(1, args.load_seconds), (8, args.load_seconds), (32, args.soak_seconds)]
