@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONFIG_DIR = Path(__file__).resolve().parent
 SALT_ENV_VAR = "MEDXFER_PATIENT_SALT"
+# Set, it replaces every config's registry.tracking_uri: the same configs run against a
+# tracking server (the production stack) with no edit. Credentials stay in MLflow's own
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+TRACKING_URI_ENV = "MEDXFER_TRACKING_URI"
 
 
 class ConfigError(ValueError):
@@ -347,6 +351,8 @@ def _validated(path: Path, schema: type[Strict]) -> Strict:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    if os.environ.get(TRACKING_URI_ENV) and isinstance(raw.get("registry"), dict):
+        raw["registry"]["tracking_uri"] = os.environ[TRACKING_URI_ENV]
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:

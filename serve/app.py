@@ -33,7 +33,7 @@ log = logging.getLogger("medxfer.serve")
 
 API_KEY_HEADER = "X-API-Key"
 ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
-TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
+MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
 MAX_ASPECT = 8  # longest side / shortest side
 
@@ -47,10 +47,10 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
-        """The config's registry and serve sections; the environment can name another
-        registry or model, and holds the API key."""
+        """The config's registry and serve sections (configs.TRACKING_URI_ENV names another
+        registry); the environment can name another model, and holds the API key."""
         return cls(
-            tracking_uri=os.environ.get(TRACKING_URI_ENV) or config.registry.tracking_uri,
+            tracking_uri=config.registry.tracking_uri,
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
