@@ -191,6 +191,12 @@ class RegistryConfig(Strict):
     # Where a new experiment keeps artifacts; None: `output_dir/mlartifacts` for a
     # local (sqlite/file) store, the tracking server's default otherwise.
     artifact_location: str | None = None
+    # The stages that only talk to the registry and its object store (register, model card,
+    # scoring's load-champion) are tried again this many times on a connection or 5xx error,
+    # after io_retry_delay_seconds, then twice as long each time: a tracking server that
+    # restarts costs a wait, not the run. (MLflow's client first retries each request itself.)
+    io_retries: Annotated[int, Field(ge=0)] = 3
+    io_retry_delay_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class ExportConfig(Strict):

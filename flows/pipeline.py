@@ -19,12 +19,13 @@ import mlflow
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig, TaskKind, load_config
 from flows.dask_preprocess import preprocess_on_dask
+from flows.events import emit_promoted
+from flows.stages import discard_results, stage, with_io_retries
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, ServedDecode, serving_metadata,
                           training_data_sha256)
@@ -37,10 +38,6 @@ from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
 from tasks.variants import ServingModels, export_serving_models
-
-# Large in-memory inputs (models, arrays): Prefect should not hash them for caching.
-stage = task(cache_policy=NO_CACHE)
-
 
 def _slug(name: str) -> str:
     return name.replace("_", "-").lower()
@@ -233,6 +230,8 @@ def register(config: PipelineConfig, trained: TrainResult, models: ServingModels
                                   onnx_variants={"normalised": models.normalised, **models.variants})
     get_run_logger().info("registered %s version %s (%s)", registration.model_name,
                           registration.version, registration.reason)
+    if registration.is_champion:
+        emit_promoted(registration)
     return registration
 
 
@@ -257,7 +256,7 @@ class PipelineSummary:
 def train_pipeline(config_path: str) -> PipelineSummary:
     """Ingest, preprocess, fine-tune, evaluate, export and register one dataset."""
     config = load_config(config_path)
-    with tracking_run(config, run_name=config.name) as run_id:
+    with tracking_run(config, run_name=config.name, flow_run_id=runtime.flow_run.id) as run_id:
         run_dir = config.run_dir / run_id
         mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json", exclude=SECRET_FIELDS)),
                         "config/config.yaml")
@@ -267,11 +266,13 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         evaluation = evaluate(config, trained, prepared, run_dir)
         explained = explain(config, trained, prepared, run_dir)
         models = export(config, trained, prepared, evaluation, run_dir)
-        registration = register(config, trained, models, run_id, prepared)
-        publish_model_card(config, trained, evaluation, ingested, prepared, registration, explained, run_dir)
+        registration = with_io_retries(register, config.registry)(config, trained, models, run_id, prepared)
+        with_io_retries(publish_model_card, config.registry)(config, trained, evaluation, ingested, prepared,
+                                                             registration, explained, run_dir)
     summary = PipelineSummary(run_dir, models.self_contained, registration, evaluation.metrics,
                               trained.weights.describe())
     get_run_logger().info("pipeline finished\n%s", summary.text())
+    discard_results(runtime.flow_run.id)
     return summary
 
 

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from configs import load_config
+from flows.stages import with_io_retries
 from tasks.champion import ServedModel, load_champion
 from tasks.io import write_csv_atomic
 from tasks.score import ScoreResult, score_files, study_files, summary_markdown
@@ -54,8 +55,8 @@ def score_studies(config_path: str, input_dir: str) -> ScoreSummary:
     out_dir = config.run_dir / "scores" / str(runtime.flow_run.id)
     files = study_files(Path(input_dir))
     with tempfile.TemporaryDirectory(prefix="medxfer-score-") as download_dir:
-        model = load_model(config.registry.tracking_uri, config.registry.model_name, config.serve.variant,
-                           Path(download_dir))
+        model = with_io_retries(load_model, config.registry)(config.registry.tracking_uri, config.registry.model_name,
+                                                             config.serve.variant, Path(download_dir))
         result = score(files, model)
     scores_csv = write_csv_atomic(result.scores, out_dir / "scores.csv")
     rejects_csv = write_csv_atomic(result.rejects, out_dir / "score_rejects.csv")

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from pydicom.data import get_testdata_file
 
@@ -32,9 +33,11 @@ def _testdata(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect server (real API, SQLite) for every flow-run test."""
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server (real API, SQLite) for every flow-run test; the stages'
+    persisted results go to a temporary folder too."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
         yield
 
 
