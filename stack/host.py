@@ -4,14 +4,17 @@ running (and bootstraps it), `status` runs every health check, `down` stops in r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
+from botocore.exceptions import BotoCoreError, ClientError
 
 from stack import object_store, postgres, servers
 from stack.processes import Processes, Service, Status, Unhealthy
 from stack.settings import StackSettings
 
+log = logging.getLogger(__name__)
 ORDER = ("postgres", "object-store", "mlflow", "prefect-server", "worker", "service")
 DATABASES = [postgres.Database("prefect", "prefect", "PREFECT_SERVER_DATABASE_PASSWORD"),
              postgres.Database("mlflow", "mlflow", "MEDXFER_STACK_MLFLOW_DB_PASSWORD"),
@@ -98,12 +101,20 @@ class Stack:
         stopped = []
         for name in reversed(names):
             if name == "object-store" and self.processes.pid(name):
-                keys = object_store.read_keys(self._keys_file)
-                if keys:
-                    object_store.save(self.settings.url(name), keys, self.settings.bucket, self._saved_objects)
+                self._save_objects()
             if self.processes.stop(self.service(name)):
                 stopped.append(name)
         return stopped
+
+
+    def _save_objects(self) -> None:
+        keys = object_store.read_keys(self._keys_file)
+        if keys is None:
+            return
+        try:
+            object_store.save(self.settings.url("object-store"), keys, self.settings.bucket, self._saved_objects)
+        except (BotoCoreError, ClientError) as exc:  # stop it all the same; say what is lost
+            log.warning("object store not saved (%s): its objects are lost when it stops", exc)
 
 
 def _answers(url: str) -> str:

@@ -74,6 +74,9 @@ def mlflow(settings: StackSettings, s3_environment: dict[str, str]) -> Service:
            "MLFLOW_AUTH_ADMIN_USERNAME": settings.mlflow_user,
            "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["MLFLOW_TRACKING_PASSWORD"],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+           # MLflow 3's job runner (GenAI scoring, trace archival: nothing medxfer uses) would
+           # start seven more Python processes beside the server.
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            **s3_environment}
     return Service("mlflow", argv, env, health, cwd=settings.home / "mlflow",
                    unset=("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
