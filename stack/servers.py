@@ -110,7 +110,8 @@ def prefect_server(settings: StackSettings) -> Service:
            "PREFECT_SERVER_API_HOST": host,
            "PREFECT_SERVER_API_PORT": str(port),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_API_URL": api}
+           "PREFECT_UI_API_URL": api,
+           "PREFECT_UI_URL": settings.url("prefect-server")}  # links in notifications
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     return Service("prefect-server", argv, env, health,
                    unset=PREFECT_CLIENT_ONLY + ("PREFECT_API_DATABASE_CONNECTION_URL",
