@@ -35,7 +35,7 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from flows.pipeline import train_pipeline
 from sample_data.breastmnist import write_breastmnist_dicom
 from stack.host import ORDER, Stack
-from stack.settings import HOME_ENV, REPO, StackSettings, WORKER_LIMIT_ENV, _port_env
+from stack.settings import REPO, WORKER_LIMIT_ENV, StackSettings, ephemeral_environment
 
 UI_BUDGET_S = 2.0
 LOCKED = re.compile(r"database is locked|could not obtain lock|deadlock detected", re.IGNORECASE)
@@ -47,14 +47,7 @@ def machine() -> str:
                 if line.startswith("model name")), platform.processor())
     flags = Path("/proc/cpuinfo").read_text()
     features = [flag for flag in ("avx512_bf16", "avx512_vnni", "avx2") if f" {flag}" in flags]
-    return f"{cpu} ({', '.join(features) or 'no AVX2'}), {os.cpu_count()} cores, {os.getloadavg()[0]:.1f} load at start"
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return f"{cpu} ({', '.join(features) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def small_config(home: Path, per_split: int) -> Path:
@@ -74,8 +67,9 @@ def small_config(home: Path, per_split: int) -> Path:
     return path
 
 
-def rss_mb(pids: list[int]) -> float:
-    """Resident memory of these processes and all their descendants, in MB."""
+def pss_mb(pids: list[int]) -> float:
+    """Proportional set size of these processes and all their descendants, in MB: shared
+    libraries (torch's, in every flow run) counted once across them, not once per process."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -89,9 +83,9 @@ def rss_mb(pids: list[int]) -> float:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            total += int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                              if line.startswith("VmRSS")).split()[1])
-        except (FileNotFoundError, StopIteration):
+            total += int(next(line for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                              if line.startswith("Pss:")).split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError, StopIteration):
             pass
     return total / 1024
 
@@ -102,6 +96,7 @@ class UiTimer:
     def __init__(self, ui_url: str, auth_string: str, every_s: float, screenshot: Path):
         self.ui_url, self.auth_string, self.every_s, self.screenshot = ui_url, auth_string, every_s, screenshot
         self.load_seconds: list[float] = []
+        self.api_seconds: list[float] = []  # per load: the slowest API answer the page waited for
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -123,12 +118,18 @@ class UiTimer:
                 page.goto(f"{self.ui_url}/runs")
                 page.locator("input[type=password]").fill(self.auth_string)  # the UI's login page
                 page.keyboard.press("Enter")
-                page.wait_for_url(re.compile(r"/runs|/dashboard|/$"), timeout=60_000)
+                page.locator("input[type=password]").wait_for(state="detached", timeout=60_000)
+                answers: list = []
+                page.on("requestfinished", lambda request: answers.append(request) if "/api/" in request.url else None)
                 while not self._stop.is_set():
+                    answers.clear()
                     started = time.perf_counter()
                     page.goto(f"{self.ui_url}/runs")
                     page.locator(".flow-run-list-item").first.wait_for(state="visible", timeout=60_000)
                     self.load_seconds.append(time.perf_counter() - started)
+                    timings = [request.timing for request in answers]
+                    self.api_seconds.append(max((t["responseEnd"] - t["requestStart"]) / 1000 for t in timings)
+                                            if timings else 0.0)
                     page.screenshot(path=str(self.screenshot))
                     self._stop.wait(self.every_s)
                 browser.close()
@@ -146,11 +147,10 @@ def main() -> int:
     parser.add_argument("--keep", type=Path, help="keep the stack's home (logs) here")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    started_load = os.getloadavg()
     home = Path(tempfile.mkdtemp(prefix="medxfer-load-"))
     config = small_config(home, args.per_split)
-    env = {HOME_ENV: str(home), WORKER_LIMIT_ENV: str(args.worker_limit)}
-    env |= {_port_env(name): str(free_port()) for name in ("postgres", "object-store", "mlflow", "prefect-server",
-                                                           "service")}
+    env = ephemeral_environment(home) | {WORKER_LIMIT_ENV: str(args.worker_limit)}
     stack = Stack(StackSettings.from_environment(env))
     settings = stack.settings
     started = time.perf_counter()
@@ -170,13 +170,13 @@ def main() -> int:
             runs = [run_deployment("train-pipeline/load", timeout=0) for _ in range(args.runs)]
             print(f"{len(runs)} flow runs queued in {time.perf_counter() - queued_at:.1f} s")
             timer.start()
-            peak_rss = 0.0
+            peak_pss = 0.0
             with get_client(sync_client=True) as client:
                 while True:
                     states = [run.state for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
                         deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))]
                     pids = [stack.processes.pid(name) for name in SERVERS]
-                    peak_rss = max(peak_rss, rss_mb([pid for pid in pids if pid]))
+                    peak_pss = max(peak_pss, pss_mb([pid for pid in pids if pid]))
                     if all(state.is_final() for state in states) or time.perf_counter() - queued_at > args.timeout:
                         break
                     time.sleep(5)
@@ -196,13 +196,15 @@ def main() -> int:
         if durations:
             print(f"run time per completed run: median {statistics.median(durations):.1f} s, "
                   f"max {max(durations):.1f} s")
-        print(f"peak RSS of the stack's servers and flow runs: {peak_rss:.0f} MB")
+        print(f"peak memory (PSS) of the stack's servers and flow runs: {peak_pss:.0f} MB")
         print(f"lock errors in the servers' and worker's logs: {len(locked)}")
         if loads:
             print(f"UI runs page: {len(loads)} loads, median {statistics.median(loads):.2f} s, "
-                  f"max {max(loads):.2f} s (budget {UI_BUDGET_S} s)")
+                  f"max {max(loads):.2f} s (budget {UI_BUDGET_S} s); slowest API answer per load: median "
+                  f"{statistics.median(timer.api_seconds):.2f} s, max {max(timer.api_seconds):.2f} s")
         if timer.error:
             print(f"UI timer failed: {type(timer.error).__name__}: {timer.error}")
+        print(f"load average (1 min) at start {started_load[0]:.1f}, at end {os.getloadavg()[0]:.1f}")
         ok = (counts.get("Completed", 0) == args.runs and not locked and loads and not timer.error
               and max(loads) < UI_BUDGET_S)
         print("PASS" if ok else "FAIL")

@@ -31,7 +31,8 @@ class Stack:
         return self.settings.home / "postgres"
 
     @property
-    def _keys_file(self) -> Path:
+    def keys_file(self) -> Path:
+        """The object store's access key, as its bootstrap made it (owner-only)."""
         return self.settings.home / "run" / "object-store-keys.json"
 
     @property
@@ -44,9 +45,9 @@ class Stack:
             return postgres.service(self._pg_dir / "data", self._pg_dir / "socket", s.host, s.ports["postgres"],
                                     s.secrets["MEDXFER_STACK_DB_PASSWORD"])
         if name == "object-store":
-            return object_store.service(s.host, s.ports["object-store"], self._keys_file, s.bucket)
+            return object_store.service(s.host, s.ports["object-store"], self.keys_file, s.bucket)
         if name == "mlflow":
-            keys = object_store.read_keys(self._keys_file)
+            keys = object_store.read_keys(self.keys_file)
             s3 = keys.environment(s.url("object-store")) if keys else {}
             return servers.mlflow(s, s3)
         if name == "prefect-server":
@@ -83,12 +84,12 @@ class Stack:
             postgres.ensure_databases(s.host, s.ports["postgres"], s.secrets["MEDXFER_STACK_DB_PASSWORD"],
                                       DATABASES, s.secrets)
         elif name == "object-store":
-            self._keys_file.unlink(missing_ok=True)  # a new moto knows no keys
+            self.keys_file.unlink(missing_ok=True)  # a new moto knows no keys
             service = self.service(name)
             self.processes.start(service)
             endpoint = s.url("object-store")
             self.processes.wait_healthy(Service(name, service.argv, {}, lambda: _answers(endpoint)))
-            keys = object_store.bootstrap(endpoint, self._keys_file, s.bucket)
+            keys = object_store.bootstrap(endpoint, self.keys_file, s.bucket)
             object_store.restore(endpoint, keys, s.bucket, self._saved_objects)
         else:
             self.processes.start(self.service(name))
@@ -108,7 +109,7 @@ class Stack:
 
 
     def _save_objects(self) -> None:
-        keys = object_store.read_keys(self._keys_file)
+        keys = object_store.read_keys(self.keys_file)
         if keys is None:
             return
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -37,8 +38,21 @@ MLFLOW_USER_ENV, DEFAULT_MLFLOW_USER = "MLFLOW_TRACKING_USERNAME", "medxfer"
 PREFECT_USER = "medxfer"
 
 
-def _port_env(service: str) -> str:
+def port_env(service: str) -> str:
     return f"MEDXFER_STACK_{service.upper().replace('-', '_')}_PORT"
+
+
+def free_port() -> int:
+    """A port the OS reports free on 127.0.0.1 (bound to port 0, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def ephemeral_environment(home: Path) -> dict[str, str]:
+    """The environment of a stack in `home` on ports the OS reports free: for tests and
+    benchmarks, which share the machine with other people's servers."""
+    return {HOME_ENV: str(home)} | {port_env(service): str(free_port()) for service in DEFAULT_PORTS}
 
 
 def _generated(name: str) -> str:
@@ -78,7 +92,7 @@ class StackSettings:
     mlflow_user: str = DEFAULT_MLFLOW_USER
     worker_limit: int = 2  # concurrent flow runs on the worker: trainings share the CPUs
     bucket: str = "mlflow-artifacts"
-    work_pool: str = "medxfer-process"
+    work_pool: str = "medxfer"  # the process pool prefect.yaml deploys to
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] = os.environ) -> "StackSettings":
@@ -86,7 +100,7 @@ class StackSettings:
         return cls(
             home=home,
             host=env.get(HOST_ENV) or "127.0.0.1",
-            ports={name: int(env.get(_port_env(name)) or port) for name, port in DEFAULT_PORTS.items()},
+            ports={name: int(env.get(port_env(name)) or port) for name, port in DEFAULT_PORTS.items()},
             config=Path(env.get(CONFIG_ENV) or DEFAULT_CONFIG).resolve(),
             secrets=load_secrets(home, env),
             mlflow_user=env.get(MLFLOW_USER_ENV) or DEFAULT_MLFLOW_USER,

@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
+import pydicom
 import pytest
 import torch
 import yaml
@@ -87,6 +88,18 @@ def qc_section(report: str, heading: str) -> list[list[str]]:
     section = report.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     rows = [line.strip("|").split(" | ") for line in section.splitlines() if line.startswith("| ")]
     return [[cell.strip() for cell in row] for row in rows[1:]]  # rows[0] is the header
+
+
+def phi_strings(data_root: Path) -> set[str]:
+    """Every identifying value in the input DICOMs' headers, as it might be written out."""
+    found = set()
+    for path in data_root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
+            value = str(ds.get(keyword, "")).strip()
+            if value:
+                found |= {value, value.replace("^", " ")}
+    return found
 
 
 @pytest.fixture

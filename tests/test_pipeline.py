@@ -34,7 +34,7 @@ from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_
 from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
-from tests.conftest import qc_section, write_config
+from tests.conftest import phi_strings, qc_section, write_config
 
 T = TypeVar("T")
 # The Prefect artifacts the flow publishes for configs/breast_ultrasound.yaml.
@@ -299,18 +299,6 @@ def test_unusable_splits_fail_the_flow_after_reporting_the_rejects_found_so_far(
     assert description == f"Ingest stopped: {data_root / 'manifest.csv'}: the 'test' split is empty"
 
 
-def _phi_strings(data_root: Path) -> set[str]:
-    """Every identifying value in the input DICOMs' headers, as it might be written out."""
-    found = set()
-    for path in data_root.rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
-            value = str(ds.get(keyword, "")).strip()
-            if value:
-                found |= {value, value.replace("^", " ")}
-    return found
-
-
 def _all_prefect_logs() -> list[Log]:
     """Every log line the Prefect server holds."""
     APILogHandler().flush()
@@ -335,7 +323,7 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     shutil.copyfile(root / manifest.loc[0, "path"], root / "train" / "copy.dcm")  # a same-split duplicate
     extra = pd.DataFrame({"path": ["train/copy.dcm"], "label": [manifest.loc[0, "label"]], "split": "train"})
     pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
-    phi = _phi_strings(root)
+    phi = phi_strings(root)
     assert len(phi) >= 4 * 120  # name (two spellings), id, birth date and accession per image
     salt = "known-salt-5e1d7c"  # from the environment, so no salt file is written to exclude
     monkeypatch.setenv(SALT_ENV_VAR, salt)

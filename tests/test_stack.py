@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -22,7 +21,6 @@ import boto3
 import httpx
 import pandas as pd
 import psycopg2
-import pydicom
 import pytest
 from botocore.exceptions import ClientError
 from mlflow import MlflowClient
@@ -38,9 +36,10 @@ from flows.pipeline import train_pipeline
 from flows.score import score_studies
 from stack import automations, object_store, postgres
 from stack.host import ORDER, Stack
-from stack.settings import CONFIG_ENV, HOME_ENV, REPO, StackSettings, _port_env
+from stack.settings import (CONFIG_ENV, REPO, SECRET_NAMES, SECRETS_FILE, StackSettings, ephemeral_environment,
+                            load_secrets)
 
-from tests.conftest import write_config
+from tests.conftest import phi_strings, write_config
 
 T = TypeVar("T")
 MODEL = "stack-test-resnet18"
@@ -48,12 +47,6 @@ TRAINING, SCORING = "stack-training", "stack-scoring"
 # Flow runs of this test: quick registry failures, so that a stopped MLflow server fails the
 # register stage within seconds instead of after MLflow's default ~2 minutes of retries.
 FAST_FAILING_CLIENT = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval: float = 1.0) -> T:
@@ -93,6 +86,18 @@ class WebhookSink:
         self.server.server_close()
 
 
+def test_secrets_come_from_the_environment_or_are_made_once_and_kept_owner_only(tmp_path):
+    given = {"MEDXFER_API_KEY": "from-the-environment"}
+    first = load_secrets(tmp_path, given)
+    assert set(first) == set(SECRET_NAMES) and first["MEDXFER_API_KEY"] == "from-the-environment"
+    kept = tmp_path / SECRETS_FILE
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert "from-the-environment" not in kept.read_text()  # the operator's own secret is not copied
+    assert load_secrets(tmp_path, given) == first  # a restarted stack finds the same passwords
+    user, password = first["PREFECT_API_AUTH_STRING"].split(":")
+    assert user == "medxfer" and len(password) >= 32
+
+
 @pytest.fixture(scope="module")
 def stack(breast_dicom_dir) -> Iterator[Stack]:
     """The whole stack; its service serves MODEL from a small training config, polled every 2 s."""
@@ -103,10 +108,7 @@ def stack(breast_dicom_dir) -> Iterator[Stack]:
                           export={"int8": False, "fp16": False, "parity_samples": 8},
                           registry={"model_name": MODEL, "io_retries": 1, "io_retry_delay_seconds": 1},
                           serve={"reload_seconds": 2})
-    env = {HOME_ENV: str(home), CONFIG_ENV: str(config)} | {_port_env(name): str(free_port())
-                                                            for name in ("postgres", "object-store", "mlflow",
-                                                                         "prefect-server", "service")}
-    running = Stack(StackSettings.from_environment(env))
+    running = Stack(StackSettings.from_environment(ephemeral_environment(home) | {CONFIG_ENV: str(config)}))
     try:
         running.up()
         yield running
@@ -157,7 +159,7 @@ def test_every_server_is_healthy_on_loopback_and_refuses_requests_without_creden
                          connect_timeout=5)
 
     s3_url = settings.url("object-store")
-    object_store.client(s3_url, object_store.read_keys(stack._keys_file)).put_object(
+    object_store.client(s3_url, object_store.read_keys(stack.keys_file)).put_object(
         Bucket=settings.bucket, Key="probe.txt", Body=b"signed")
     unsigned = httpx.get(f"{s3_url}/{settings.bucket}/probe.txt")
     assert unsigned.status_code == 403 and b"signed" not in unsigned.content
@@ -211,15 +213,6 @@ def _flow_run_state(flow_run_id: UUID):
 def _finished(flow_run_id: UUID):
     state = _flow_run_state(flow_run_id)
     return state if state.is_final() else None
-
-
-def _phi_strings(data_root: Path) -> set[str]:
-    found = set()
-    for path in data_root.rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
-            found |= {str(ds.get(keyword, "")).replace("^", " "), str(ds.get(keyword, ""))} - {""}
-    return found
 
 
 def _events(settings: StackSettings, name: str) -> list[dict]:
@@ -276,7 +269,7 @@ def test_deployed_training_fails_in_register_notifies_and_its_retry_registers_wi
         assert "Reason: Flow run encountered an exception: MlflowException: API request to" in body
         assert "Connection refused" in body
         assert f"/runs/flow-run/{run.id}" in body
-        assert not {value for value in _phi_strings(breast_dicom_dir) if value in json.dumps(alert)}
+        assert not {value for value in phi_strings(breast_dicom_dir) if value in json.dumps(alert)}
 
         stack.up(("mlflow",))
         with get_client(sync_client=True) as client:  # what the UI's Retry button sends
@@ -296,7 +289,7 @@ def test_deployed_training_fails_in_register_notifies_and_its_retry_registers_wi
         assert training_run.data.tags["prefect_flow_run_id"] == str(run.id)  # one MLflow run across both attempts
         assert len(mlflow.get_metric_history(champion.run_id, "val_metric")) == 1  # trained once
         assert champion.tags["onnx_uri"].startswith(f"runs:/{champion.run_id}/onnx/")
-        keys = object_store.read_keys(stack._keys_file)
+        keys = object_store.read_keys(stack.keys_file)
         stored = object_store.client(settings.url("object-store"), keys).list_objects_v2(Bucket=settings.bucket)
         assert any(item["Key"].endswith(f"{champion.run_id}/artifacts/onnx/model.onnx") for item in stored["Contents"])
 
