@@ -165,7 +165,7 @@ def main() -> int:
                 name="load", work_pool_name=settings.work_pool, tags=["medxfer", "load"],
                 parameters={"config_path": str(config)}, build=False, push=False)
             timer = UiTimer(settings.url("prefect-server"), client_env["PREFECT_API_AUTH_STRING"], args.ui_every,
-                            REPO / "benchmarks" / "results" / "stack_load_runs_page.png")
+                            home / "logs" / "runs_page.png")  # kept with the logs by --keep
             queued_at = time.perf_counter()
             runs = [run_deployment("train-pipeline/load", timeout=0) for _ in range(args.runs)]
             print(f"{len(runs)} flow runs queued in {time.perf_counter() - queued_at:.1f} s")
