@@ -188,7 +188,7 @@ def main() -> int:
         for run in final:
             counts[run.state.name] = counts.get(run.state.name, 0) + 1
         durations = [run.total_run_time.total_seconds() for run in final if run.state.is_completed()]
-        logs = "\n".join(path.read_text(errors="replace") for path in (home / "logs").iterdir())
+        logs = "\n".join(path.read_text(errors="replace") for path in (home / "logs").glob("*.log"))
         locked = [line for line in logs.splitlines() if LOCKED.search(line)]
         loads = timer.load_seconds
         print(f"burst: {args.runs} runs, worker limit {args.worker_limit}, {burst_s:.0f} s until all were final; "
