@@ -68,13 +68,16 @@ class ImageFacts:
 
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> ImageFacts:
-        form = str(record.get("format", ""))
+        def text(column: str) -> str:  # a CSV read back holds NaN where the header had nothing
+            value = record.get(column)
+            return "" if value is None or pd.isna(value) else str(value).strip()
+
+        form = text("format")
         colour = Fact.PHOTOMETRIC if form == "dicom" else Fact.IMAGE_MODE
-        values = {Fact.FORMAT: form, colour: str(record.get("photometric", ""))}
-        for fact in (Fact.MODALITY, Fact.SOP_CLASS, Fact.BODY_PART):
-            values[fact] = "" if pd.isna(record.get(fact.value)) else str(record.get(fact.value, ""))
-        rows, _, columns = str(record.get("image_size", "0x0")).partition("x")
-        return cls({k: v.strip() for k, v in values.items()}, int(rows or 0), int(columns or 0))
+        values = {Fact.FORMAT: form, colour: text("photometric")}
+        values |= {fact: text(fact.value) for fact in (Fact.MODALITY, Fact.SOP_CLASS, Fact.BODY_PART)}
+        rows, _, columns = (text("image_size") or "0x0").partition("x")
+        return cls(values, int(rows or 0), int(columns or 0))
 
 
 def request_facts(data: bytes) -> ImageFacts:

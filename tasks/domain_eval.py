@@ -83,7 +83,11 @@ def held_out_images(sources: Sequence[OutOfDomainSource], seed: int) -> tuple[li
         if source.pydicom is not None:
             found = []
             for name in PYDICOM_IMAGES:
-                data = Path(get_testdata_file(name)).read_bytes()
+                path = get_testdata_file(name)
+                if path is None:
+                    skipped.append(f"{source.group.value}: pydicom-data file {name} is absent")
+                    continue
+                data = Path(path).read_bytes()
                 header = read_dicom_header(data)
                 modality = str(header.get("Modality", ""))
                 body_part = str(header.get("BodyPartExamined", "")).strip()
