@@ -404,6 +404,7 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     assert "121 files discovered = 121 usable + 0 rejected" in qc
     assert f"| train/copy.dcm | {manifest.loc[0, 'path']} | SOPInstanceUID |" in qc
     assert "| US | 121 |" in qc and "| Explicit VR Little Endian | 121 |" in qc and "| 28x28 | 121 |" in qc
+    assert qc_section(qc, "SOP class") == [["Ultrasound Image Storage", "121"]]  # a fact the domain check compares
     usable = pd.read_csv(summary.run_dir / "manifest.csv")
     assert (usable["split"] == "train").sum() == 41  # the copy went with its original
     # The known salt is the one used: the scan above looked for the real secret.
