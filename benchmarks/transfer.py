@@ -42,7 +42,8 @@ from models.resnet import build_model, resolve_freeze
 from tasks.evaluate import bootstrap_intervals, compute_metrics, predict
 from tasks.ingest import ingest_dataset
 from tasks.io import sha256_file
-from tasks.preprocess import SplitData, preprocess_dataset, resize_and_crop, to_model_input
+from tasks.preprocess import SplitData, preprocess_dataset
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]

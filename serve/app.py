@@ -27,7 +27,7 @@ from PIL import Image
 from configs import PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
-from tasks.preprocess import UnreadableImage
+from tasks.rejects import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
 

@@ -32,7 +32,8 @@ from configs import AugmentConfig, ClassBalance, FreezeStrategy, ModelConfig, Pr
 from models.resnet import TransferResNet, WeightsInfo, apply_freeze, build_model, resolve_freeze, set_train_mode
 from tasks.evaluate import compute_metrics, predict, primary_metric
 from tasks.io import atomic_path
-from tasks.preprocess import SplitData, to_model_input
+from tasks.preprocess import SplitData
+from tasks.transforms import to_model_input
 
 log = logging.getLogger(__name__)
 
