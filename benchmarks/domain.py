@@ -92,14 +92,14 @@ def accuracy(names: list[str], out: Path) -> None:
             started = time.perf_counter()
             ingested = ingest_dataset(config.data, config.seed, "benchmark-salt")
             prepared = preprocess_dataset(ingested.manifest, config.data.root, config.preprocess)
-            trained = train_model(config, prepared.split("train"), prepared.split("val"))
+            trained = train_model(config.model, config.train, config.task_spec, config.seed, prepared.split("train"),
+                                  prepared.split("val"), tracking_uri=config.registry.tracking_uri)
             test = prepared.split("test")
             outputs = predict(trained.model, test.images, 32, trained.device)
             task = {"train_seconds": round(time.perf_counter() - started, 1), "strategy": trained.strategy.value,
                     "weights": trained.weights.describe(),
-                    "test_metrics": compute_metrics(config.data.task, test.targets, outputs,
-                                                    config.data.positive_index if config.data.task
-                                                    is TaskKind.CLASSIFICATION else 0),
+                    "test_metrics": compute_metrics(config.task_spec.kind, test.targets, outputs,
+                                                    config.task_spec.positive_index),
                     "splits": {s: int((prepared.manifest["split"] == s).sum()) for s in ("train", "val", "test")},
                     "methods": {}}
             for method in NoveltyMethod:

@@ -28,7 +28,7 @@ from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
 from tasks.domain import ImageFacts, request_facts
-from tasks.preprocess import UnreadableImage
+from tasks.rejects import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
 

@@ -33,7 +33,7 @@ from configs import TaskKind
 from tasks.domain import DOMAIN_OUTPUT, NOT_CHECKED, DomainCheck, DomainVerdict, ImageFacts, judge
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
-from tasks.preprocess import resize_and_crop, to_model_input
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,9 @@ from tasks.domain import DomainCheck, DomainFit, ImageFacts, fit_domain, image_f
 from tasks.export import ServedDecode
 from tasks.ingest import SPLITS, read_dicom_header
 from tasks.io import markdown_table
-from tasks.preprocess import PreparedData, UnreadableImage, resize_and_crop
+from tasks.preprocess import PreparedData
+from tasks.rejects import UnreadableImage
+from tasks.transforms import resize_and_crop
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import pandas as pd
 from configs import DomainPolicy
 from tasks.champion import Prediction, ServedModel
 from tasks.domain import request_facts
-from tasks.preprocess import UnreadableImage
+from tasks.rejects import UnreadableImage
 
 REJECT_COLUMNS = ["file_sha256", "reason"]
 OUT_OF_DOMAIN = "outside the training domain"  # the reject reason's start under the refuse policy

@@ -24,7 +24,7 @@ from tasks.domain_eval import PYDICOM_IMAGES, evaluate_domain, held_out_images, 
 from tasks.export import (NORMALISED_FILE, SELF_CONTAINED_FILE, ServedDecode, open_session,
                           run_self_contained_outputs, serving_metadata)
 from tasks.ingest import header_facts, read_dicom_header
-from tasks.preprocess import resize_and_crop
+from tasks.transforms import resize_and_crop
 from tasks.variants import export_serving_models, half_precision, quantise_network, split_domain
 from tests.conftest import CROP, RESIZE, decoded_as_trained
 
