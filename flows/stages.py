@@ -20,8 +20,9 @@ from typing import Any
 import botocore.exceptions
 import requests
 from mlflow.exceptions import MlflowException
+from pydantic import BaseModel
 from prefect import Task, get_client, task
-from prefect.cache_policies import RUN_ID, TASK_SOURCE, CachePolicy, Inputs
+from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE, CachePolicy
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
@@ -31,9 +32,16 @@ from prefect.tasks import exponential_backoff
 from configs import RegistryConfig
 
 STAGE_LABEL = "medxfer.stage"  # the stage running now, or the one a failed or crashed run stopped in
-# Stage results handed to later stages. They are not hashed into cache keys (models and
-# image arrays are large, and within one flow run they follow from the config anyway).
-RESULT_INPUTS = ["ingested", "prepared", "trained", "evaluation", "models", "registration"]
+# Inputs of these types are hashed into a stage's key: the config, folders, run ids, names.
+# Stage results handed to later stages (dataclasses of models, arrays, tables) are not: they
+# are large, and within one flow run they follow from the config anyway.
+KEYED_INPUT_TYPES = (BaseModel, str, Path, int, float, bool, type(None))
+
+
+def _keyed(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_keyed(item) for item in value)
+    return isinstance(value, KEYED_INPUT_TYPES)
 
 
 @dataclass
@@ -44,8 +52,8 @@ class ResumeInFlowRun(CachePolicy):
     def compute_key(self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
         run = RUN_ID.compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-        stage = (TASK_SOURCE + Inputs(exclude=RESULT_INPUTS)).compute_key(task_ctx, inputs, flow_parameters,
-                                                                         **kwargs)
+        small = {name: value for name, value in inputs.items() if _keyed(value)}
+        stage = (TASK_SOURCE + INPUTS).compute_key(task_ctx, small, flow_parameters, **kwargs)
         return f"{run}/{task_ctx.task.name}-{stage}"
 
 

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from configs import PipelineConfig
+from configs import ModelRunConfig, PipelineConfig
 from tasks.export import update_metadata
 from tasks.io import sha256_file
 
@@ -30,7 +30,7 @@ MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvis
 FLOW_RUN_TAG = "prefect_flow_run_id"  # on the MLflow run: the Prefect flow run it belongs to
 
 
-def redacted_params(config: PipelineConfig) -> dict[str, str]:
+def redacted_params(config: ModelRunConfig) -> dict[str, str]:
     """Flattened config for MLflow params; the patient salt never leaves the machine."""
     flat: dict[str, str] = {}
 
@@ -46,8 +46,8 @@ def redacted_params(config: PipelineConfig) -> dict[str, str]:
 
 
 @contextmanager
-def tracking_run(config: PipelineConfig, run_name: str, flow_run_id: str | None = None) -> Iterator[str]:
-    """An MLflow run for the pipeline; yields its id, marks it FAILED if the block raises.
+def tracking_run(config: ModelRunConfig, run_name: str, flow_run_id: str | None = None) -> Iterator[str]:
+    """An MLflow run for the pipeline (or pretraining); yields its id, marks it FAILED if the block raises.
 
     With `flow_run_id` (the Prefect flow run this is part of), the run tagged with it is
     continued if there is one: a retried flow run keeps its MLflow run, its run id and so its

@@ -278,7 +278,7 @@ def test_deployed_training_fails_in_register_notifies_and_its_retry_registers_wi
         done = wait_for("the retried run to finish", lambda: _finished(run.id), timeout=600)
         assert done.type is StateType.COMPLETED, done
         stages = _task_states(run.id)
-        for name in ("ingest", "preprocess", "train", "evaluate", "explain", "export"):
+        for name in ("ingest", "preprocess", "train", "domain", "evaluate", "explain", "export"):
             assert stages[name] == ["Completed", "Cached"], (name, stages)
         assert stages["register"][-1] == "Completed" and stages["model-card"] == ["Completed"], stages
 
