@@ -59,8 +59,9 @@ from models.resnet import build_model
 from sample_data.breastmnist import BUNDLED_NPZ
 from tasks.export import (CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME, TRT_PROVIDER, ServingHead, export_onnx,
                           export_self_contained, gpu_available, network_graph, serving_metadata)
+from tasks.decode import load_grey
 from tasks.hardware import cpu_info
-from tasks.preprocess import load_grey, resize_and_crop, to_model_input
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import register_model, tracking_run
 from tasks.variants import calibration_sample, half_precision, quantise_network
 

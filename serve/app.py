@@ -24,16 +24,17 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from configs import PipelineConfig, ServeConfig
+from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import Prediction, ServedModel, champion_version, load_champion
-from tasks.preprocess import UnreadableImage
+from tasks.domain import ImageFacts, request_facts
+from tasks.rejects import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
 
 API_KEY_HEADER = "X-API-Key"
 ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
-TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
+MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
 MAX_ASPECT = 8  # longest side / shortest side
 
@@ -44,16 +45,18 @@ class Settings:
     model_name: str
     serve: ServeConfig
     api_key: str | None  # None: no key required
+    domain_policy: DomainPolicy = DomainPolicy.FLAG  # out-of-domain inputs: answered with the flag, or 422
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
-        """The config's registry and serve sections; the environment can name another
-        registry or model, and holds the API key."""
+        """The config's registry and serve sections (configs.TRACKING_URI_ENV names another
+        registry); the environment can name another model, and holds the API key."""
         return cls(
-            tracking_uri=os.environ.get(TRACKING_URI_ENV) or config.registry.tracking_uri,
+            tracking_uri=config.registry.tracking_uri,
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
+            domain_policy=config.domain.policy,
         )
 
 
@@ -79,15 +82,16 @@ class Service:
                                     settings.serve.batch_window_ms / 1000)
 
     @staticmethod
-    def _predict(requests: Sequence[tuple[ServedModel, np.ndarray]]) -> list[tuple[Prediction, ServedModel]]:
+    def _predict(requests: Sequence[tuple[ServedModel, np.ndarray, ImageFacts]]) -> list[tuple[Prediction, ServedModel]]:
         """Each request's crop runs on the model that decoded and cropped it, so a reload while
         requests are in flight never mixes one model's preprocessing with another's network:
         one network call per model in the batch (one model but for a moment after a swap)."""
         answers: list[tuple[Prediction, ServedModel] | None] = [None] * len(requests)
-        for model in {id(model): model for model, _ in requests}.values():
-            indices = [i for i, (owner, _) in enumerate(requests) if owner is model]
+        for model in {id(model): model for model, _, _ in requests}.values():
+            indices = [i for i, (owner, _, _) in enumerate(requests) if owner is model]
             crops = np.stack([requests[i][1] for i in indices])
-            for index, prediction in zip(indices, model.predict_crops(crops)):
+            facts = [requests[i][2] for i in indices]
+            for index, prediction in zip(indices, model.predict_crops(crops, facts)):
                 answers[index] = (prediction, model)
         return answers
 
@@ -146,14 +150,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _request_crop(model: ServedModel, body: bytes) -> tuple[np.ndarray, tuple[int, int]]:
-    """A request body as the model's uint8 crop, with the decoded image's size."""
+def _request_input(model: ServedModel, body: bytes) -> tuple[np.ndarray, tuple[int, int], ImageFacts]:
+    """A request body as the model's uint8 crop, the decoded image's size and its header facts."""
     grey = model.decode(REQUEST_NAME, body)
     if max(grey.shape) > MAX_ASPECT * min(grey.shape):
         # The short side is scaled up to the model's size: a sliver would become enormous.
         raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
                                  f"over {MAX_ASPECT}:1 is not supported")
-    return model.crop(grey), grey.shape
+    return model.crop(grey), grey.shape, request_facts(body)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -197,18 +201,21 @@ def create_app(settings: Settings) -> FastAPI:
         if model is None:
             raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
-            # Decoding, resizing and cropping in the request's own thread: the batch then holds
-            # small crops and its thread does nothing but the network call.
-            crop, shape = await asyncio.to_thread(_request_crop, model, body)
+            # Decoding, resizing, cropping and reading the header facts in the request's own
+            # thread: the batch then holds small crops and its thread does nothing but the network.
+            crop, shape, facts = await asyncio.to_thread(_request_input, model, body)
         except UnreadableImage as exc:
             raise HTTPException(_status_for(exc.reason),
                                 f"cannot read the {content_type} body: {exc.reason}") from None
         except Image.DecompressionBombError:
             raise HTTPException(413, f"the {content_type} image has too many pixels") from None
-        prediction, model = await service.batcher.submit((model, crop))
-        # Only sizes and timings: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *shape,
-                 1000 * (time.perf_counter() - started))
+        prediction, model = await service.batcher.submit((model, crop, facts))
+        # Only sizes, timings and the domain flag: nothing from the image or its header is logged.
+        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *shape,
+                 prediction.domain.in_domain, 1000 * (time.perf_counter() - started))
+        if settings.domain_policy is DomainPolicy.REFUSE and prediction.domain.in_domain is False:
+            raise HTTPException(422, {"message": "the input is outside the model's training domain",
+                                      **prediction.domain.as_json(), "model": model.describe()})
         return prediction.body | {"model": model.describe()}
 
     return app

@@ -10,7 +10,10 @@ and smaller, faster variants with what they cost in accuracy.
   for GPUs.
 
 Both transform the normalised network and put the same float32 preprocessing
-graph in front, so every variant takes the same `grey` input as model.onnx.
+graph in front, so every variant takes the same `grey` input as model.onnx. The
+domain-score nodes stay float32 in both (tasks.domain: a distance that sums
+hundreds of squares overflows fp16 and loses its ranking in 8 bits); they read
+the variant's own features, and the gate checks the score like every output.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from configs import ExportConfig, TaskKind
 from models.resnet import TransferResNet
+from tasks.domain import DOMAIN_OUTPUT
 from tasks.evaluate import compute_metrics
 from tasks.export import (CPU_PROVIDER, FP16_FILE, INPUT_NAME, INT8_FILE, NORMALISED_FILE, SELF_CONTAINED_FILE,
-                          ParityReport, check_parity, check_self_contained_parity, decisions, export_onnx,
-                          export_self_contained, open_session, parity_providers, run_self_contained)
+                          DomainParity, ParityReport, check_parity, check_self_contained_parity, decisions,
+                          export_onnx, export_self_contained, open_session, parity_providers, run_self_contained)
 from tasks.hardware import cpu_info
-from tasks.preprocess import to_model_input
+from tasks.transforms import to_model_input
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
 CALIBRATION_BATCH = 16
@@ -73,25 +77,72 @@ class CropBatches(CalibrationDataReader):
         return {INPUT_NAME: to_model_input(torch.from_numpy(np.ascontiguousarray(batch))).numpy()}
 
 
+def split_domain(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]] | None:
+    """(the network up to its prediction and the features the domain score reads, the domain
+    head from those features to `domain_score`, the features' names); None without a domain score.
+
+    A variant transforms the network alone and the head is put back unchanged in float32:
+    onnxruntime's fp16 converter would round a blocked node's every input and output through
+    fp16, and a distance summing hundreds of squares overflows there."""
+    outputs = [o.name for o in proto.graph.output]
+    if DOMAIN_OUTPUT not in outputs:
+        return None
+    producers = {out: node for node in proto.graph.node for out in node.output}
+
+    def ancestors(output: str) -> set[int]:
+        found, todo = set(), [output]
+        while todo:
+            node = producers.get(todo.pop())
+            if node is not None and id(node) not in found:
+                found.add(id(node))
+                todo += list(node.input)
+        return found
+
+    prediction = set().union(*(ancestors(o) for o in outputs if o != DOMAIN_OUTPUT))
+    head = [node for node in proto.graph.node if id(node) in ancestors(DOMAIN_OUTPUT) - prediction]
+    features = sorted({name for node in head for name in node.input
+                       if name in producers and id(producers[name]) in prediction})
+    predicted = [o for o in outputs if o != DOMAIN_OUTPUT]
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto))  # it needs the cut's shapes
+    return (extractor.extract_model([INPUT_NAME], predicted + features),
+            extractor.extract_model(features, [DOMAIN_OUTPUT]), features)
+
+
+def _rejoin_domain(network: onnx.ModelProto, head: onnx.ModelProto, features: list[str]) -> onnx.ModelProto:
+    """The transformed network with the float32 domain head after it again."""
+    head.ir_version = network.ir_version
+    del head.graph.value_info[:]  # the network's annotations of the shared features stand
+    del head.opset_import[:]
+    head.opset_import.extend(network.opset_import)
+    predicted = [o.name for o in network.graph.output if o.name not in features]
+    return onnx.compose.merge_models(network, head, io_map=[(name, name) for name in features],
+                                     outputs=predicted + [DOMAIN_OUTPUT])
+
+
 def quantise_network(normalised: Path, path: Path, calibration_crops: np.ndarray, method: str,
                      reduce_range: bool) -> Path:
     """Static int8 quantisation of the normalised network (input `image`), calibrated on
-    `calibration_crops` (uint8, N x crop x crop) with `method` ("minmax" or "percentile")."""
+    `calibration_crops` (uint8, N x crop x crop) with `method` ("minmax" or "percentile");
+    a domain head stays float32."""
     proto = onnx.load(normalised)
+    split = split_domain(proto)
+    network = split[0] if split else proto
     # The exporter's intermediate shape annotations trip the quantiser's shape inference
     # (it infers (512,) where the exporter wrote a 2-D shape); pre-processing infers them again.
-    del proto.graph.value_info[:]
+    del network.graph.value_info[:]
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        prepared = Path(work) / "prepared.onnx"
+        prepared, quantised = Path(work) / "prepared.onnx", Path(work) / "network_int8.onnx"
         # Shape inference and graph optimisation (BatchNorm folded into the convolutions)
         # first, as ONNX Runtime's quantisation guide asks.
-        quant_pre_process(proto, prepared)
+        quant_pre_process(network, prepared)
         # uint8 activations x int8 weights is the pair ONNX Runtime's x86 kernels run fastest
         # (int8 x int8 ran at 1.2x fp32 where this pair ran at 3.3x, benchmarks/RESULTS.md).
-        quantize_static(prepared, path, CropBatches(calibration_crops), quant_format=QuantFormat.QDQ,
+        quantize_static(prepared, quantised, CropBatches(calibration_crops), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[method],
                         extra_options={"CalibStridedMinMax": 1})
+        result = onnx.load(quantised)
+    onnx.save_model(_rejoin_domain(result, split[1], split[2]) if split else result, path)
     return Path(path)
 
 
@@ -137,9 +188,11 @@ def quantise_int8(normalised: Path, path: Path, resize: int, crop: int, metadata
 
 def half_precision(normalised: Path) -> onnx.ModelProto:
     """The network in fp16, with float32 inputs and outputs."""
-    half = OnnxModel(convert_float_to_float16(onnx.load(normalised), keep_io_types=True))
+    network = onnx.load(normalised)
+    split = split_domain(network)
+    half = OnnxModel(convert_float_to_float16(split[0] if split else network, keep_io_types=True))
     half.topological_sort()  # the converter appends its input casts at the end of the graph
-    return half.model
+    return _rejoin_domain(half.model, split[1], split[2]) if split else half.model
 
 
 def convert_fp16(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
@@ -250,50 +303,64 @@ class ServingModels:
 def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[str, str],
                           export: ExportConfig, resize: int, crop: int, *, train_crops: np.ndarray,
                           val_crops: np.ndarray, test_crops: np.ndarray, test_greys: Sequence[np.ndarray],
-                          test_targets: np.ndarray, threshold: float, positive_index: int) -> ServingModels:
+                          test_targets: np.ndarray, threshold: float, positive_index: int,
+                          novelty: torch.nn.Module | None = None, domain_threshold: float | None = None) -> ServingModels:
     """Export both float32 graphs and the enabled variants, and check each against PyTorch
     on held-out test images, on CPU and (where a GPU is present) CUDA.
 
     The float32 checks gate registration; a variant that fails its own check is dropped
     with the reason: fp16 on parity with PyTorch, int8 (calibrated on `train_crops`, its
     calibration method chosen on `val_crops`) on its test-set loss. Variant accuracy is
-    measured on every test image given.
+    measured on every test image given. With `novelty` (tasks.domain) every graph also
+    outputs `domain_score`, checked at `domain_threshold`: fp32 graphs within
+    export.domain_max_rel_diff, int8 and fp16 within export.variant_domain_max_rel_diff
+    (int8's probabilities are judged by its test-set loss, not by parity).
     """
     normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, crop, export.opset,
-                             metadata | {"variant": "normalised", "input_name": INPUT_NAME})
+                             metadata | {"variant": "normalised", "input_name": INPUT_NAME}, novelty)
     full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, resize, crop,
                                  metadata | {"variant": "fp32"})
     samples = export.parity_samples
+    domain = variant_domain = None
+    if novelty is not None:
+        domain = DomainParity(novelty, domain_threshold, export.domain_max_rel_diff)
+        variant_domain = dataclasses.replace(domain, tolerance=export.variant_domain_max_rel_diff)
     decide = {"threshold": threshold, "positive_index": positive_index}
     parity: list[ParityReport] = []
     for providers in parity_providers():
         parity.append(check_parity(normalised, model, test_crops[:samples], export.max_abs_diff,
-                                   providers=providers, **decide))
+                                   providers=providers, domain=domain, **decide))
         parity.append(check_self_contained_parity(full, model, test_greys[:samples], resize, crop,
                                                   export.self_contained_max_abs_diff,
-                                                  providers=providers, **decide))
+                                                  providers=providers, domain=domain, **decide))
     result = ServingModels(full, normalised, {}, parity, [], {})
     if not result.passed:
         return result
 
     measure = dict(reference=full, greys=test_greys, targets=test_targets, task=model.task, **decide)
+    made: dict[str, tuple[Path, list[str]]] = {}
     if export.int8:
         path, result.calibration = quantise_int8(
             normalised, run_dir / INT8_FILE, resize, crop, metadata | {"variant": "int8"},
             calibration_crops=calibration_sample(train_crops, export.int8_calibration_images),
             selection_crops=val_crops, methods=export.int8_calibration_methods)
-        accuracy = variant_accuracy("int8", path, providers=[CPU_PROVIDER], **measure)
-        result.keep_or_drop("int8", path, accuracy, int8_loss_verdict(accuracy, export))
+        made["int8"] = path, [CPU_PROVIDER]
     if export.fp16:
-        providers = parity_providers()[-1]  # half precision is for GPUs: checked on one where present
-        path = convert_fp16(normalised, run_dir / FP16_FILE, resize, crop, metadata | {"variant": "fp16"})
-        report = dataclasses.replace(check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
-                                                                 export.fp16_max_abs_diff, providers=providers,
-                                                                 **decide), graph="fp16")
-        parity.append(report)
-        if report.passed:
-            result.keep_or_drop("fp16", path, variant_accuracy("fp16", path, providers=providers, **measure), None)
-        else:
-            result.dropped["fp16"] = report.verdict()
-            path.unlink()
+        # Half precision is for GPUs: checked on one where present, else on the CPU.
+        made["fp16"] = (convert_fp16(normalised, run_dir / FP16_FILE, resize, crop, metadata | {"variant": "fp16"}),
+                        parity_providers()[-1])
+    for name, (path, providers) in made.items():
+        if name == "fp16" or variant_domain is not None:
+            report = check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
+                                                 export.fp16_max_abs_diff, providers=providers,
+                                                 domain=variant_domain, **decide)
+            # int8's outputs are judged by its test-set loss below; its domain score by parity.
+            report = dataclasses.replace(report, graph=name, gates_prediction=name == "fp16")
+            parity.append(report)
+            if not report.passed:
+                result.dropped[name] = report.verdict()
+                path.unlink()
+                continue
+        accuracy = variant_accuracy(name, path, providers=providers, **measure)
+        result.keep_or_drop(name, path, accuracy, int8_loss_verdict(accuracy, export) if name == "int8" else None)
     return result

@@ -14,6 +14,7 @@ import httpx
 import mlflow
 import numpy as np
 import onnx
+import pandas as pd
 import pydicom
 import pytest
 import torch
@@ -22,14 +23,15 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
-from configs import ServeConfig
+from configs import DomainPolicy, ServeConfig
 from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
 from serve.app import API_KEY_HEADER, REQUEST_NAME, Service, Settings, create_app
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
+from tasks.decode import load_grey
 from tasks.export import NORMALISED_FILE, export_self_contained, read_metadata
-from tasks.preprocess import load_grey, resize_and_crop
 from tasks.register import register_model, tracking_run
+from tasks.transforms import resize_and_crop
 from tasks.variants import quantise_int8
 from tests.conftest import CROP, RESIZE, decoded_as_trained, evaluated_outputs, register_version
 from tests.live_server import LiveServer
@@ -96,6 +98,49 @@ def test_real_dicom_gets_the_models_own_prediction(service, champion_registry, n
     assert body["label"] == ("malignant" if expected[1] >= 0.5 else "benign")
     assert body["threshold"] == 0.5 and body["positive_label"] == "malignant"
     assert body["model"]["name"] == "serve-test" and body["model"]["provider"] == "CPUExecutionProvider"
+
+
+def _breast_train_image(breast_dicom_dir) -> bytes:
+    """One of the champion's own training images (its domain check was fitted on them)."""
+    manifest = pd.read_csv(breast_dicom_dir / "manifest.csv")
+    return (breast_dicom_dir / manifest.loc[manifest["split"] == "train", "path"].iloc[0]).read_bytes()
+
+
+def test_every_answer_says_whether_its_input_is_in_the_training_domain(service, breast_dicom_dir):
+    """The champion was trained on breast ultrasound: a chest CR is answered, flagged, with the
+    reasons as data; its own kind of image is answered in domain."""
+    server, _ = service
+    body = post(server, dicom_bytes("RG1_UNCR.dcm")).json()
+    assert body["in_domain"] is False and body["label"] in ("benign", "malignant")
+    reasons = body["domain_reasons"]
+    assert reasons[0] == {"kind": "unseen_value", "fact": "modality", "value": "CR", "expected": ["US"],
+                          "message": "Modality CR not seen in training (US)"}
+    assert {r["kind"] for r in reasons} >= {"unseen_value", "size_out_of_range"}
+    assert isinstance(body["domain_score"], float)
+
+    own = post(server, _breast_train_image(breast_dicom_dir)).json()
+    assert own["in_domain"] is True and own["domain_reasons"] == []
+
+
+def test_refuse_policy_answers_422_with_the_reasons(champion_registry, breast_dicom_dir):
+    config, _, _ = champion_registry
+    settings = Settings(config.registry.tracking_uri, config.registry.model_name, ServeConfig(), api_key=API_KEY,
+                        domain_policy=DomainPolicy.REFUSE)
+    server = LiveServer(create_app(settings))
+    try:
+        refused = post(server, dicom_bytes("RG1_UNCR.dcm"))
+        assert refused.status_code == 422
+        detail = refused.json()["detail"]
+        assert detail["message"] == "the input is outside the model's training domain"
+        assert detail["in_domain"] is False and "label" not in detail and detail["model"]["name"] == "serve-test"
+        assert [r["message"] for r in detail["domain_reasons"]][:3] == [
+            "Modality CR not seen in training (US)",
+            "PhotometricInterpretation MONOCHROME1 not seen in training (MONOCHROME2)",
+            "SOP class Computed Radiography Image Storage not seen in training (Ultrasound Image Storage)"]
+        answered = post(server, _breast_train_image(breast_dicom_dir))
+        assert answered.status_code == 200 and answered.json()["in_domain"] is True
+    finally:
+        server.stop()
 
 
 def test_png_and_jpeg_bodies(service):
@@ -291,6 +336,9 @@ def test_static_int8_requests_share_batches_and_keep_their_answers(champion_regi
     for answer, single in zip(answers, singles):
         assert answer["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
         assert answer["label"] == single["label"]
+        # The float32 domain head behind the int8 network: its score is batch-independent too.
+        assert answer["domain_score"] == pytest.approx(single["domain_score"], rel=1e-5)
+        assert answer["in_domain"] == single["in_domain"] and answer["domain_reasons"] == single["domain_reasons"]
 
 
 def test_micro_batcher_runs_waiting_items_together():
@@ -317,7 +365,7 @@ def test_a_batch_answers_each_request_with_the_model_that_cropped_it(champion_re
     _, _, full = champion_registry
     old, new = (open_served_model("serve-test", version, "fp32", full) for version in ("1", "2"))
     greys = [load_grey(get_testdata_file(name))[0] for name in ("CT_small.dcm", "MR_small.dcm", "US1_J2KR.dcm")]
-    requests = [(old, old.crop(greys[0])), (new, new.crop(greys[1])), (old, old.crop(greys[2]))]
+    requests = [(old, old.crop(greys[0]), None), (new, new.crop(greys[1]), None), (old, old.crop(greys[2]), None)]
     answers = Service._predict(requests)
     assert [model.version for _, model in answers] == ["1", "2", "1"]
     assert (old.network_calls, new.network_calls) == (1, 1)  # one call per model, both old requests in one
