@@ -1,9 +1,10 @@
 """The preprocess stage: every manifest row as a cached 8-bit crop, in parallel.
 
 Per file: read the bytes, look the result up in the cache (`tasks.cache`),
-else decode (`tasks.decode.load_grey`), resize and crop (`tasks.transforms`)
-and store it. Cache misses are decoded in worker processes, or on a Dask
-cluster through a `submit` function (flows/dask_preprocess.py).
+else decode (`tasks.decode.load_grey`), resize and crop (`tasks.transforms`);
+each chunk of misses is stored as one cache shard. Cache misses are decoded in
+worker processes, or on a Dask cluster through a `submit` function
+(flows/dask_preprocess.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from configs import PreprocessConfig
-from tasks.cache import ImageCache, cache_key
+from tasks.cache import Entry, ImageCache, cache_key
 from tasks.decode import load_grey
 from tasks.j2k import reduced_decode_floor
 from tasks.rejects import UnreadableImage
@@ -41,11 +42,31 @@ def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
     """One file as a cached uint8 crop, with its cache key and provenance.
 
     The key is sha256 of the file's bytes and the settings (`tasks.cache.cache_key`),
-    so renamed or moved files still hit and edited files miss. A hit reads one
-    small file (about 50 KB) and decodes nothing.
+    so renamed or moved files still hit and edited files miss. A hit reads about
+    50 KB and decodes nothing; a miss is decoded and stored as a shard of its own.
     """
-    path = Path(path)
-    data, key, hit = _probe_cache(path, config)
+    cache = ImageCache(config.cache_dir, config.crop)
+    result = _preprocess_one(Path(path), config, cache)
+    if not result.cache_hit:
+        cache.put([_entry(result)])
+    return result
+
+
+def _probe_cache(path: Path, config: PreprocessConfig,
+                 cache: ImageCache | None) -> tuple[bytes, str, Preprocessed | None]:
+    """The file's bytes, its cache key, and its result from `cache` when that holds it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, a symlink loop, a vanished file, disk errors
+        raise UnreadableImage(f"cannot read the file: {exc.strerror or exc}", path) from exc
+    key = cache_key(hashlib.sha256(data).hexdigest(), config)
+    cached = cache.get(key) if cache is not None else None
+    return data, key, None if cached is None else Preprocessed(cached[0], key, cached[1], cache_hit=True)
+
+
+def _preprocess_one(path: Path, config: PreprocessConfig, cache: ImageCache | None) -> Preprocessed:
+    """The file's result from `cache`, else decoded, resized and cropped (not stored)."""
+    data, key, hit = _probe_cache(path, config, cache)
     if hit is not None:
         return hit
     grey, provenance = load_grey(path, data=data, frames=config.frames, voi_window=config.voi_window,
@@ -56,19 +77,11 @@ def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
         f"crop:centre({config.crop})",
         "quantize:uint8",
     ]
-    ImageCache(config.cache_dir, config.crop).put(key, image, provenance)
     return Preprocessed(image, key, provenance, cache_hit=False)
 
 
-def _probe_cache(path: Path, config: PreprocessConfig) -> tuple[bytes, str, Preprocessed | None]:
-    """The file's bytes, its cache key, and its cached result when there is one."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:  # permissions, a symlink loop, a vanished file, disk errors
-        raise UnreadableImage(f"cannot read the file: {exc.strerror or exc}", path) from exc
-    key = cache_key(hashlib.sha256(data).hexdigest(), config)
-    cached = ImageCache(config.cache_dir, config.crop).get(key)
-    return data, key, None if cached is None else Preprocessed(cached[0], key, cached[1], cache_hit=True)
+def _entry(result: Preprocessed) -> Entry:
+    return result.cache_key, result.image, result.provenance
 
 
 @dataclass(frozen=True)
@@ -114,23 +127,42 @@ def resolve_workers(workers: int | None) -> int:
         return os.cpu_count() or 1
 
 
-def _preprocess_or_reason(path: Path, config: PreprocessConfig) -> Preprocessed | str:
-    """preprocess_file, with a failure returned as its reason (picklable, for worker processes)."""
+def _preprocess_into(paths: list[Path], config: PreprocessConfig, cache: ImageCache, *, probe: bool,
+                     shard_entries: int) -> list[Preprocessed | str]:
+    """Each file's result in order, a failure as its reason. With `probe`, hits are read from
+    `cache`; what is decoded goes into `cache` as shards of `shard_entries`, and what was
+    decoded before an interruption (Ctrl-C, an error) is stored too, so a rerun resumes."""
+    results: list[Preprocessed | str] = []
+    fresh: list[Entry] = []
     try:
-        return preprocess_file(path, config)
-    except UnreadableImage as exc:
-        return str(exc)
+        for path in paths:
+            try:
+                result = _preprocess_one(path, config, cache if probe else None)
+            except UnreadableImage as exc:
+                results.append(str(exc))
+                continue
+            results.append(result)
+            if not result.cache_hit:
+                fresh.append(_entry(result))
+            if len(fresh) == shard_entries:
+                cache.put(fresh)
+                fresh = []
+    finally:
+        cache.put(fresh)
+    return results
 
 
 def preprocess_files(paths: list[Path], config: PreprocessConfig) -> list[Preprocessed | str]:
-    """preprocess_file over `paths`, a failure as its reason: one chunk of work for a worker."""
-    return [_preprocess_or_reason(path, config) for path in paths]
+    """Cache misses decoded and stored as one shard, a failure as its reason: one chunk of
+    work for a worker (the caller has looked them up already)."""
+    return _preprocess_into(paths, config, ImageCache(config.cache_dir, config.crop), probe=False,
+                            shard_entries=len(paths))
 
 
-def _hit_or_reason(path: Path, config: PreprocessConfig) -> Preprocessed | str | None:
+def _hit_or_reason(path: Path, config: PreprocessConfig, cache: ImageCache) -> Preprocessed | str | None:
     """The cached result, a failure's reason, or None when the file must be decoded."""
     try:
-        return _probe_cache(path, config)[2]
+        return _probe_cache(path, config, cache)[2]
     except UnreadableImage as exc:
         return str(exc)
 
@@ -162,9 +194,10 @@ SubmitChunk = Callable[[list[Path]], ChunkFuture]
 
 
 def chunk_size(files: int, workers: int) -> int:
-    """Files per chunk: several chunks per worker keep every worker busy when some
-    files (full-size CR) decode slower than others; up to 64 per chunk amortise
-    the round trip (pickling a 49 KB crop back, a Dask task) over many files."""
+    """Files per chunk (and cache shard): several chunks per worker keep every worker busy
+    when some files (full-size CR) decode slower than others; up to 64 per chunk amortise
+    the round trip (pickling a 49 KB crop back, a Dask task) and the shard write over many
+    files, and bound what a killed worker loses."""
     return max(1, min(64, files // (workers * 8)))
 
 
@@ -174,16 +207,19 @@ def _map_files(paths: list[Path], config: PreprocessConfig, workers: int,
 
     Cache hits are read here: a hit costs less than sending it to a worker and
     its 49 KB crop back. Misses go in chunks to `submit` as they are found, so
-    workers decode while this process goes on looking; with no `submit`,
-    `workers` local processes (this one for 1).
+    workers decode while this process goes on looking, and each chunk becomes one
+    cache shard; with no `submit`, `workers` local processes (this one for 1,
+    storing a shard per chunk of misses).
     """
+    cache = ImageCache(config.cache_dir, config.crop)
+    size = chunk_size(len(paths), workers)
     if submit is None and min(workers, len(paths)) <= 1:
         # One torch thread here too: on a busy machine torch's spinning thread
         # pool made a 256 px resize ten times slower than the decode.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return preprocess_files(paths, config)
+            return _preprocess_into(paths, config, cache, probe=True, shard_entries=size)
         finally:
             torch.set_num_threads(threads)
     with ExitStack() as stack:
@@ -195,9 +231,8 @@ def _map_files(paths: list[Path], config: PreprocessConfig, workers: int,
             submit = partial(pool.submit, preprocess_files, config=config)
         results: list[Preprocessed | str | None] = []
         pending, chunk = [], []
-        size = chunk_size(len(paths), workers)
         for index, path in enumerate(paths):
-            found = _hit_or_reason(path, config)
+            found = _hit_or_reason(path, config, cache)
             results.append(found)
             if found is None:
                 chunk.append(index)

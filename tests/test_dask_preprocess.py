@@ -12,7 +12,7 @@ from prefect import get_client
 
 from configs import PreprocessConfig
 from flows.dask_preprocess import dask_task_runner, preprocess_on_dask
-from tasks.cache import CACHE_SUFFIX
+from tasks.cache import ImageCache
 from tasks.preprocess import preprocess_dataset
 
 
@@ -32,7 +32,7 @@ def test_dask_cluster_gives_the_local_pool_result(prefect_server, mixed_folder, 
     pd.testing.assert_frame_equal(on_dask.manifest, pool.manifest)
     pd.testing.assert_frame_equal(on_dask.rejects, pool.rejects)
     np.testing.assert_array_equal(on_dask.images, pool.images)
-    assert len(list((tmp_path / "dask").rglob(f"*{CACHE_SUFFIX}"))) == len(pool.manifest)
+    assert len(ImageCache(tmp_path / "dask", 224).index) == len(pool.manifest)  # the workers stored every entry
 
 
 def test_local_address_starts_a_cluster_of_single_threaded_worker_processes(prefect_server, mixed_folder, tmp_path):

@@ -34,7 +34,7 @@ from tasks.domain import ReasonKind, request_facts
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
 from tasks.hardware import cpu_info, training_precision
 from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_key
-from tasks.cache import CACHE_SUFFIX
+from tasks.cache import SHARD_SUFFIX
 from tasks.decode import load_grey
 from tasks.preprocess import preprocess_file
 from tasks.transforms import to_model_input
@@ -399,7 +399,7 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     outputs = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
     outputs += [p for p in artifact_dir.rglob("*") if p.is_file() and tmp_path not in p.parents]
     assert summary.onnx_path in outputs and Path(tmp_path / "mlflow.db") in outputs
-    assert any(p.suffix == CACHE_SUFFIX for p in outputs) and any(p.name == "qc_report.md" for p in outputs)
+    assert any(p.suffix == SHARD_SUFFIX for p in outputs) and any(p.name == "qc_report.md" for p in outputs)
     leaks = {(str(p), s) for p in outputs for s in phi if s.encode() in p.read_bytes()}
     # Prefect's copy of the reports and logs: read for real, or the scan below proves nothing.
     artifacts, logs = _artifacts(), _all_prefect_logs()

@@ -619,15 +619,20 @@ def test_resize_and_crop_short_side_then_centre():
 # ---------------------------------------------------------------- cache
 
 
-def _entries(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.rglob(f"*{cache.CACHE_SUFFIX}"))
+def _keys(config: PreprocessConfig) -> list[str]:
+    """The keys a fresh reader of the cache finds (of `config.crop` images)."""
+    return sorted(ImageCache(config.cache_dir, config.crop).index)
+
+
+def _shards(config: PreprocessConfig) -> list[Path]:
+    return sorted(config.cache_dir.rglob(f"*{cache.SHARD_SUFFIX}"))
 
 
 def test_cache_hit_does_not_decode(tmp_path, config, monkeypatch):
     src = data_file("CT_small.dcm")
     first, key, provenance, first_hit = preprocess_file(src, config)
     assert not first_hit
-    assert _entries(config.cache_dir) == [ImageCache(config.cache_dir, config.crop).path(key)]
+    assert _keys(config) == [key] and len(_shards(config)) == 1
     assert provenance[-3:] == ["resize:short_side(256,bilinear,antialias)", "crop:centre(224)", "quantize:uint8"]
 
     def no_decoding(*args, **kwargs):
@@ -650,7 +655,8 @@ def test_cache_key_depends_on_settings(config):
     key_resize = preprocess_file(src, config.model_copy(update={"resize": 288})).cache_key
     key_crop = preprocess_file(src, config.model_copy(update={"crop": 192})).cache_key
     assert len({key, key_resize, key_crop}) == 3
-    assert len(_entries(config.cache_dir)) == 3
+    assert len(_shards(config)) == 3
+    assert _keys(config) == sorted([key, key_resize])  # a 192 crop is never served for a 224 one
 
 
 def test_cache_key_depends_on_pipeline_version(config, monkeypatch):
@@ -660,27 +666,48 @@ def test_cache_key_depends_on_pipeline_version(config, monkeypatch):
     assert preprocess_file(src, config)[1] != key
 
 
+def test_a_chunk_of_misses_is_one_shard_and_each_entry_reads_back(mixed_folder, config):
+    root, manifest = mixed_folder
+    paths = [root / rel for rel in manifest["path"]]
+    results = pp.preprocess_files(paths, config)
+    decoded = [r for r in results if not isinstance(r, str)]
+    assert len(decoded) == len(paths) - 2  # cut.dcm and notes.dcm are rejects, never cached
+    (shard,) = _shards(config)
+    assert sorted(cache.read_index(shard)) == sorted(r.cache_key for r in decoded) == _keys(config)
+    reader = ImageCache(config.cache_dir, config.crop)
+    for result in decoded:
+        image, provenance = reader.get(result.cache_key)
+        np.testing.assert_array_equal(image, result.image)
+        assert provenance == result.provenance
+    # A warm run reads every entry from the shard and decodes nothing.
+    warm = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 1}))
+    assert warm.cache_hits == len(decoded) and _shards(config) == [shard]
+    np.testing.assert_array_equal(warm.images, np.stack([r.image for r in decoded]))
+
+
 def test_stale_tmp_file_is_never_read(config):
     src = data_file("CT_small.dcm")
     expected = resize_and_crop(load_grey(src)[0], config.resize, config.crop)
     key = cache.cache_key(hashlib.sha256(src.read_bytes()).hexdigest(), config)
-    entry = ImageCache(config.cache_dir, config.crop).path(key)
-    entry.parent.mkdir(parents=True)
-    # What a killed writer leaves: a complete-looking but wrong .tmp, and a
-    # half-written one.
-    cache.write_entry(entry.parent / f"{entry.name}.abc123.tmp", np.zeros((224, 224), np.uint8), ["bogus"])
-    (entry.parent / f"{entry.name}.def456.tmp").write_bytes(cache.CACHE_MAGIC + b'{"shape": [224')
-    image, _, provenance, _ = preprocess_file(src, config)
+    # What a killed writer leaves beside the shard it was writing: a complete-looking but
+    # wrong temp file, and a half-written one.
+    stale = ImageCache(config.cache_dir / "stale", config.crop).put([(key, np.zeros((224, 224), np.uint8), ["bogus"])])
+    folder = config.cache_dir / stale.parent.name
+    folder.mkdir(parents=True)
+    stale.rename(folder / f".{stale.name}.abc123.tmp")
+    (folder / f".{stale.name}.def456.tmp").write_bytes(cache.SHARD_MAGIC + b"\x40\0\0\0\0\0\0\0{\"entries\": [[")
+    shutil.rmtree(config.cache_dir / "stale")
+    image, _, provenance, hit = preprocess_file(src, config)
+    assert not hit and "bogus" not in provenance
     np.testing.assert_array_equal(image, expected)
-    assert "bogus" not in provenance
-    assert entry.exists()
+    assert _keys(config) == [key]
 
 
 def test_killed_write_leaves_no_entry(config, monkeypatch):
     src = data_file("CT_small.dcm")
 
     class DiesMidWrite:
-        """The temp file's handle, killed after writing half of the entry."""
+        """The temp file's handle, killed after writing half of the shard."""
 
         def __init__(self, handle, mode):
             self.file = open(handle, mode)
@@ -700,20 +727,26 @@ def test_killed_write_leaves_no_entry(config, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         preprocess_file(src, config)
     monkeypatch.undo()
-    assert _entries(config.cache_dir) == []
+    assert _shards(config) == []
     assert list(config.cache_dir.rglob("*.tmp")) == []
     image, _, _, _ = preprocess_file(src, config)
     assert image.shape == (224, 224)
 
 
-def test_unreadable_cache_entry_is_rebuilt(config):
+@pytest.mark.parametrize("damage", ["truncated", "garbage index"])
+def test_a_damaged_shard_is_removed_and_its_entries_rebuilt(config, caplog, damage):
     src = data_file("CT_small.dcm")
     image, key, _, _ = preprocess_file(src, config)
-    entry = ImageCache(config.cache_dir, config.crop).path(key)
-    entry.write_bytes(entry.read_bytes()[:50])
-    again, _, _, _ = preprocess_file(src, config)
+    (shard,) = _shards(config)
+    data = shard.read_bytes()
+    index_start = len(cache.SHARD_MAGIC) + 8  # after the index's length
+    shard.write_bytes(data[:-50] if damage == "truncated" else data[:index_start] + b"}" + data[index_start + 1:])
+    assert ImageCache(config.cache_dir, config.crop).get(key) is None
+    assert "is damaged" in caplog.text and not shard.exists()
+    again, _, _, hit = preprocess_file(src, config)
+    assert not hit
     np.testing.assert_array_equal(again, image)
-    assert cache.read_entry(entry, 224)[0].shape == (224, 224)
+    assert _keys(config) == [key]
 
 
 # ---------------------------------------------------------------- model input
@@ -743,6 +776,9 @@ def test_parallel_preprocessing_matches_serial_in_order(mixed_folder, config):
     shutil.rmtree(config.cache_dir)  # the parallel run must decode, not read the serial run's cache
     parallel = pp.preprocess_dataset(manifest, root, config.model_copy(update={"workers": 2}))
     assert parallel.cache_hits == 0
+    # Each chunk of misses went to one worker and became one shard: no two hold the same entry.
+    shards = [set(cache.read_index(shard)) for shard in _shards(config)]
+    assert sum(map(len, shards)) == len(set().union(*shards)) == len(serial.manifest)
     pd.testing.assert_frame_equal(parallel.manifest, serial.manifest)
     pd.testing.assert_frame_equal(parallel.rejects, serial.rejects)
     np.testing.assert_array_equal(parallel.images, serial.images)
