@@ -135,8 +135,8 @@ def quantise_network(normalised: Path, path: Path, calibration_crops: np.ndarray
         # Shape inference and graph optimisation (BatchNorm folded into the convolutions)
         # first, as ONNX Runtime's quantisation guide asks.
         quant_pre_process(network, prepared)
-        # uint8 activations x int8 weights is the pair ONNX Runtime's x86 kernels run fastest
-        # (int8 x int8 ran at 1.2x fp32 where this pair ran at 3.3x, benchmarks/RESULTS.md).
+        # uint8 activations x int8 weights: the pair x86's int8 dot-product instructions take
+        # (VNNI's vpdpbusd, AVX2's vpmaddubsw multiply unsigned by signed bytes).
         quantize_static(prepared, quantised, CropBatches(calibration_crops), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[method],
