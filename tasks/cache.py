@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import struct
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -146,8 +147,9 @@ def read_index(shard: Path) -> dict[str, Location]:
     start = len(head) + length
     try:
         rows = json.loads(header)["entries"]
+        # Interned: a large cache's entries repeat the same few provenance steps.
         index = {str(key): Location(shard, start + int(offset), tuple(int(n) for n in shape),
-                                    tuple(str(step) for step in provenance))
+                                    tuple(sys.intern(str(step)) for step in provenance))
                  for key, offset, shape, provenance in rows}
     except (ValueError, KeyError, TypeError) as exc:
         raise DamagedShard(f"unreadable index: {exc}") from None
