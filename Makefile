@@ -1,6 +1,8 @@
 # Fresh machine: `make run` (full pipeline on the bundled sample) and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
+PREFECT := $(VENV)/bin/prefect
+WORK_POOL ?= medxfer
 SAMPLE_DIR := outputs/sample/breastmnist-dicom
 CONFIG ?= configs/breast_ultrasound.yaml
 # Air-gapped sites: the embedded Prefect server sends no usage telemetry.
@@ -8,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # A busy 2-core machine can take longer than Prefect's default to start the ephemeral server.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install lock run sample test serve score clean
+.PHONY: install lock run sample test serve score deploy worker clean
 
 # --no-cache-dir: where pip downloads over HTTP, its cache would keep a second copy of the
 # ~3 GB of CUDA torch wheels beside the 7 GB venv, on CI disks that have little to spare.
@@ -49,6 +51,17 @@ serve: install
 # Score a folder of new studies with the champion: make score STUDIES=/path/to/folder
 score: install
 	$(PY) -m flows.score $(CONFIG) $(STUDIES)
+
+# Every deployment in prefect.yaml on the server at $$PREFECT_API_URL, run from this checkout:
+# the process work pool first (once per server), then `prefect deploy --all`, which also
+# creates the `gpu` concurrency limit. Then start a worker (`make worker`). See README.
+deploy:
+	$(PREFECT) work-pool inspect $(WORK_POOL) > /dev/null 2>&1 \
+		|| $(PREFECT) work-pool create $(WORK_POOL) --type process
+	$(PREFECT) --no-prompt deploy --all
+
+worker:
+	$(PREFECT) worker start --pool $(WORK_POOL)
 
 clean:
 	rm -rf outputs .cache

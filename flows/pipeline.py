@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig, TaskKind, load_config
 from flows.dask_preprocess import preprocess_on_dask
+from flows.gpu_slot import gpu_slot
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, ServedDecode, serving_metadata,
                           training_data_sha256)
@@ -111,8 +112,9 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
 
     # Checkpoints live outside the MLflow run's folder: a re-run of a killed flow gets a new
     # run id but the same config and data, and resumes from there.
-    result = train_model(config, prepared.split("train"), prepared.split("val"), on_epoch_end=report,
-                         checkpoint_dir=config.run_dir / "checkpoints")
+    with gpu_slot():  # two trainings never share the device
+        result = train_model(config, prepared.split("train"), prepared.split("val"), on_epoch_end=report,
+                             checkpoint_dir=config.run_dir / "checkpoints")
     if result.resumed_from_epoch:
         logger.info("resumed from a checkpoint at epoch %d", result.resumed_from_epoch)
     logger.info("backbone: %s; strategy %s (%s)", result.weights.describe(),
