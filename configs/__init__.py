@@ -187,6 +187,14 @@ class RegistryConfig(Strict):
     # Where a new experiment keeps artifacts; None: `output_dir/mlartifacts` for a
     # local (sqlite/file) store, the tracking server's default otherwise.
     artifact_location: str | None = None
+    # The MLflow UI's address, for the links on Prefect flow runs and model versions; None:
+    # the tracking URI when it is an MLflow server (http/https), else no links.
+    ui_url: str | None = None
+
+    def mlflow_ui_url(self) -> str | None:
+        if self.ui_url:
+            return self.ui_url.rstrip("/")
+        return self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://")) else None
 
 
 class ExportConfig(Strict):

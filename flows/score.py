@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from configs import load_config
+from flows.run_links import artifact_key
 from tasks.champion import ServedModel, load_champion
 from tasks.io import write_csv_atomic
 from tasks.score import ScoreResult, score_files, study_files, summary_markdown
@@ -59,7 +60,7 @@ def score_studies(config_path: str, input_dir: str) -> ScoreSummary:
         result = score(files, model)
     scores_csv = write_csv_atomic(result.scores, out_dir / "scores.csv")
     rejects_csv = write_csv_atomic(result.rejects, out_dir / "score_rejects.csv")
-    create_markdown_artifact(key=f"{config.name.replace('_', '-').lower()}-scores",
+    create_markdown_artifact(key=artifact_key(config.name, "scores"),
                              markdown=summary_markdown(result, model), description="Batch scoring summary")
     return ScoreSummary(scores_csv, rejects_csv, result.summary(), f"{model.name} v{model.version}")
 

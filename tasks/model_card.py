@@ -9,17 +9,18 @@ import pandas as pd
 from configs import PipelineConfig, TaskKind
 from tasks.evaluate import Evaluation
 from tasks.ingest import SPLITS
+from tasks.register import Registration
 from tasks.train import TrainResult
 
 
 @dataclass(frozen=True)
 class CardContext:
-    """Facts known only once the flow has run: counts, registry version, artifact paths."""
+    """Facts known only once the flow has run: counts, the registry's verdict, artifact paths."""
 
     manifest: pd.DataFrame  # usable samples: split, target, label, patient_key
     discovered: int
     rejected: int
-    model_version: str
+    registration: Registration
     plots: list[str]  # artifact paths, relative to the MLflow run's artifact root
 
 
@@ -71,6 +72,17 @@ def _best_step(trained: TrainResult) -> str:
     return f"best epoch {trained.best_epoch}"
 
 
+def registry_status(registration: Registration) -> list[str]:
+    """Champion or challenger, and why: the card of a challenger is not the model being served."""
+    if registration.is_champion:
+        status = (f"**Champion.** This version is the one served (alias `champion`): {registration.reason}.")
+    else:
+        status = (f"**Challenger, not served.** This version has the alias `challenger` only; the champion "
+                  f"stays: {registration.reason}.")
+    return [status, "", "The aliases in the registry are the live state: an alias moved later by hand is not "
+            "reflected in this card."]
+
+
 def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, context: CardContext) -> str:
     """The card, as markdown."""
     data, manifest = config.data, context.manifest
@@ -81,7 +93,11 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
     else:
         output = "age in years"
     lines = [
-        f"# Model card: {config.registry.model_name} version {context.model_version}", "",
+        f"# Model card: {config.registry.model_name} version {context.registration.version} "
+        f"({context.registration.role})", "",
+        "## Registry status", "",
+        *registry_status(context.registration),
+        "",
         "## Model", "",
         f"- {config.model.arch}, {data.task.value}; output: {output}.",
         f"- Backbone weights: {trained.weights.describe()}.",
