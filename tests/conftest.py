@@ -136,3 +136,8 @@ def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarra
     crops = [resize_and_crop(grey, RESIZE, CROP) for grey in greys]
     return np.concatenate([session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crop)).numpy()})[0]
                            for crop in crops])
+
+
+# The operations tests' real Prefect server, worker, MLflow UI and flow runs, shared by
+# test_prefect_server.py and test_ui_browser.py (defined in tests/ops_runs.py).
+from tests.ops_runs import deployed, ops_runs  # noqa: E402,F401
