@@ -2,6 +2,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 PREFECT := $(VENV)/bin/prefect
+# The interpreter the venv is made from: CPython 3.11, as requirements.lock is resolved for
+# (the Dockerfile passes a uv-managed 3.11; Ubuntu 24.04's python3 is 3.12).
+PYTHON ?= python3
 WORK_POOL ?= medxfer
 SAMPLE_DIR := outputs/sample/breastmnist-dicom
 CONFIG ?= configs/breast_ultrasound.yaml
@@ -17,7 +20,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # requirements.lock pins every package, direct and transitive; --no-deps keeps pip from
 # resolving anything of its own, so every install is the set the tests ran on.
 $(VENV)/.installed: pyproject.toml requirements.lock
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-cache-dir pip==26.3  # the installer itself, pinned too
 	$(PY) -m pip install --quiet --no-cache-dir --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-cache-dir --no-deps --no-build-isolation -e .
