@@ -24,10 +24,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 
-from configs import PipelineConfig, ServeConfig
+from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
-from tasks.preprocess import UnreadableImage
+from tasks.domain import ImageFacts, request_facts
+from tasks.rejects import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
 
@@ -44,6 +45,7 @@ class Settings:
     model_name: str
     serve: ServeConfig
     api_key: str | None  # None: no key required
+    domain_policy: DomainPolicy = DomainPolicy.FLAG  # out-of-domain inputs: answered with the flag, or 422
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
@@ -54,6 +56,7 @@ class Settings:
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
+            domain_policy=config.domain.policy,
         )
 
 
@@ -78,11 +81,12 @@ class Service:
         self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
                                     settings.serve.batch_window_ms / 1000)
 
-    def _predict(self, greys: Sequence[np.ndarray]) -> list[tuple[Prediction, ServedModel]]:
+    def _predict(self, requests: Sequence[tuple[np.ndarray, ImageFacts]]) -> list[tuple[Prediction, ServedModel]]:
         model = self.model  # one reference per batch: a swap mid-batch cannot mix models
         if model is None:
             raise ModelUnavailable(self.load_error or "no model loaded")
-        return [(prediction, model) for prediction in model.predict(greys)]
+        greys, facts = zip(*requests)
+        return [(prediction, model) for prediction in model.predict(greys, facts)]
 
     def _load(self) -> None:
         s = self.settings
@@ -181,6 +185,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
             grey = await asyncio.to_thread(model.decode, REQUEST_NAME, body)
+            facts = await asyncio.to_thread(request_facts, body)
         except UnreadableImage as exc:
             raise HTTPException(_status_for(exc.reason),
                                 f"cannot read the {content_type} body: {exc.reason}") from None
@@ -191,12 +196,15 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
                                      f"over {MAX_ASPECT}:1 is not supported")
         try:
-            prediction, model = await service.batcher.submit(grey)
+            prediction, model = await service.batcher.submit((grey, facts))
         except ModelUnavailable as exc:
             raise HTTPException(503, str(exc)) from None
-        # Only sizes and timings: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *grey.shape,
-                 1000 * (time.perf_counter() - started))
+        # Only sizes, timings and the domain flag: nothing from the image or its header is logged.
+        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *grey.shape,
+                 prediction.domain.in_domain, 1000 * (time.perf_counter() - started))
+        if settings.domain_policy is DomainPolicy.REFUSE and prediction.domain.in_domain is False:
+            raise HTTPException(422, {"message": "the input is outside the model's training domain",
+                                      **prediction.domain.as_json(), "model": model.describe()})
         return prediction.body | {"model": model.describe()}
 
     return app

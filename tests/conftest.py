@@ -16,12 +16,20 @@ import yaml
 from prefect.testing.utilities import prefect_test_harness
 from pydicom.data import get_testdata_file
 
-from configs import ModelConfig, PipelineConfig, TaskKind, load_config
+from configs import DomainConfig, ModelConfig, PipelineConfig, TaskKind, load_config
 from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
+from tasks.domain import DomainFit, fit_domain, image_features
 from tasks.export import INPUT_NAME, NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
-from tasks.preprocess import load_grey, reduced_decode_floor, resize_and_crop, to_model_input
+from tasks.decode import load_grey
+from tasks.ingest import header_facts, read_dicom_header
+from tasks.j2k import reduced_decode_floor
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import Registration, register_model, tracking_run
+
+# The operations tests' real Prefect server, worker, MLflow UI and flow runs, shared by
+# test_prefect_server.py and test_ui_browser.py.
+pytest_plugins = ["tests.ops_runs"]
 
 REPO = Path(__file__).resolve().parents[1]
 RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
@@ -69,6 +77,8 @@ def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:
     raw["data"]["manifest"] = str(data_root / "manifest.csv")
     raw["preprocess"]["cache_dir"] = str(tmp_path / "cache")
     raw["registry"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A few real held-out images keep the domain evaluation real and the tests quick.
+    raw["domain"]["out_of_domain"] = [{"group": "other_modality", "pydicom": ["CT", "RTDOSE"]}]
     for section, values in overrides.items():
         if isinstance(values, dict):
             raw.setdefault(section, {}).update(values)
@@ -98,11 +108,32 @@ def register_version(config: PipelineConfig, model, onnx_path: Path, auc: float)
         return register_model(config, run_id, model, onnx_path, "roc_auc", True, torch.zeros(1, 3, 224, 224))
 
 
+@pytest.fixture(scope="module")
+def classifier():
+    """A seeded random-weights ResNet-18 classifier: real graphs, predictions that mean nothing."""
+    torch.manual_seed(0)
+    return build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
+
+
+def fit_breast_domain(model, dicom_dir: Path) -> DomainFit:
+    """The domain check of `model` fitted on the BreastMNIST ultrasound DICOMs' train split and
+    thresholded on their val split, as the pipeline fits it (header facts from ingest's columns)."""
+    manifest = pd.read_csv(dicom_dir / "manifest.csv")
+    splits = {}
+    for split in ("train", "val"):
+        paths = [dicom_dir / rel for rel in manifest.loc[manifest["split"] == split, "path"]]
+        crops = np.stack([resize_and_crop(load_grey(path)[0], RESIZE, CROP) for path in paths])
+        facts = pd.DataFrame([header_facts(data, read_dicom_header(data)) for data in map(Path.read_bytes, paths)])
+        splits[split] = image_features(model, crops), facts
+    return fit_domain(splits["train"][0], splits["val"][0], splits["train"][1], DomainConfig())
+
+
 @pytest.fixture(scope="session")
-def champion_registry(tmp_path_factory):
+def champion_registry(tmp_path_factory, breast_dicom_dir):
     """A real MLflow SQLite registry whose champion (v1) is a self-contained ONNX export of a
-    random-weights ResNet-18 classifier: serving and scoring paths are real, the predictions
-    mean nothing. Returns (config, model, onnx path)."""
+    random-weights ResNet-18 classifier, with a domain check fitted on real breast ultrasound
+    DICOMs: serving and scoring paths are real, the predictions mean nothing (the domain check's
+    header facts do). Returns (config, model, onnx path)."""
     tmp_path = tmp_path_factory.mktemp("champion-registry")
     config = PipelineConfig.model_validate({
         "name": "champion-test", "output_dir": str(tmp_path / "out"),
@@ -116,7 +147,10 @@ def champion_registry(tmp_path_factory):
                                 positive_index=1, operating_threshold=None, resize=RESIZE, crop=CROP,
                                 metrics={"roc_auc": 0.7}, training_data="0" * 64, weights_name="none",
                                 weights_sha256="none", model_name="serve-test")
-    normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata)
+    domain = fit_breast_domain(model, breast_dicom_dir)
+    metadata |= domain.check.to_metadata()
+    normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata,
+                             domain.novelty)
     full = export_self_contained(normalised, tmp_path / "model.onnx", RESIZE, CROP, metadata)
     register_version(config, model, full, auc=0.70)
     return config, model, full
@@ -129,7 +163,7 @@ def decoded_as_trained(path: Path | str) -> np.ndarray:
 
 
 def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarray:
-    """What evaluation gives for decoded images, one at a time: tasks.preprocess's
+    """What evaluation gives for decoded images, one at a time: tasks.transforms's
     resize_and_crop, then the normalised graph exported beside `onnx_path` (the graph the
     parity gate compares with PyTorch)."""
     session = ort.InferenceSession(str(onnx_path.parent / NORMALISED_FILE), providers=["CPUExecutionProvider"])
@@ -137,7 +171,3 @@ def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarra
     return np.concatenate([session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crop)).numpy()})[0]
                            for crop in crops])
 
-
-# The operations tests' real Prefect server, worker, MLflow UI and flow runs, shared by
-# test_prefect_server.py and test_ui_browser.py (defined in tests/ops_runs.py).
-from tests.ops_runs import deployed, ops_runs  # noqa: E402,F401

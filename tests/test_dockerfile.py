@@ -69,8 +69,8 @@ def test_base_image_cuda_matches_the_locked_wheels():
 
 
 def test_the_image_python_is_the_lock_python():
-    header = (ROOT / "requirements.lock").read_text().splitlines()[1]
-    locked = re.search(r"--python-version (\d+\.\d+)", header)[1]
+    recipe = (ROOT / "Makefile").read_text().split("\nlock:", 1)[1].split("\n\n", 1)[0]  # how the lock is made
+    locked = re.search(r"--python-version (\d+\.\d+)", recipe)[1]
     (argument,) = [arg for args in _instructions("ARG") for arg in args if arg.startswith("PYTHON_VERSION=")]
     image_python = argument.split("=", 1)[1]
     assert image_python.rsplit(".", 1)[0] == locked == f"{sys.version_info.major}.{sys.version_info.minor}"
