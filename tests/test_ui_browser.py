@@ -19,7 +19,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from flows.run_links import MLFLOW_RUN_URL_PREFIX
 from tasks.register import CHAMPION
 
-STAGES = ("ingest", "preprocess", "train", "evaluate", "explain", "export", "register", "model-card")
+STAGES = ("ingest", "preprocess", "train", "domain", "evaluate", "explain", "export", "register", "model-card")
 WAIT_MS = 60_000  # a single-page app on a busy 2-core machine
 
 
