@@ -27,7 +27,8 @@ def trained_with(weights: WeightsInfo) -> TrainResult:
 
 
 CHAMPION_V3 = Registration("breast-ultrasound-resnet18", "3", "run3", True,
-                           "test roc_auc 0.8100 beats champion v2 (0.7000)", "runs:/run3/onnx/model.onnx")
+                           "test roc_auc 0.8100 beats champion v2 (0.7000)", "runs:/run3/onnx/model.onnx",
+                           "roc_auc", 0.81)
 
 
 def card_for(breast_config, tmp_path, weights: WeightsInfo, registration: Registration = CHAMPION_V3) -> str:
@@ -61,7 +62,8 @@ def test_card_says_champion_or_challenger_and_why(breast_config, tmp_path):
     assert status == ("**Champion.** This version is the one served (alias `champion`): "
                       "test roc_auc 0.8100 beats champion v2 (0.7000).")
     challenger = Registration("breast-ultrasound-resnet18", "4", "run4", False,
-                              "test roc_auc 0.6500 does not beat champion v3 (0.8100)", "runs:/run4/onnx/model.onnx")
+                              "test roc_auc 0.6500 does not beat champion v3 (0.8100)", "runs:/run4/onnx/model.onnx",
+                              "roc_auc", 0.65)
     card = card_for(breast_config, tmp_path, WeightsInfo("none", None, False), challenger)
     assert card.startswith("# Model card: breast-ultrasound-resnet18 version 4 (challenger)\n")
     assert ("**Challenger, not served.** This version has the alias `challenger` only; the champion stays: "
