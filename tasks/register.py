@@ -25,7 +25,7 @@ ONNX_ARTIFACT_DIR = "onnx"
 TEST_METRIC_PREFIX = "test_"
 # Pinned so logging the model does not spend minutes inferring an environment.
 # Never leaves the machine: hashes made with a known salt could be reversed.
-SECRET_FIELDS = {"data": {"patient_salt"}}
+SECRET_FIELDS = {"data": {"patient_salt"}, "tune": {"storage"}}  # a storage URL may hold a password
 MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
 
 
