@@ -8,8 +8,6 @@ import time
 
 import optuna
 import pytest
-import torch
-import torchvision
 import yaml
 from mlflow import MlflowClient
 
@@ -23,19 +21,10 @@ from tasks.train import train_model
 from tasks.tune import StudyRef, ask, checkpoint_folder, grid_size, suggest
 from tests.conftest import write_config
 from tests.test_pipeline import _all_prefect_logs, _run_artifacts
-from tests.test_training import Interrupted
+from tests.test_training import Interrupted, backbone_file  # noqa: F401  (module fixture: a source model)
 
 SPACE = {"train.lr": {"low": 3e-4, "high": 3e-3, "log": True}, "train.epochs": {"choices": [1, 2]},
          "model.freeze": {"choices": ["head", "full"]}, "resolution": {"choices": [32, 48]}}
-
-
-@pytest.fixture(scope="module")
-def backbone_file(tmp_path_factory):
-    """A ResNet-18 state dict standing in for a source model, so `head` trials are possible."""
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("tune-weights") / "source.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
 
 
 def tune_config(tmp_path, data_dir, backbone, **tune):
