@@ -6,7 +6,8 @@ prunes a trial whose validation metric, reported after each epoch, falls behind
 heartbeats, so a search that was killed resumes: its finished trials count, and a
 trial that was running is retried with the same settings, from its last epoch
 checkpoint. A trial is self-contained (it opens the study from the database by
-name), so it can run on any Prefect task runner. Only the validation split is read.
+name), so it can run on any Prefect task runner. Trials read the training and validation
+splits only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pandas as pd
 import torch
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import RunStatus
+from mlflow.entities import Param, RunStatus
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
@@ -216,8 +217,7 @@ class TrialRun:
         experiment = self.client.get_run(parent_run_id).info.experiment_id
         self.run_id = self.client.create_run(experiment, run_name=f"trial-{number}", tags={
             "mlflow.parentRunId": parent_run_id, "optuna_trial": str(number)}).info.run_id
-        self.client.log_batch(self.run_id, params=[
-            mlflow_param(key, value) for key, value in params.items()])
+        self.client.log_batch(self.run_id, params=[Param(key, str(value)) for key, value in params.items()])
 
     def log_epoch(self, epoch: EpochResult) -> None:
         for key in ("val_metric", "train_loss", "images_per_second"):
@@ -233,12 +233,6 @@ class TrialRun:
             self.client.log_metric(self.run_id, "value", value)
         status = {TrialState.COMPLETE: RunStatus.FINISHED, TrialState.PRUNED: RunStatus.KILLED}.get(state, RunStatus.FAILED)
         self.client.set_terminated(self.run_id, RunStatus.to_string(status))
-
-
-def mlflow_param(key: str, value: object):
-    from mlflow.entities import Param
-
-    return Param(key, str(value))
 
 
 @dataclass(frozen=True)
