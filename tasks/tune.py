@@ -267,6 +267,7 @@ def run_trial(ref: StudyRef, trial_id: int, config: PipelineConfig, params: dict
     run = TrialRun(config.registry.tracking_uri, parent_run_id, trial.number, params)
     cost = {"epochs": 0, "train_images": 0, "feature_images": 0, "seconds": 0.0}
     started = time.perf_counter()
+    epoch_ended = [time.time()]
 
     def after_epoch(epoch: EpochResult) -> None:
         run.log_epoch(epoch)
@@ -277,7 +278,9 @@ def run_trial(ref: StudyRef, trial_id: int, config: PipelineConfig, params: dict
         trial.report(epoch.val_metric, epoch.epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch.epoch} (val {epoch.val_metric:.4f})")
-        if deadline is not None and time.time() > deadline:
+        now, epoch_seconds = time.time(), time.time() - epoch_ended[0]
+        epoch_ended[0] = now
+        if deadline is not None and now + epoch_seconds > deadline:  # another epoch would overrun it
             raise BudgetSpent(f"time budget spent after epoch {epoch.epoch}")
 
     checkpoints = checkpoint_folder(work_dir / "checkpoints", params)
