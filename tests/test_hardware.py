@@ -5,8 +5,7 @@ import torch
 
 from configs import ModelConfig, Precision
 from tasks.hardware import CpuInfo, cpu_info, parse_cpuinfo, training_precision
-from tasks.train import train_model
-from tests.test_train_evaluate import breast_splits, config_for  # noqa: F401  (module fixture)
+from tests.test_train_evaluate import breast_splits, config_for, fit  # noqa: F401  (module fixture)
 
 # /proc/cpuinfo excerpts of the two CPUs this project meets (flags lines shortened).
 AMD_EPYC = """processor\t: 0
@@ -72,7 +71,7 @@ def test_training_records_the_precision_auto_chose_here(tmp_path, breast_splits)
     config = config_for(tmp_path, "classification", epochs=1)
     config = config.model_copy(update={"model": ModelConfig(weights="none", freeze="full")})
     assert config.train.precision is Precision.AUTO  # the default
-    result = train_model(config, breast_splits["train"], breast_splits["val"])
+    result = fit(config, breast_splits["train"], breast_splits["val"])
     expected = training_precision(Precision.AUTO, None, "cpu", cpu_info())
     assert (result.precision, result.channels_last, result.precision_reason) == \
            (expected.precision.value, expected.channels_last, expected.reason)
