@@ -29,7 +29,7 @@ from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_me
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, ServedDecode, serving_metadata,
                           training_data_sha256)
 from tasks.gradcam import explain_test_cases
-from tasks.ingest import IngestResult, ManifestError, check_enough_samples, ingest_dataset
+from tasks.ingest import IngestResult, ManifestError, NotEnoughData, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.model_card import CardContext, model_card
 from tasks.preprocess import PreparedData, preprocess_dataset
@@ -51,14 +51,15 @@ def _report_rejects(config: PipelineConfig, run_dir: Path, rejects: pd.DataFrame
     write_csv_atomic(rejects, run_dir / "rejects.csv")
     mlflow.log_artifact(str(run_dir / "rejects.csv"), "data")
     create_table_artifact(key=f"{_slug(config.name)}-rejects", description=description,
-                          table=rejects.to_dict(orient="records") or [{"path": "-", "reason": "no rejects"}])
+                          table=rejects.to_dict(orient="records")
+                          or [{"path": "-", "kind": "-", "rows": "", "reason": "no rejects"}])
 
 
 @stage(name="ingest")
 def ingest(config: PipelineConfig, run_dir: Path) -> IngestResult:
     try:
         result = ingest_dataset(config.data, config.seed, config.patient_salt())
-    except ManifestError as exc:
+    except (ManifestError, NotEnoughData) as exc:
         if exc.rejects is not None:  # files were examined: say which were dropped before stopping
             _report_rejects(config, run_dir, exc.rejects, f"Ingest stopped: {exc}")
         raise

@@ -3,6 +3,12 @@
 The champion is polled every `serve.reload_seconds`; a new version is loaded
 beside the old one and swapped in with one assignment, so requests already in
 a batch finish on the model they started with and none is dropped.
+
+A request body is one file's fault boundary: whatever decoding it raises is
+answered with the 4xx its reject kind maps to (`STATUS_FOR_KIND`), never a 5xx,
+and logged as one line (a traceback only at DEBUG). Decodes run at most
+`serve.decode_slots` at a time and a batch holds crops, not decoded images,
+which bounds memory under concurrent maximum-size requests.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ from typing import Sequence
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image
 
 from configs import PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
-from tasks.rejects import UnreadableImage
+from tasks.decode import DEFAULT_LIMITS, DecodeLimits
+from tasks.preprocess import resolve_workers
+from tasks.rejects import RejectKind, UnreadableImage, exception_detail
 
 log = logging.getLogger("medxfer.serve")
 
@@ -35,7 +42,15 @@ API_KEY_HEADER = "X-API-Key"
 ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
 TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
-MAX_ASPECT = 8  # longest side / shortest side
+# The status a request gets for its body's reject kind; any other kind 422. Never a 5xx:
+# a body that cannot be read is the caller's to fix, and one bad body must not end the
+# keep-alive connection it came on (uvicorn closes it after a 500).
+STATUS_FOR_KIND = {
+    RejectKind.EMPTY: 400, RejectKind.NOT_AN_IMAGE: 400, RejectKind.CORRUPT: 400, RejectKind.TRUNCATED: 400,
+    RejectKind.TOO_LARGE: 413,
+    RejectKind.UNSUPPORTED_SYNTAX: 415, RejectKind.DECODER_LIMITATION: 415,
+    RejectKind.NO_PIXEL_DATA: 422, RejectKind.BAD_GEOMETRY: 422, RejectKind.UNEXPECTED: 422,
+}
 
 
 @dataclass(frozen=True)
@@ -44,26 +59,27 @@ class Settings:
     model_name: str
     serve: ServeConfig
     api_key: str | None  # None: no key required
+    limits: DecodeLimits = DEFAULT_LIMITS  # preprocess.max_pixels / max_frames, checked before decoding
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
-        """The config's registry and serve sections; the environment can name another
+        """The config's registry, serve and decode limits; the environment can name another
         registry or model, and holds the API key."""
         return cls(
             tracking_uri=os.environ.get(TRACKING_URI_ENV) or config.registry.tracking_uri,
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
+            limits=DecodeLimits.from_config(config.preprocess),
         )
 
 
-def _status_for(reason: str) -> int:
-    """HTTP status for a decode failure: unsupported encodings 415, no pixels 422, else 400."""
-    if reason.startswith("no decoder for transfer syntax"):
-        return 415
-    if reason == "DICOM has no pixel data":
-        return 422
-    return 400
+def _rejected(exc: UnreadableImage, content_type: str) -> JSONResponse:
+    """The answer to a body that cannot be used: its kind's status, the kind and one line."""
+    status = STATUS_FOR_KIND.get(exc.kind, 422)
+    log.info("rejected a %s body (%s, %d): %s", content_type, exc.kind.value, status, exc.detail)
+    return JSONResponse({"detail": f"cannot read the {content_type} body: {exc.detail}", "kind": exc.kind.value},
+                        status_code=status)
 
 
 class Service:
@@ -77,16 +93,17 @@ class Service:
         self._download_dir = Path(tempfile.mkdtemp(prefix="medxfer-serve-"))
         self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
                                     settings.serve.batch_window_ms / 1000)
+        self.decode_slots = asyncio.Semaphore(resolve_workers(settings.serve.decode_slots))
 
-    def _predict(self, greys: Sequence[np.ndarray]) -> list[tuple[Prediction, ServedModel]]:
+    def _predict(self, crops: Sequence[np.ndarray]) -> list[tuple[Prediction, ServedModel]]:
         model = self.model  # one reference per batch: a swap mid-batch cannot mix models
         if model is None:
             raise ModelUnavailable(self.load_error or "no model loaded")
-        return [(prediction, model) for prediction in model.predict(greys)]
+        return [(prediction, model) for prediction in model.predict(crops)]
 
     def _load(self) -> None:
         s = self.settings
-        self.model = load_champion(s.tracking_uri, s.model_name, s.serve.variant, self._download_dir)
+        self.model = load_champion(s.tracking_uri, s.model_name, s.serve.variant, self._download_dir, s.limits)
         self.load_error = None
 
     async def reload_if_moved(self) -> bool:
@@ -180,22 +197,19 @@ def create_app(settings: Settings) -> FastAPI:
         if model is None:
             raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
-            grey = await asyncio.to_thread(model.decode, REQUEST_NAME, body)
+            async with service.decode_slots:
+                prepared = await asyncio.to_thread(model.prepare, REQUEST_NAME, body)
         except UnreadableImage as exc:
-            raise HTTPException(_status_for(exc.reason),
-                                f"cannot read the {content_type} body: {exc.reason}") from None
-        except Image.DecompressionBombError:
-            raise HTTPException(413, f"the {content_type} image has too many pixels") from None
-        if max(grey.shape) > MAX_ASPECT * min(grey.shape):
-            # The short side is scaled up to the model's size: a sliver would become enormous.
-            raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
-                                     f"over {MAX_ASPECT}:1 is not supported")
+            return _rejected(exc, content_type)
+        except Exception as exc:  # load_grey bounds decoding; this is the resize, or a bug: still the body's
+            log.debug("unexpected error preparing a request body", exc_info=True)
+            return _rejected(UnreadableImage(RejectKind.UNEXPECTED, exception_detail(exc)), content_type)
         try:
-            prediction, model = await service.batcher.submit(grey)
+            prediction, model = await service.batcher.submit(prepared.crop)
         except ModelUnavailable as exc:
             raise HTTPException(503, str(exc)) from None
         # Only sizes and timings: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *grey.shape,
+        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *prepared.size[:2],
                  1000 * (time.perf_counter() - started))
         return prediction.body | {"model": model.describe()}
 

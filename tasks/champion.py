@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import mlflow
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 from mlflow import MlflowClient
 
 from configs import TaskKind
+from tasks.decode import DEFAULT_LIMITS, DecodeLimits
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
 from tasks.transforms import resize_and_crop, to_model_input
@@ -80,6 +81,7 @@ class ServedModel:
     # (4e-3 in probability for a random-weights ResNet-18, measured): such a network
     # runs one image per call.
     per_image: bool
+    limits: DecodeLimits = DEFAULT_LIMITS  # what a request may ask to have decoded
     network_calls: int = 0  # session runs so far: how many images shared a call shows here
 
     @property
@@ -105,16 +107,20 @@ class ServedModel:
     @cached_property
     def decode(self) -> ServedDecode:
         """decode(path, data): a request's bytes as grey [0, 1], decoded as training decoded them."""
-        return ServedDecode.from_metadata(self.metadata)
+        return ServedDecode.from_metadata(self.metadata, self.limits)
 
-    def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
-        """Answers for decoded grey images (float [0, 1], any sizes), in order: each is
-        resized and cropped as in evaluation, then all run in one network call (one call
-        per image for a per_image network)."""
+    def prepare(self, path: Path, data: bytes) -> PreparedImage:
+        """A request's bytes as the uint8 crop the network takes: decoded as training decoded
+        them, resized and cropped as in evaluation. The full-size grey image lives only here,
+        so a batch holds crops. Raises UnreadableImage."""
+        grey = self.decode(path, data)
         spec = self.preprocess_spec
-        crops = np.stack([resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"])
-                          for grey in greys])
-        images = to_model_input(torch.from_numpy(crops)).numpy()
+        return PreparedImage(resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"]), grey.shape)
+
+    def predict(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
+        """Answers for prepared crops (`prepare`), in order, all in one network call (one call
+        per image for a per_image network)."""
+        images = to_model_input(torch.from_numpy(np.stack(crops))).numpy()
         batches = [image[None] for image in images] if self.per_image else [images]
         outputs = np.concatenate([self.session.run(None, {INPUT_NAME: batch})[0] for batch in batches])
         self.network_calls += len(batches)
@@ -127,6 +133,11 @@ class ServedModel:
                 for p, c in zip(outputs, chosen)]
 
 
+class PreparedImage(NamedTuple):
+    crop: np.ndarray  # uint8 (crop, crop)
+    size: tuple[int, ...]  # the decoded image's (rows, columns), for logs
+
+
 def champion_version(tracking_uri: str, name: str) -> str:
     """The version the `champion` alias points at now."""
     try:
@@ -135,7 +146,8 @@ def champion_version(tracking_uri: str, name: str) -> str:
         raise ModelUnavailable(f"model {name!r} has no {CHAMPION} version in the registry") from exc
 
 
-def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path) -> ServedModel:
+def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path,
+                  limits: DecodeLimits = DEFAULT_LIMITS) -> ServedModel:
     """Fetch the champion's ONNX file (main or a variant), check its sha256, open a session."""
     client = MlflowClient(tracking_uri)
     version = champion_version(tracking_uri, name)
@@ -148,16 +160,17 @@ def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path
                                                     tracking_uri=tracking_uri))
     if variant == FP32 and tags.get("onnx_sha256") and sha256_file(path) != tags["onnx_sha256"]:
         raise ModelUnavailable(f"{name} v{version}: ONNX file does not match its registered sha256")
-    model = open_served_model(name, version, variant, path)
+    model = open_served_model(name, version, variant, path, limits)
     log.info("loaded %s v%s (%s) on %s", name, version, variant, model.provider)
     return model
 
 
-def open_served_model(name: str, version: str, variant: str, path: Path) -> ServedModel:
+def open_served_model(name: str, version: str, variant: str, path: Path,
+                      limits: DecodeLimits = DEFAULT_LIMITS) -> ServedModel:
     """The network inside the self-contained ONNX file at `path`, open in a session,
     with the file's metadata (the extracted graph carries none)."""
     proto = onnx.load(path)
     network = network_graph(proto)
     per_image = any(node.op_type == "DynamicQuantizeLinear" for node in network.graph.node)
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
-    return ServedModel(name, version, variant, path, metadata, open_session(network), per_image)
+    return ServedModel(name, version, variant, path, metadata, open_session(network), per_image, limits)

@@ -33,7 +33,7 @@ from configs import FramePolicy, TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import predict
 from tasks.io import atomic_path
-from tasks.decode import load_grey
+from tasks.decode import DEFAULT_LIMITS, DecodeLimits, load_grey
 from tasks.j2k import reduced_decode_floor
 from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
 
@@ -244,18 +244,20 @@ class ServedDecode:
     frame: FramePolicy
     voi_window: int
     min_short_side: int
+    limits: DecodeLimits = DEFAULT_LIMITS  # the site's, not the model's: where it is served
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str]) -> ServedDecode:
+    def from_metadata(cls, metadata: Mapping[str, str], limits: DecodeLimits = DEFAULT_LIMITS) -> ServedDecode:
         decode = json.loads(metadata.get("decode", "{}"))  # models exported before `decode` had the defaults
         resize = json.loads(metadata["preprocess"])["resize_short_side"]
         return cls(frame=FramePolicy(decode.get("frame", FramePolicy.MIDDLE.value)),
-                   voi_window=int(decode.get("voi_window", 0)), min_short_side=reduced_decode_floor(resize))
+                   voi_window=int(decode.get("voi_window", 0)), min_short_side=reduced_decode_floor(resize),
+                   limits=limits)
 
     def __call__(self, path: Path, data: bytes | None = None) -> np.ndarray:
-        """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read)."""
+        """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read). Raises UnreadableImage."""
         return load_grey(path, data=data, frames=self.frame, voi_window=self.voi_window,
-                         min_short_side=self.min_short_side)[0]
+                         min_short_side=self.min_short_side, limits=self.limits)[0]
 
 
 def decisions(outputs: np.ndarray, threshold: float, positive_index: int) -> np.ndarray:

@@ -8,6 +8,7 @@ hashing its own copy.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -16,16 +17,19 @@ import numpy as np
 import pandas as pd
 
 from tasks.champion import Prediction, ServedModel
-from tasks.rejects import UnreadableImage
+from tasks.decode import read_image_file
+from tasks.rejects import RejectKind, UnreadableImage, exception_detail
 
-REJECT_COLUMNS = ["file_sha256", "reason"]
-CHUNK = 32  # files decoded and run together; bounds memory on large folders
+log = logging.getLogger(__name__)
+
+REJECT_COLUMNS = ["file_sha256", "kind", "reason"]
+CHUNK = 32  # files run through the network together (as crops: each decoded image is dropped at once)
 
 
 @dataclass
 class ScoreResult:
     scores: pd.DataFrame  # file_sha256, the prediction's fields, model_name, model_version
-    rejects: pd.DataFrame  # file_sha256, reason
+    rejects: pd.DataFrame  # REJECT_COLUMNS
     discovered: int
 
     def summary(self) -> dict[str, int]:
@@ -54,20 +58,25 @@ def _row(prediction: Prediction) -> dict:
 
 def score_files(files: Sequence[Path], model: ServedModel,
                 on_chunk: Callable[[int], None] | None = None) -> ScoreResult:
-    """Decode and score each file; unreadable files become rejects with the reason."""
+    """Decode and score each file; a file that cannot be read or decoded becomes a reject
+    with its kind and reason (whatever it raised: each file is its own fault boundary)."""
     rows, rejects = [], []
     for chunk in _chunks(list(files), CHUNK):
-        greys, keys = [], []
+        crops, keys = [], []
         for path in chunk:
-            data = path.read_bytes()
-            key = hashlib.sha256(data).hexdigest()
+            key = ""  # a file that cannot be read has no content hash
             try:
-                greys.append(model.decode(path, data))
+                data = read_image_file(path)
+                key = hashlib.sha256(data).hexdigest()
+                crops.append(model.prepare(path, data).crop)
                 keys.append(key)
             except UnreadableImage as exc:
-                rejects.append((key, exc.reason))
-        if greys:
-            for key, prediction in zip(keys, model.predict(greys)):
+                rejects.append((key, exc.kind.value, exc.detail))
+            except Exception as exc:
+                log.debug("unexpected error scoring a file", exc_info=True)
+                rejects.append((key, RejectKind.UNEXPECTED.value, exception_detail(exc)))
+        if crops:
+            for key, prediction in zip(keys, model.predict(crops)):
                 rows.append({"file_sha256": key, **_row(prediction),
                              "model_name": model.name, "model_version": model.version})
         if on_chunk:
@@ -87,6 +96,6 @@ def summary_markdown(result: ScoreResult, model: ServedModel) -> str:
         ages = scores["age_years"].to_numpy()
         lines += [f"Predicted age: median {np.median(ages):.1f} years, range {ages.min():.1f}-{ages.max():.1f}"]
     if not result.rejects.empty:
-        lines += ["", "| reason | files |", "|---|---|"]
-        lines += [f"| {reason} | {n} |" for reason, n in result.rejects["reason"].value_counts().items()]
+        lines += ["", "| reject kind | files |", "|---|---|"]
+        lines += [f"| {kind} | {n} |" for kind, n in result.rejects["kind"].value_counts().items()]
     return "\n".join(lines)

@@ -6,8 +6,13 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from tasks.rejects import RejectKind, UnreadableImage
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Longest side / shortest side. The short side is scaled to the model's size, so a sliver
+# (a 10 x 2000 strip) would become enormous (256 x 51200) and is no radiograph anyway.
+MAX_ASPECT = 8
 
 
 def resize_and_crop(grey: np.ndarray, resize: int, crop: int) -> np.ndarray:
@@ -23,6 +28,10 @@ def resize_and_crop(grey: np.ndarray, resize: int, crop: int) -> np.ndarray:
         raise ValueError(f"expected a 2-D grey image or a stack of them, got shape {grey.shape}")
     if crop > resize:
         raise ValueError("crop must not exceed resize")
+    height, width = grey.shape[-2:]
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise UnreadableImage(RejectKind.BAD_GEOMETRY, f"{height}x{width} pixels: an aspect ratio over "
+                                                       f"{MAX_ASPECT}:1 is not supported")
     tensor = torch.from_numpy(np.ascontiguousarray(grey, dtype=np.float32))
     tensor = tensor[None] if grey.ndim == 2 else tensor  # frames resize as channels
     if min(grey.shape[-2:]) != resize:  # at the target size already, the resize is the identity

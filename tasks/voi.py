@@ -11,6 +11,9 @@ import pydicom
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
+from tasks.dicom import header_float
+from tasks.rejects import RejectKind, UnreadableImage, exception_detail
+
 PERCENTILE_WINDOW = (0.5, 99.5)
 
 
@@ -24,14 +27,15 @@ def monochrome_to_grey(arr: np.ndarray, ds: pydicom.Dataset, voi_window: int,
     evaluations of pydicom's float64 windowing instead of 3.6 million.
     """
     stored, lookup = _stored_value_table(arr)
-    values = apply_modality_lut(stored, ds)
+    slope, intercept = header_float(ds, "RescaleSlope"), header_float(ds, "RescaleIntercept")
+    try:
+        values = apply_modality_lut(stored, ds)
+    except Exception as exc:
+        raise UnreadableImage(RejectKind.CORRUPT, f"the modality LUT does not apply: {exception_detail(exc)}") from exc
     if ds.get("ModalityLUTSequence"):
         provenance.append("modality_lut:lut_sequence")
-    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
-        provenance.append(
-            f"modality_lut:rescale(slope={float(ds.RescaleSlope):g},"
-            f"intercept={float(ds.RescaleIntercept):g})"
-        )
+    elif slope is not None and intercept is not None:
+        provenance.append(f"modality_lut:rescale(slope={slope:g},intercept={intercept:g})")
 
     grey = None
     try:
@@ -46,7 +50,7 @@ def monochrome_to_grey(arr: np.ndarray, ds: pydicom.Dataset, voi_window: int,
     except (ValueError, NotImplementedError, IndexError, KeyError, AttributeError) as exc:
         # A broken VOI header should not lose the image: fall back to the
         # data-driven window and say so.
-        provenance.append(f"voi:ignored({exc})")
+        provenance.append(f"voi:ignored({type(exc).__name__})")  # the type only: its text may quote the header
         grey = None
     if grey is None:
         grey = _percentile_window(values, lookup, padding_mask(arr, ds))
@@ -117,20 +121,15 @@ def _all(value) -> list[float]:
     return [float(value)]
 
 
-def _first(value) -> float:
-    return _all(value)[0]
-
-
 def padding_mask(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray | None:
     """Pixels equal to PixelPaddingValue (or in the padding range), on stored values."""
-    pad = ds.get("PixelPaddingValue")
+    pad = header_float(ds, "PixelPaddingValue")
     if pad is None:
         return None
-    pad = _first(pad)
-    limit = ds.get("PixelPaddingRangeLimit")
+    limit = header_float(ds, "PixelPaddingRangeLimit")
     if limit is None:
         return arr == pad
-    lo, hi = sorted((pad, _first(limit)))
+    lo, hi = sorted((pad, limit))
     return (arr >= lo) & (arr <= hi)
 
 

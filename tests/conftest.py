@@ -24,6 +24,7 @@ from tasks.decode import load_grey
 from tasks.j2k import reduced_decode_floor
 from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import Registration, register_model, tracking_run
+from tests import damaged
 
 REPO = Path(__file__).resolve().parents[1]
 RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
@@ -50,7 +51,9 @@ def breast_dicom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
-    """Real files in several syntaxes and colour models, with a corrupt and a text file between them."""
+    """Real files in several syntaxes and colour models, with damaged ones between them: cut
+    short, a text file, a palette image without its palette and a CT whose RescaleSlope is no
+    number (the last two raised out of the worker processes once)."""
     root = tmp_path / "mixed"
     root.mkdir()
     names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm", "US1_UNCR.dcm", "JPEG2000.dcm",
@@ -59,8 +62,15 @@ def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
         shutil.copyfile(_testdata(name), root / name)
     (root / "cut.dcm").write_bytes(_testdata("CT_small.dcm").read_bytes()[:-500])
     (root / "notes.dcm").write_text("not an image")
-    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", *names[5:]]
+    (root / "palette_without_lut.dcm").write_bytes(damaged.palette_without_lookup_table())
+    (root / "slope_not_a_number.dcm").write_bytes(damaged.rescale_slope_not_a_number())
+    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", "palette_without_lut.dcm", *names[5:],
+             "slope_not_a_number.dcm"]
     return root, pd.DataFrame({"path": order, "label": "x"})
+
+
+MIXED_REJECTS = {"cut.dcm": "truncated", "notes.dcm": "not an image", "palette_without_lut.dcm": "corrupt",
+                 "slope_not_a_number.dcm": "corrupt"}  # mixed_folder's damaged files and their kinds
 
 
 def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:

@@ -29,6 +29,7 @@ from tasks.export import NORMALISED_FILE, read_metadata
 from tasks.decode import load_grey
 from tasks.variants import quantise_int8
 from tests.conftest import CROP, RESIZE, decoded_as_trained, evaluated_outputs, register_version
+from tests import damaged
 from tests.live_server import LiveServer
 
 API_KEY = "test-key-not-a-secret"
@@ -134,7 +135,7 @@ def test_bad_input_gets_a_clear_4xx(service, tmp_path):
     server, _ = service
     cases = [
         (sliver_png(), {"Content-Type": "image/png", API_KEY_HEADER: API_KEY}, 422, "aspect ratio over 8:1"),
-        (dicom_bytes("CT_small.dcm")[:-2000], DICOM, 400, "corrupt DICOM"),
+        (dicom_bytes("CT_small.dcm")[:-2000], DICOM, 400, "of the 32768 bytes its header declares"),
         (b"patient notes, not an image", DICOM, 400, "not a DICOM, PNG or JPEG file"),
         (no_pixels_dicom(tmp_path), DICOM, 422, "DICOM has no pixel data"),
         (unsupported_syntax_dicom(tmp_path), DICOM, 415, "no decoder for transfer syntax MPEG2"),
@@ -151,6 +152,52 @@ def test_bad_input_gets_a_clear_4xx(service, tmp_path):
         assert response.status_code == status, (message, response.text)
         assert message in response.json()["detail"]
     assert httpx.get(f"{server.url}/healthz").status_code == 200  # still up
+
+
+# Each damaged real file issue 10 found once answered 500, with the kind and status it gets now.
+DAMAGED_BODIES = {
+    "frames_1A": (damaged.frames_not_a_number, "corrupt", 400),
+    "syntax_two_values": (damaged.damaged_transfer_syntax, "unsupported transfer syntax", 415),
+    "syntax_unknown": (damaged.unknown_transfer_syntax, "unsupported transfer syntax", 415),
+    "syntax_mislabelled": (damaged.mislabelled_transfer_syntax, "unsupported transfer syntax", 415),
+    "palette_without_lut": (damaged.palette_without_lookup_table, "corrupt", 400),
+    "slope_not_a_number": (damaged.rescale_slope_not_a_number, "corrupt", 400),
+    "jpeg_12_bit": (lambda: damaged.real("JPEG-lossy.dcm"), "decoder limitation", 415),
+    "cut_j2k": (lambda: damaged.cut(damaged.real("emri_small_jpeg_2k_lossless.dcm"), 0.5), "truncated", 400),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_BODIES)
+def test_damaged_real_files_get_the_status_of_their_kind(service, name):
+    server, _ = service
+    make, kind, status = DAMAGED_BODIES[name]
+    response = post(server, make())
+    assert (response.status_code, response.json()["kind"]) == (status, kind), response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("cannot read the application/dicom body: ")
+    assert "\n" not in detail and "object at 0x" not in detail
+
+
+def test_a_decompression_bomb_gets_413_without_being_decoded(service):
+    server, _ = service
+    response = post(server, damaged.png_bomb(), {"Content-Type": "image/png", API_KEY_HEADER: API_KEY})
+    assert (response.status_code, response.json()["kind"]) == (413, "too large")
+
+
+def test_a_burst_of_bad_and_good_bodies_on_kept_alive_connections_loses_no_good_one(service):
+    """A 500 made uvicorn close the keep-alive connection, failing other clients' requests on it."""
+    server, _ = service
+    good = dicom_bytes("CT_small.dcm")
+    bad = [make() for make, _, _ in DAMAGED_BODIES.values()]
+    bodies = [(good, True) if i % 3 else (bad[i % len(bad)], False) for i in range(150)]
+    with httpx.Client(headers=DICOM, timeout=120, limits=httpx.Limits(max_connections=6)) as client:
+        def send(body_and_good: tuple[bytes, bool]) -> tuple[int, bool]:
+            body, is_good = body_and_good
+            return client.post(f"{server.url}/v1/predict", content=body).status_code, is_good
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(send, bodies))
+    assert {status for status, is_good in results if is_good} == {200}
+    assert all(400 <= status < 500 for status, is_good in results if not is_good)
 
 
 def breastmnist_bodies() -> list[tuple[bytes, str]]:
@@ -233,10 +280,10 @@ def test_int8_answers_do_not_depend_on_the_batch(champion_registry, tmp_path):
                          read_metadata(full))
     model = open_served_model("serve-test", "1", "int8", int8)
     assert model.per_image
-    greys = [load_grey(get_testdata_file(name))[0] for name in MIXED_DICOMS]
-    together = model.predict(greys)
-    assert model.network_calls == len(greys)
-    alone = [model.predict([grey])[0] for grey in greys]
+    crops = [model.prepare(REQUEST_NAME, dicom_bytes(name)).crop for name in MIXED_DICOMS]
+    together = model.predict(crops)
+    assert model.network_calls == len(crops)
+    alone = [model.predict([crop])[0] for crop in crops]
     assert [p.body for p in together] == [p.body for p in alone]
 
 
