@@ -100,9 +100,17 @@ class FramePolicy(str, Enum):
     ALL = "all"  # every frame its own sample, all sharing the file's patient and split
 
 
+class Fit(str, Enum):
+    """How an image of any shape becomes the model's square input."""
+
+    CROP = "crop"  # short side to `resize`, centre crop `crop`: the edges of a long image are cut off
+    PAD = "pad"  # long side to `crop`, padded to a square with air: the whole image, smaller
+
+
 class PreprocessConfig(Strict):
-    resize: Annotated[int, Field(gt=0)] = 256  # short side, before the centre crop
-    crop: Annotated[int, Field(gt=0)] = 224
+    resize: Annotated[int, Field(gt=0)] = 256  # fit crop: short side, before the centre crop
+    crop: Annotated[int, Field(gt=0)] = 224  # the model's input side
+    fit: Fit = Fit.CROP
     cache_dir: Path = Path(".cache/medxfer/preprocessed")
     workers: Annotated[int, Field(ge=1)] | None = None  # decode processes; None: all cores
     # Preprocess on a Dask cluster instead (Prefect tasks on prefect-dask's DaskTaskRunner):
@@ -119,7 +127,7 @@ class PreprocessConfig(Strict):
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "PreprocessConfig":
-        if self.crop > self.resize:
+        if self.fit is Fit.CROP and self.crop > self.resize:
             raise ValueError("crop: must not exceed resize")
         return self
 

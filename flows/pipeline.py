@@ -36,6 +36,7 @@ from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
+from tasks.transforms import PreprocessSpec
 from tasks.variants import ServingModels, export_serving_models
 
 # Large in-memory inputs (models, arrays): Prefect should not hash them for caching.
@@ -171,7 +172,8 @@ def publish_model_card(config: PipelineConfig, trained: TrainResult, evaluation:
                        explained: list[str], run_dir: Path) -> Path:
     rejected = ingested.discovered - prepared.manifest["path"].nunique()  # files, not frames
     context = CardContext(prepared.manifest, ingested.discovered, rejected, registration.version,
-                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained)
+                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained,
+                          PreprocessSpec.from_config(config.preprocess))
     card = model_card(config, trained, evaluation, context)
     path = write_text_atomic(run_dir / "model_card.md", card)
     mlflow.log_artifact(str(path))
@@ -192,7 +194,7 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     metadata = serving_metadata(
         task=data.task, label_names=data.label_names,
         positive_index=data.positive_index if classification else 0,
-        operating_threshold=threshold, resize=pre.resize, crop=pre.crop, metrics=evaluation.metrics,
+        operating_threshold=threshold, spec=PreprocessSpec.from_config(pre), metrics=evaluation.metrics,
         training_data=training_data_sha256(prepared.manifest), weights_name=trained.weights.name,
         weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name,
         voi_window=pre.voi_window, frames=pre.frames)
@@ -201,8 +203,7 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     decode = ServedDecode.from_metadata(metadata)  # as the service will: checks what the metadata says
     greys = [decode(Path(data.root) / rel) for rel in test_paths]
     models = export_serving_models(
-        trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
-        test_crops=test.images, test_greys=greys, test_targets=test.targets,
+        trained.model.cpu(), run_dir, metadata, config.export, test_crops=test.images, test_greys=greys, test_targets=test.targets,
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
         positive_index=data.positive_index if classification else 0)
     write_text_atomic(run_dir / "onnx_parity.json", models.report_json())

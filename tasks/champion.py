@@ -6,9 +6,10 @@ traffic (DICOMs of many sizes) would then run one image per call. So the served 
 is the network inside that file (`tasks.export.network_graph`; taken from the file
 itself rather than from model_normalised.onnx so that the int8 and fp16 variants work
 the same way and the sha256-checked file is the one served), fed by the project's
-own `resize_and_crop`, the code training and evaluation used: every image becomes the
-same normalised crop, images of any sizes share a batch, and each answer is the one
-the parity gate compared with PyTorch (normalised graph, export.max_abs_diff).
+own transform of the preprocessing spec the file records (`PreprocessSpec.from_metadata`),
+the code training and evaluation used: every image becomes the same normalised crop,
+images of any sizes share a batch, and each answer is the one the parity gate compared
+with PyTorch (normalised graph, export.max_abs_diff).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from configs import TaskKind
 from tasks.decode import DEFAULT_LIMITS, DecodeLimits
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.transforms import PreprocessSpec
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)
@@ -101,8 +102,10 @@ class ServedModel:
                 "provider": self.provider}
 
     @cached_property  # read per request: parse the metadata once
-    def preprocess_spec(self) -> dict:
-        return json.loads(self.metadata["preprocess"])
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing the model was trained, evaluated and exported with, every field
+        read back from the registered file."""
+        return PreprocessSpec.from_metadata(self.metadata["preprocess"])
 
     @cached_property
     def decode(self) -> ServedDecode:
@@ -114,13 +117,12 @@ class ServedModel:
         them, resized and cropped as in evaluation. The full-size grey image lives only here,
         so a batch holds crops. Raises UnreadableImage."""
         grey = self.decode(path, data)
-        spec = self.preprocess_spec
-        return PreparedImage(resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"]), grey.shape)
+        return PreparedImage(self.spec.to_uint8(grey)[0], grey.shape)
 
     def predict(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
         """Answers for prepared crops (`prepare`), in order, all in one network call (one call
         per image for a per_image network)."""
-        images = to_model_input(torch.from_numpy(np.stack(crops))).numpy()
+        images = self.spec.normalise(torch.from_numpy(np.stack(crops))).numpy()
         batches = [image[None] for image in images] if self.per_image else [images]
         outputs = np.concatenate([self.session.run(None, {INPUT_NAME: batch})[0] for batch in batches])
         self.network_calls += len(batches)

@@ -21,16 +21,17 @@ from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGExtended12Bit
 
 from configs import FramePolicy, PreprocessConfig
-from tasks.dicom import (PIXEL_DATA_KEYWORDS, PixelGeometry, code_string, header_int, pixel_geometry, read_dataset,
-                         transfer_syntax)
+from tasks.dicom import (PIXEL_DATA_KEYWORDS, PixelGeometry, code_string, header_int, is_lossy, pixel_geometry,
+                         read_dataset, transfer_syntax)
 from tasks.formats import ImageFormat, detect_format, open_image, pillow_failure
-from tasks.j2k import decode_j2k_reduced
+from tasks.j2k import ReducedDecodeFloor, decode_j2k_reduced
 from tasks.rejects import RejectKind, UnreadableImage, exception_detail
 from tasks.voi import monochrome_to_grey, padding_mask
 
 log = logging.getLogger(__name__)
 
 BT601_LUMA = (0.299, 0.587, 0.114)
+EXIF_ORIENTATION = 0x0112
 # (7FE0,0010) Pixel Data tag as it appears in little- and big-endian files.
 _PIXEL_DATA_TAG_BYTES = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0"  # (FFFE,E0DD), little endian as every encapsulated syntax is
@@ -65,7 +66,7 @@ DEFAULT_LIMITS = DecodeLimits.from_config(PreprocessConfig())
 
 
 def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = FramePolicy.MIDDLE,
-              voi_window: int = 0, min_short_side: int | None = None,
+              voi_window: int = 0, floor: ReducedDecodeFloor | None = None,
               limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, list[str]]:
     """Decode `path` to float32 HxW grey in [0, 1] (bright = dense) and its provenance.
 
@@ -73,10 +74,10 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
     hashed the bytes decodes exactly what it hashed); `path` then only names it.
     `frames` picks the frame of a multi-frame DICOM (`all`: F x H x W, every
     frame); `voi_window` which of several header windows or VOI LUTs to apply
-    (the first when the file has fewer). `min_short_side`, when given, lets a
-    JPEG 2000 DICOM decode at 1/2, 1/4, ... resolution as long as its short side
-    stays at least that many pixels (see `tasks.j2k.decode_j2k_reduced`); None decodes
-    every pixel. `limits` are checked from the header before decoding.
+    (the first when the file has fewer). `floor`, when given, lets a JPEG 2000
+    DICOM decode at 1/2, 1/4, ... resolution as long as its size stays within it
+    (see `tasks.j2k.decode_j2k_reduced`); None decodes every pixel. `limits` are
+    checked from the header before decoding.
 
     This is the fault boundary of one file: every failure, expected or not, is raised
     as UnreadableImage with a kind and a one-line detail (an unexpected error as kind
@@ -88,8 +89,7 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
             data = read_image_file(path)
         fmt = detect_format(data)
         if fmt.is_dicom:
-            grey, provenance = _load_dicom(data, fmt is ImageFormat.RAW_DICOM, frames, voi_window,
-                                           min_short_side, limits)
+            grey, provenance = _load_dicom(data, fmt is ImageFormat.RAW_DICOM, frames, voi_window, floor, limits)
         else:
             grey, provenance = _load_pil(data, fmt, limits)
         # fmax/fmin return the number when the other operand is NaN: NaN -> 0,
@@ -121,12 +121,14 @@ def _load_pil(data: bytes, fmt: ImageFormat, limits: DecodeLimits) -> tuple[np.n
         limits.check(height, width, frames=1, decoded_frames=1)
         try:
             img.load()
-            oriented = ImageOps.exif_transpose(img)
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+            # Orientation 2-8 turns or mirrors the stored pixels for display; 1 (or none) leaves them.
+            oriented = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
         except (OSError, SyntaxError, ValueError) as exc:
             raise pillow_failure(data, fmt, "does not decode", exc) from exc
     provenance = [f"decode:{fmt.value}(mode={img.mode})"]
     if oriented is not img:
-        provenance.append("exif_transpose")
+        provenance.append(f"exif_transpose(orientation={orientation})")
     img = oriented
 
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
@@ -151,7 +153,7 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return r * rgb[..., 0] + g * rgb[..., 1] + b * rgb[..., 2]
 
 
-def _load_dicom(data: bytes, raw: bool, frames: FramePolicy, voi_window: int, min_short_side: int | None,
+def _load_dicom(data: bytes, raw: bool, frames: FramePolicy, voi_window: int, floor: ReducedDecodeFloor | None,
                 limits: DecodeLimits) -> tuple[np.ndarray, list[str]]:
     ds = read_dataset(data, raw=raw)
     if not any(k in ds for k in PIXEL_DATA_KEYWORDS):
@@ -173,11 +175,12 @@ def _load_dicom(data: bytes, raw: bool, frames: FramePolicy, voi_window: int, mi
     limits.check(geometry.rows, geometry.columns, geometry.frames,
                  geometry.frames if frames is FramePolicy.ALL else 1)
     _check_pixel_data_length(ds, data, syntax, geometry)
-    arr, pi = _decode_dicom_frames(ds, syntax, geometry, frames, provenance, min_short_side)
+    arr, pi = _decode_dicom_frames(ds, syntax, geometry, frames, provenance, floor)
     if pi in _COLOUR_PIS or (arr.ndim == 3 and arr.shape[-1] in (3, 4)):
         grey = _colour_to_grey(arr, pi, ds, provenance)
     else:
-        grey = monochrome_to_grey(arr, ds, voi_window, provenance)
+        padding = padding_mask(arr, ds, is_lossy(ds, syntax), provenance)
+        grey = monochrome_to_grey(arr, ds, voi_window, provenance, padding)
         invert = []
         if pi == "MONOCHROME1":
             invert.append("MONOCHROME1")
@@ -188,7 +191,6 @@ def _load_dicom(data: bytes, raw: bool, frames: FramePolicy, voi_window: int, mi
         if invert:
             grey = 1.0 - grey
             provenance.append("invert:" + "+".join(invert))
-        padding = padding_mask(arr, ds)
         if padding is not None and padding.any():
             grey[padding] = 0.0  # padding is "no image": show it as air
             provenance.append(f"padding:zeroed({int(padding.sum())}px)")
@@ -215,10 +217,10 @@ def _check_pixel_data_length(ds: pydicom.Dataset, data: bytes, syntax: UID, geom
 
 
 def _decode_dicom_frames(ds: pydicom.Dataset, syntax: UID, geometry: PixelGeometry, frames: FramePolicy,
-                         provenance: list[str], min_short_side: int | None) -> tuple[np.ndarray, str]:
+                         provenance: list[str], floor: ReducedDecodeFloor | None) -> tuple[np.ndarray, str]:
     """Decoded pixels of the frame(s) `frames` picks and the photometric interpretation they are in."""
     header_pi = geometry.photometric
-    reduced = decode_j2k_reduced(ds, syntax, min_short_side) if min_short_side else None
+    reduced = decode_j2k_reduced(ds, syntax, floor) if floor else None
     if reduced is not None:
         arr, level = reduced
         provenance.append(f"decode:dicom({syntax.name})")
@@ -244,7 +246,7 @@ def _decode_dicom_frames(ds: pydicom.Dataset, syntax: UID, geometry: PixelGeomet
         raise _decode_failure(decoder, syntax, ds, geometry, exc) from exc
     provenance.append(f"decode:dicom({syntax.name})")
     if n_frames > 1 and index is not None:
-        provenance.append(f"frame:{frames.value}({index}/{n_frames})")  # 0-based index
+        provenance.append(f"frame:{frames.value}({index + 1} of {n_frames})")  # numbered from 1, as DICOM does
     pi = str(props.get("photometric_interpretation") or header_pi).strip().upper()
     if pi != header_pi:
         # The decoder already converted (YCbCr JPEG / YBR_FULL_422 -> RGB).

@@ -26,9 +26,8 @@ import torch
 from configs import PreprocessConfig
 from tasks.cache import ImageCache, cache_key
 from tasks.decode import DecodeLimits, load_grey, read_image_file
-from tasks.j2k import reduced_decode_floor
 from tasks.rejects import Reject, RejectKind, UnreadableImage, exception_detail, rejects_frame
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.transforms import PreprocessSpec, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +47,14 @@ def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
     small file (about 50 KB) and decodes nothing.
     """
     path = Path(path)
+    spec = PreprocessSpec.from_config(config)
     data, key, hit = _probe_cache(path, config)
     if hit is not None:
         return hit
     grey, provenance = load_grey(path, data=data, frames=config.frames, voi_window=config.voi_window,
-                                 min_short_side=reduced_decode_floor(config.resize),
-                                 limits=DecodeLimits.from_config(config))
-    image = resize_and_crop(grey, config.resize, config.crop)
-    provenance = provenance + [
-        f"resize:short_side({config.resize},bilinear,antialias)",
-        f"crop:centre({config.crop})",
-        "quantize:uint8",
-    ]
+                                 floor=spec.decode_floor, limits=DecodeLimits.from_config(config))
+    image, steps = spec.to_uint8(grey)
+    provenance = provenance + steps
     ImageCache(config.cache_dir, config.crop).put(key, image, provenance)
     return Preprocessed(image, key, provenance, cache_hit=False)
 
@@ -67,7 +62,8 @@ def preprocess_file(path: Path, config: PreprocessConfig) -> Preprocessed:
 def _probe_cache(path: Path, config: PreprocessConfig) -> tuple[bytes, str, Preprocessed | None]:
     """The file's bytes, its cache key, and its cached result when there is one."""
     data = read_image_file(path)
-    key = cache_key(hashlib.sha256(data).hexdigest(), config)
+    key = cache_key(hashlib.sha256(data).hexdigest(), PreprocessSpec.from_config(config).cache_token(),
+                    config.frames, config.voi_window)
     cached = ImageCache(config.cache_dir, config.crop).get(key)
     return data, key, None if cached is None else Preprocessed(cached[0], key, cached[1], cache_hit=True)
 
@@ -300,12 +296,12 @@ def preprocess_dataset(manifest: pd.DataFrame, root: Path, config: PreprocessCon
         hits += result.cache_hit
         frames = result.image if result.image.ndim == 3 else result.image[None]
         steps = ";".join(result.provenance)
-        for frame, image in enumerate(frames):
+        for frame, image in enumerate(frames, start=1):  # numbered from 1, as DICOM does
             images.append(image)
             keys.append(result.cache_key)
             frame_index.append(frame)
             kept.append(index)
-            provenance.append(steps if len(frames) == 1 else f"{steps};frame:all({frame}/{len(frames)})")
+            provenance.append(steps if len(frames) == 1 else f"{steps};frame:all({frame} of {len(frames)})")
     usable = manifest.loc[kept].reset_index(drop=True)
     usable["frame"], usable["cache_key"], usable["provenance"] = frame_index, keys, provenance
     stacked = np.stack(images) if images else np.zeros((0, config.crop, config.crop), np.uint8)

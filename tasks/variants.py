@@ -31,6 +31,7 @@ from tasks.evaluate import compute_metrics
 from tasks.export import (CPU_PROVIDER, FP16_FILE, INPUT_NAME, INT8_FILE, NORMALISED_FILE, SELF_CONTAINED_FILE,
                           ParityReport, check_parity, check_self_contained_parity, export_onnx,
                           export_self_contained, open_session, parity_providers, run_self_contained)
+from tasks.transforms import PreprocessSpec
 
 
 def quantise_network(normalised: Path, path: Path) -> Path:
@@ -48,11 +49,11 @@ def quantise_network(normalised: Path, path: Path) -> Path:
     return Path(path)
 
 
-def quantise_int8(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
+def quantise_int8(normalised: Path, path: Path, metadata: dict[str, str]) -> Path:
     """Dynamic int8 quantisation of the network, behind the float32 preprocessing graph."""
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         network = quantise_network(normalised, Path(work) / "network_int8.onnx")
-        return export_self_contained(network, path, resize, crop, metadata)
+        return export_self_contained(network, path, metadata)
 
 
 def half_precision(normalised: Path) -> onnx.ModelProto:
@@ -62,12 +63,12 @@ def half_precision(normalised: Path) -> onnx.ModelProto:
     return half.model
 
 
-def convert_fp16(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
+def convert_fp16(normalised: Path, path: Path, metadata: dict[str, str]) -> Path:
     """Half-precision network behind the float32 preprocessing graph."""
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         network = Path(work) / "network_fp16.onnx"
         onnx.save_model(half_precision(normalised), network)
-        return export_self_contained(network, path, resize, crop, metadata)
+        return export_self_contained(network, path, metadata)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class ServingModels:
 
 
 def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[str, str],
-                          export: ExportConfig, resize: int, crop: int, *, test_crops: np.ndarray,
+                          export: ExportConfig, *, test_crops: np.ndarray,
                           test_greys: Sequence[np.ndarray], test_targets: np.ndarray,
                           threshold: float, positive_index: int) -> ServingModels:
     """Export both float32 graphs and the enabled variants, and check each against PyTorch
@@ -147,17 +148,17 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     The float32 checks gate registration; a variant that fails its own check is dropped
     with the reason. Variant accuracy is measured on every test image given.
     """
-    normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, crop, export.opset,
+    spec = PreprocessSpec.from_metadata(metadata["preprocess"])
+    normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, spec.crop, export.opset,
                              metadata | {"variant": "normalised", "input_name": INPUT_NAME})
-    full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, resize, crop,
-                                 metadata | {"variant": "fp32"})
+    full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, metadata | {"variant": "fp32"})
     samples = export.parity_samples
     decide = {"threshold": threshold, "positive_index": positive_index}
     parity: list[ParityReport] = []
     for providers in parity_providers():
         parity.append(check_parity(normalised, model, test_crops[:samples], export.max_abs_diff,
                                    providers=providers, **decide))
-        parity.append(check_self_contained_parity(full, model, test_greys[:samples], resize, crop,
+        parity.append(check_self_contained_parity(full, model, test_greys[:samples], spec,
                                                   export.self_contained_max_abs_diff,
                                                   providers=providers, **decide))
     result = ServingModels(full, normalised, {}, parity, [], {})
@@ -170,9 +171,9 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     for name, (enabled, make, filename, providers) in makers.items():
         if not enabled:
             continue
-        path = make(normalised, run_dir / filename, resize, crop, metadata | {"variant": name})
+        path = make(normalised, run_dir / filename, metadata | {"variant": name})
         if name == "fp16":
-            report = check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
+            report = check_self_contained_parity(path, model, test_greys[:samples], spec,
                                                  export.fp16_max_abs_diff, providers=providers, **decide)
             report = dataclasses.replace(report, graph="fp16")
             parity.append(report)

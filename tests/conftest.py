@@ -21,13 +21,12 @@ from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
 from tasks.export import INPUT_NAME, NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
 from tasks.decode import load_grey
-from tasks.j2k import reduced_decode_floor
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.transforms import PreprocessSpec
 from tasks.register import Registration, register_model, tracking_run
 from tests import damaged
 
 REPO = Path(__file__).resolve().parents[1]
-RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
+SPEC = PreprocessSpec()  # the champion_registry model's preprocessing: short side 256, centre crop 224
 
 
 def _testdata(name: str) -> Path:
@@ -125,11 +124,11 @@ def champion_registry(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
-                                positive_index=1, operating_threshold=None, resize=RESIZE, crop=CROP,
+                                positive_index=1, operating_threshold=None, spec=SPEC,
                                 metrics={"roc_auc": 0.7}, training_data="0" * 64, weights_name="none",
                                 weights_sha256="none", model_name="serve-test")
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata)
-    full = export_self_contained(normalised, tmp_path / "model.onnx", RESIZE, CROP, metadata)
+    full = export_self_contained(normalised, tmp_path / "model.onnx", metadata)
     register_version(config, model, full, auc=0.70)
     return config, model, full
 
@@ -137,14 +136,13 @@ def champion_registry(tmp_path_factory):
 def decoded_as_trained(path: Path | str) -> np.ndarray:
     """A file decoded as preprocessing decodes it for the champion's resize (JPEG 2000 may
     decode at reduced resolution)."""
-    return load_grey(Path(path), min_short_side=reduced_decode_floor(RESIZE))[0]
+    return load_grey(Path(path), floor=SPEC.decode_floor)[0]
 
 
 def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarray:
-    """What evaluation gives for decoded images, one at a time: tasks.transforms's
-    resize_and_crop, then the normalised graph exported beside `onnx_path` (the graph the
-    parity gate compares with PyTorch)."""
+    """What evaluation gives for decoded images, one at a time: the spec's transform, then the
+    normalised graph exported beside `onnx_path` (the graph the parity gate compares with PyTorch)."""
     session = ort.InferenceSession(str(onnx_path.parent / NORMALISED_FILE), providers=["CPUExecutionProvider"])
-    crops = [resize_and_crop(grey, RESIZE, CROP) for grey in greys]
-    return np.concatenate([session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crop)).numpy()})[0]
+    crops = [SPEC.to_uint8(grey)[0] for grey in greys]
+    return np.concatenate([session.run(None, {INPUT_NAME: SPEC.normalise(torch.from_numpy(crop)).numpy()})[0]
                            for crop in crops])

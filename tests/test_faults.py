@@ -25,20 +25,7 @@ from tests import damaged
 
 SALT = "fault-salt"
 
-# Damaged copies of real files, the manifest row each gets, and the kind each must be rejected with
-# (None: the damage is in an element nothing needs, and the file is usable).
-LISTED = {
-    "frames_1A.dcm": (damaged.frames_not_a_number, RejectKind.CORRUPT),  # ValueError in image_facts once
-    "meta_vr.dcm": (damaged.unknown_vr_in_file_meta, None),  # NotImplementedError in ingest once
-    "syntax_two_values.dcm": (damaged.damaged_transfer_syntax, RejectKind.UNSUPPORTED_SYNTAX),  # AttributeError
-    "syntax_unknown.dcm": (damaged.unknown_transfer_syntax, RejectKind.UNSUPPORTED_SYNTAX),
-    "syntax_mislabelled.dcm": (damaged.mislabelled_transfer_syntax, RejectKind.UNSUPPORTED_SYNTAX),
-    "palette_without_lut.dcm": (damaged.palette_without_lookup_table, RejectKind.CORRUPT),  # AttributeError in a worker
-    "slope_not_a_number.dcm": (damaged.rescale_slope_not_a_number, RejectKind.CORRUPT),  # UFuncTypeError
-    "bomb.png": (damaged.png_bomb, RejectKind.TOO_LARGE),  # 140 KB, 12000 x 12000: decoded once
-    "garbage.png": (damaged.png_with_garbage_header, RejectKind.TRUNCATED),  # no IEND: it ends early
-    "dual_tiff.dcm": (damaged.tiff_preamble_dicom, None),  # DICOM by "DICM", whatever its preamble says
-}
+LISTED = damaged.ARCHIVE_DAMAGE
 UNLISTED = {"stray_frames_1A.dcm": damaged.frames_not_a_number, "stray_meta_vr.dcm": damaged.unknown_vr_in_file_meta}
 
 

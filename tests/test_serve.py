@@ -28,7 +28,7 @@ from tasks.champion import open_served_model
 from tasks.export import NORMALISED_FILE, read_metadata
 from tasks.decode import load_grey
 from tasks.variants import quantise_int8
-from tests.conftest import CROP, RESIZE, decoded_as_trained, evaluated_outputs, register_version
+from tests.conftest import decoded_as_trained, evaluated_outputs, register_version
 from tests import damaged
 from tests.live_server import LiveServer
 
@@ -276,7 +276,7 @@ def test_int8_answers_do_not_depend_on_the_batch(champion_registry, tmp_path):
     """Dynamic int8 quantisation scales activations over the whole input tensor: served
     batched, an image's probabilities would change with its batch-mates."""
     _, _, full = champion_registry
-    int8 = quantise_int8(full.parent / NORMALISED_FILE, tmp_path / "model_int8.onnx", RESIZE, CROP,
+    int8 = quantise_int8(full.parent / NORMALISED_FILE, tmp_path / "model_int8.onnx",
                          read_metadata(full))
     model = open_served_model("serve-test", "1", "int8", int8)
     assert model.per_image
