@@ -94,8 +94,11 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
             grey, provenance = _load_pil(data, fmt, limits)
         # fmax/fmin return the number when the other operand is NaN: NaN -> 0,
         # +inf -> 1, -inf -> 0, in two passes over a full-size image where
-        # nan_to_num and clip took four.
-        grey = np.fmin(np.fmax(np.asarray(grey, dtype=np.float32), 0.0), 1.0)
+        # nan_to_num and clip took four; in place, so no second full-size copy is held.
+        grey = np.asarray(grey, dtype=np.float32)
+        if not grey.flags.writeable:
+            grey = grey.copy()
+        np.fmin(np.fmax(grey, 0.0, out=grey), 1.0, out=grey)
     except UnreadableImage as exc:
         exc.path = path
         raise

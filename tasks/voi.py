@@ -75,7 +75,13 @@ def _stored_value_table(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]
     if arr.dtype.kind not in "iu" or arr.dtype.itemsize > 2 or arr.size == 0:
         return arr, None
     low, high = int(arr.min()), int(arr.max())
-    return np.arange(low, high + 1, dtype=np.int64), np.subtract(arr, low, dtype=np.int32)
+    # The index in the fewest bytes (1 or 2 per pixel: a 50-megapixel image's lookup in 50 or
+    # 100 MB, not 200): arr - low in arr's own width wraps like two's complement, and read as
+    # unsigned it is exact, since high - low < 2**bits.
+    lookup = np.subtract(arr, arr.dtype.type(low)).view(f"u{arr.dtype.itemsize}")
+    if high - low < 256 and arr.dtype.itemsize > 1:
+        lookup = lookup.astype(np.uint8)
+    return np.arange(low, high + 1, dtype=np.int64), lookup
 
 
 def _has_voi_lut(ds: pydicom.Dataset) -> bool:
@@ -174,10 +180,19 @@ def _percentile_window(values: np.ndarray, lookup: np.ndarray | None,
     if lookup is None:
         lo, hi = np.percentile(sample.astype(np.float64), PERCENTILE_WINDOW)
     else:
-        lo, hi = _histogram_percentiles(values, np.bincount(sample, minlength=len(values)), PERCENTILE_WINDOW)
+        lo, hi = _histogram_percentiles(values, _counts(sample, len(values)), PERCENTILE_WINDOW)
     if hi <= lo:
         return np.zeros(values.shape, dtype=np.float32)  # a constant image
     return (values.astype(np.float64) - lo) / (hi - lo)
+
+
+def _counts(indices: np.ndarray, length: int, chunk: int = 1 << 22) -> np.ndarray:
+    """np.bincount of `indices`, a chunk at a time: bincount copies its input to 8-byte integers,
+    which for a whole 50-megapixel image is 400 MB."""
+    counts = np.zeros(length, dtype=np.int64)
+    for start in range(0, indices.size, chunk):
+        counts += np.bincount(indices[start:start + chunk], minlength=length)
+    return counts
 
 
 def _histogram_percentiles(values: np.ndarray, counts: np.ndarray, percents: tuple[float, ...]) -> list[float]:
