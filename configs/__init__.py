@@ -10,13 +10,17 @@ import os
 import secrets
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent
 SALT_ENV_VAR = "MEDXFER_PATIENT_SALT"
+# Set, it replaces every config's registry.tracking_uri: the same configs run against a
+# tracking server (the production stack) with no edit. Credentials stay in MLflow's own
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+TRACKING_URI_ENV = "MEDXFER_TRACKING_URI"
 
 
 class ConfigError(ValueError):
@@ -57,6 +61,49 @@ class SplitConfig(Strict):
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
 
 
+def _check_labels(kind: TaskKind, label_names: Sequence[str], positive_label: str | None) -> None:
+    if kind is TaskKind.CLASSIFICATION:
+        if len(label_names) < 2:
+            raise ValueError("label_names: classification needs at least two class names")
+        if positive_label is not None and positive_label not in label_names:
+            raise ValueError(f"positive_label: {positive_label!r} is not in label_names")
+    elif label_names:
+        raise ValueError("label_names: only used for classification")
+
+
+class TaskSpec(Strict):
+    """What a model predicts, as training, evaluation and export need it: the kind of task,
+    the class names in output order, and the class that AUC, sensitivity and F1 refer to."""
+
+    kind: TaskKind
+    label_names: tuple[str, ...] = ()
+    positive_label: str | None = None  # classification: default the last class
+
+    @model_validator(mode="after")
+    def _labels_fit_task(self) -> "TaskSpec":
+        _check_labels(self.kind, self.label_names, self.positive_label)
+        return self
+
+    @property
+    def classification(self) -> bool:
+        return self.kind is TaskKind.CLASSIFICATION
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's head: one logit per class, or one age."""
+        return len(self.label_names) if self.classification else 1
+
+    @property
+    def positive_index(self) -> int:
+        """The output the positive-class metrics read: `positive_label`, else the last class; 0 (the
+        only output) for regression, so every caller can pass it without a task-kind branch."""
+        if not self.classification:
+            return 0
+        if self.positive_label is None:
+            return len(self.label_names) - 1
+        return self.label_names.index(self.positive_label)
+
+
 class DataConfig(Strict):
     root: Path  # folder that holds the images
     manifest: Path  # CSV: path, label | age, optional patient_id, split
@@ -74,22 +121,17 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _labels_fit_task(self) -> "DataConfig":
-        if self.task is TaskKind.CLASSIFICATION:
-            if len(self.label_names) < 2:
-                raise ValueError("label_names: classification needs at least two class names")
-            if self.positive_label is not None and self.positive_label not in self.label_names:
-                raise ValueError(f"positive_label: {self.positive_label!r} is not in label_names")
-        elif self.label_names:
-            raise ValueError("label_names: only used for classification")
+        _check_labels(self.task, self.label_names, self.positive_label)
         return self
 
     @property
-    def positive_index(self) -> int:
-        """Index of the positive class: `positive_label`, else the last class."""
-        if self.positive_label is None:
-            return len(self.label_names) - 1
-        return self.label_names.index(self.positive_label)
+    def spec(self) -> TaskSpec:
+        return TaskSpec(kind=self.task, label_names=tuple(self.label_names), positive_label=self.positive_label)
 
+    @property
+    def positive_index(self) -> int:
+        """Index of the positive class: `positive_label`, else the last class (0 for regression)."""
+        return self.spec.positive_index
 
 
 class FramePolicy(str, Enum):
@@ -200,6 +242,12 @@ class RegistryConfig(Strict):
     # Where a new experiment keeps artifacts; None: `output_dir/mlartifacts` for a
     # local (sqlite/file) store, the tracking server's default otherwise.
     artifact_location: str | None = None
+    # The stages that only talk to the registry and its object store (register, model card,
+    # scoring's load-champion) are tried again this many times on a connection or 5xx error,
+    # after io_retry_delay_seconds, then twice as long each time: a tracking server that
+    # restarts costs a wait, not the run. (MLflow's client first retries each request itself.)
+    io_retries: Annotated[int, Field(ge=0)] = 3
+    io_retry_delay_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class ExportConfig(Strict):
@@ -212,6 +260,9 @@ class ExportConfig(Strict):
     int8: bool = True  # also write model_int8.onnx (dynamic quantisation, for CPUs)
     fp16: bool = True  # also write model_fp16.onnx (half precision, for GPUs)
     fp16_max_abs_diff: Annotated[float, Field(gt=0)] = 1e-2
+    # domain_score vs PyTorch, as a fraction of its threshold: float32 graphs, then int8 and fp16
+    domain_max_rel_diff: Annotated[float, Field(gt=0)] = 1e-3
+    variant_domain_max_rel_diff: Annotated[float, Field(gt=0)] = 5e-2
 
 
 class ServeConfig(Strict):
@@ -248,6 +299,66 @@ class EvaluateConfig(Strict):
     gradcam_images: Annotated[int, Field(ge=0, le=32)] = 6
 
 
+class NoveltyMethod(str, Enum):
+    """How far an image's penultimate features lie from the training images' (tasks/domain.py)."""
+
+    MAHALANOBIS = "mahalanobis"  # to the training mean, under a Ledoit-Wolf shrunk covariance
+    KNN = "knn"  # cosine distance to the k-th nearest training image
+
+
+class DomainPolicy(str, Enum):
+    """What the service and batch scoring do with an input outside the training domain."""
+
+    FLAG = "flag"  # answer, with in_domain false and the reasons
+    REFUSE = "refuse"  # no prediction: 422 (service) or a reject (batch scoring), with the reasons
+
+
+class OutOfDomainGroup(str, Enum):
+    """How an evaluation image differs from the training data; AUROC is reported per group."""
+
+    OTHER_MODALITY = "other_modality"
+    SAME_MODALITY_OTHER_ANATOMY = "same_modality_other_anatomy"
+
+
+class OutOfDomainSource(Strict):
+    """Real images the model was not trained for, held out to evaluate the domain check.
+
+    Exactly one of: `pydicom` (pydicom-data files of these Modality values, see
+    tasks.domain_eval.PYDICOM_IMAGES), `folder` (DICOM/PNG/JPEG files), `npz` (a
+    MedMNIST-style `{split}_images` array, sent as PNG the way a caller would).
+    Missing paths are skipped with a log line (CI has no ../shared)."""
+
+    group: OutOfDomainGroup
+    pydicom: list[str] | None = None
+    body_parts: list[str] | None = None  # pydicom: only files with these BodyPartExamined values
+    folder: Path | None = None
+    npz: Path | None = None
+    split: str = "test"  # npz: which `{split}_images`
+    limit: Annotated[int, Field(gt=0)] | None = None  # at most this many images, a seeded random subset
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "OutOfDomainSource":
+        given = [key for key in ("pydicom", "folder", "npz") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of pydicom, folder, npz")
+        if self.body_parts is not None and self.pydicom is None:
+            raise ValueError("body_parts: only used with pydicom")
+        return self
+
+
+class DomainConfig(Strict):
+    """The input-domain check fitted at training time and shipped in the ONNX file (tasks/domain.py)."""
+
+    method: NoveltyMethod = NoveltyMethod.MAHALANOBIS
+    knn_k: Annotated[int, Field(gt=0)] = 5  # method knn
+    # The novelty threshold: this quantile of the in-domain validation images' scores.
+    quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
+    # Image rows and columns may lie this fraction outside the range seen in training.
+    size_margin: Annotated[float, Field(ge=0)] = 0.25
+    policy: DomainPolicy = DomainPolicy.FLAG
+    out_of_domain: list[OutOfDomainSource] = []
+
+
 class ScheduleConfig(Strict):
     cron: str = "0 2 * * 0"  # weekly retraining, Sunday 02:00
     timezone: str = "UTC"
@@ -261,20 +372,22 @@ class RunConfig(Strict):
     output_dir: Path = Path("outputs")
 
 
-class PipelineConfig(RunConfig):
-    data: DataConfig
-    preprocess: PreprocessConfig = PreprocessConfig()
+class ModelRunConfig(RunConfig):
+    """A run that trains a model: its model and train settings, where it is tracked and how it is
+    evaluated. Subclasses say what the model predicts (`task_spec`)."""
+
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig
     evaluate: EvaluateConfig = EvaluateConfig()
-    export: ExportConfig = ExportConfig()
-    serve: ServeConfig = ServeConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        raise NotImplementedError
 
     @model_validator(mode="after")
-    def _balance_needs_classes(self) -> "PipelineConfig":
-        if self.train.class_balance is not ClassBalance.NONE and self.data.task is not TaskKind.CLASSIFICATION:
+    def _balance_needs_classes(self) -> "ModelRunConfig":
+        if self.train.class_balance is not ClassBalance.NONE and not self.task_spec.classification:
             raise ValueError("train.class_balance: only used for classification")
         return self
 
@@ -288,6 +401,19 @@ class PipelineConfig(RunConfig):
         if self.registry.tracking_uri.startswith(("sqlite:", "file:")):
             return (self.output_dir / "mlartifacts").resolve().as_uri()
         return None
+
+
+class PipelineConfig(ModelRunConfig):
+    data: DataConfig
+    preprocess: PreprocessConfig = PreprocessConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    domain: DomainConfig = DomainConfig()
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        return self.data.spec
 
     def patient_salt(self) -> str:
         """Salt for patient-id hashes: config, else $MEDXFER_PATIENT_SALT, else a random
@@ -328,21 +454,16 @@ class SourceRegistryConfig(RegistryConfig):
     alias: str = "source"
 
 
-class PretrainConfig(RunConfig):
+class PretrainConfig(ModelRunConfig):
     """Train a source model from random initialisation on a larger dataset and register it."""
 
     source: SourceDataConfig
     model: ModelConfig = ModelConfig(weights="none", freeze=FreezeStrategy.FULL)
-    train: TrainConfig = TrainConfig()
     registry: SourceRegistryConfig
 
-    def as_pipeline_config(self) -> PipelineConfig:
-        """The same settings in the shape `tasks.train.train_model` takes."""
-        return PipelineConfig(
-            name=self.name, seed=self.seed, output_dir=self.output_dir, model=self.model, train=self.train,
-            data=DataConfig(root=self.source.npz.parent, manifest=self.source.npz,
-                            task=TaskKind.CLASSIFICATION, label_names=self.source.label_names),
-            registry=RegistryConfig(**self.registry.model_dump(exclude={"alias"})))
+    @property
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec(kind=TaskKind.CLASSIFICATION, label_names=tuple(self.source.label_names))
 
 
 def _format_errors(path: Path, error: ValidationError) -> str:
@@ -363,6 +484,8 @@ def _validated(path: Path, schema: type[Strict]) -> Strict:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    if os.environ.get(TRACKING_URI_ENV) and isinstance(raw.get("registry"), dict):
+        raw["registry"]["tracking_uri"] = os.environ[TRACKING_URI_ENV]
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:

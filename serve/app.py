@@ -29,10 +29,11 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from configs import PipelineConfig, ServeConfig
+from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
 from tasks.decode import DEFAULT_LIMITS, DecodeLimits
+from tasks.domain import ImageFacts
 from tasks.preprocess import resolve_workers
 from tasks.rejects import RejectKind, UnreadableImage, exception_detail
 
@@ -40,7 +41,7 @@ log = logging.getLogger("medxfer.serve")
 
 API_KEY_HEADER = "X-API-Key"
 ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
-TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
+MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
 # The status a request gets for its body's reject kind; any other kind 422. Never a 5xx:
 # a body that cannot be read is the caller's to fix, and one bad body must not end the
@@ -50,6 +51,7 @@ STATUS_FOR_KIND = {
     RejectKind.TOO_LARGE: 413,
     RejectKind.UNSUPPORTED_SYNTAX: 415, RejectKind.DECODER_LIMITATION: 415,
     RejectKind.NO_PIXEL_DATA: 422, RejectKind.BAD_GEOMETRY: 422, RejectKind.UNEXPECTED: 422,
+    RejectKind.OUT_OF_DOMAIN: 422,  # under domain.policy: refuse
 }
 
 
@@ -60,26 +62,32 @@ class Settings:
     serve: ServeConfig
     api_key: str | None  # None: no key required
     limits: DecodeLimits = DEFAULT_LIMITS  # preprocess.max_pixels / max_frames, checked before decoding
+    domain_policy: DomainPolicy = DomainPolicy.FLAG  # out-of-domain inputs: answered with the flag, or 422
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
-        """The config's registry, serve and decode limits; the environment can name another
-        registry or model, and holds the API key."""
+        """The config's registry, serve, decode limits and domain policy (configs.TRACKING_URI_ENV
+        names another registry); the environment can name another model, and holds the API key."""
         return cls(
-            tracking_uri=os.environ.get(TRACKING_URI_ENV) or config.registry.tracking_uri,
+            tracking_uri=config.registry.tracking_uri,
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
             limits=DecodeLimits.from_config(config.preprocess),
+            domain_policy=config.domain.policy,
         )
 
 
-def _rejected(exc: UnreadableImage, content_type: str) -> JSONResponse:
-    """The answer to a body that cannot be used: its kind's status, the kind and one line."""
-    status = STATUS_FOR_KIND.get(exc.kind, 422)
-    log.info("rejected a %s body (%s, %d): %s", content_type, exc.kind.value, status, exc.detail)
-    return JSONResponse({"detail": f"cannot read the {content_type} body: {exc.detail}", "kind": exc.kind.value},
-                        status_code=status)
+def _rejected(kind: RejectKind, detail: str, content_type: str, **fields) -> JSONResponse:
+    """The answer to a body that is not used: its kind's status, the kind, one line, and
+    `fields` (the domain verdict of a refused image), which the one log line leaves out."""
+    status = STATUS_FOR_KIND.get(kind, 422)
+    log.info("rejected a %s body (%s, %d): %s", content_type, kind.value, status, detail)
+    return JSONResponse({"detail": detail, "kind": kind.value, **fields}, status_code=status)
+
+
+def _unreadable(exc: UnreadableImage, content_type: str) -> JSONResponse:
+    return _rejected(exc.kind, f"cannot read the {content_type} body: {exc.detail}", content_type)
 
 
 class Service:
@@ -95,11 +103,12 @@ class Service:
                                     settings.serve.batch_window_ms / 1000)
         self.decode_slots = asyncio.Semaphore(resolve_workers(settings.serve.decode_slots))
 
-    def _predict(self, crops: Sequence[np.ndarray]) -> list[tuple[Prediction, ServedModel]]:
+    def _predict(self, requests: Sequence[tuple[np.ndarray, ImageFacts]]) -> list[tuple[Prediction, ServedModel]]:
         model = self.model  # one reference per batch: a swap mid-batch cannot mix models
         if model is None:
             raise ModelUnavailable(self.load_error or "no model loaded")
-        return [(prediction, model) for prediction in model.predict(crops)]
+        crops, facts = zip(*requests)
+        return [(prediction, model) for prediction in model.predict(crops, facts)]
 
     def _load(self) -> None:
         s = self.settings
@@ -200,17 +209,20 @@ def create_app(settings: Settings) -> FastAPI:
             async with service.decode_slots:
                 prepared = await asyncio.to_thread(model.prepare, REQUEST_NAME, body)
         except UnreadableImage as exc:
-            return _rejected(exc, content_type)
+            return _unreadable(exc, content_type)
         except Exception as exc:  # load_grey bounds decoding; this is the resize, or a bug: still the body's
             log.debug("unexpected error preparing a request body", exc_info=True)
-            return _rejected(UnreadableImage(RejectKind.UNEXPECTED, exception_detail(exc)), content_type)
+            return _unreadable(UnreadableImage(RejectKind.UNEXPECTED, exception_detail(exc)), content_type)
         try:
-            prediction, model = await service.batcher.submit(prepared.crop)
+            prediction, model = await service.batcher.submit((prepared.crop, prepared.facts))
         except ModelUnavailable as exc:
             raise HTTPException(503, str(exc)) from None
-        # Only sizes and timings: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *prepared.size[:2],
-                 1000 * (time.perf_counter() - started))
+        # Only sizes, timings and the domain flag: nothing from the image or its header is logged.
+        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *prepared.size[:2],
+                 prediction.domain.in_domain, 1000 * (time.perf_counter() - started))
+        if settings.domain_policy is DomainPolicy.REFUSE and prediction.domain.in_domain is False:
+            return _rejected(RejectKind.OUT_OF_DOMAIN, "the input is outside the model's training domain",
+                             content_type, **prediction.domain.as_json(), model=model.describe())
         return prediction.body | {"model": model.describe()}
 
     return app

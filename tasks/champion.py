@@ -10,6 +10,8 @@ own transform of the preprocessing spec the file records (`PreprocessSpec.from_m
 the code training and evaluation used: every image becomes the same normalised crop,
 images of any sizes share a batch, and each answer is the one the parity gate compared
 with PyTorch (normalised graph, export.max_abs_diff).
+Every answer carries the domain check's verdict (tasks.domain): the graph's own
+`domain_score` judged with the threshold and header facts in the file's metadata.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mlflow import MlflowClient
 
 from configs import TaskKind
 from tasks.decode import DEFAULT_LIMITS, DecodeLimits
+from tasks.domain import DOMAIN_OUTPUT, NOT_CHECKED, DomainCheck, DomainVerdict, ImageFacts, judge, request_facts
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
 from tasks.transforms import PreprocessSpec
@@ -46,13 +49,15 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer, ready to be returned as JSON."""
+    """One image's answer, ready to be returned as JSON, and its domain verdict (which the
+    body carries too: `in_domain`, `domain_score`, `domain_reasons`)."""
 
     body: dict
+    domain: DomainVerdict = NOT_CHECKED
 
     @classmethod
     def classification(cls, probabilities: np.ndarray, label: str, labels: Sequence[str],
-                       positive_index: int, threshold: float) -> "Prediction":
+                       positive_index: int, threshold: float, domain: DomainVerdict = NOT_CHECKED) -> "Prediction":
         return cls({
             "task": TaskKind.CLASSIFICATION.value,
             "label": label,
@@ -60,11 +65,11 @@ class Prediction:
             "positive_label": labels[positive_index],
             "positive_probability": float(probabilities[positive_index]),
             "threshold": threshold,
-        })
+        } | domain.as_json(), domain)
 
     @classmethod
-    def regression(cls, age: float) -> "Prediction":
-        return cls({"task": TaskKind.REGRESSION.value, "age_years": float(age)})
+    def regression(cls, age: float, domain: DomainVerdict = NOT_CHECKED) -> "Prediction":
+        return cls({"task": TaskKind.REGRESSION.value, "age_years": float(age)} | domain.as_json(), domain)
 
 
 @dataclass
@@ -108,36 +113,51 @@ class ServedModel:
         return PreprocessSpec.from_metadata(self.metadata["preprocess"])
 
     @cached_property
+    def domain_check(self) -> DomainCheck | None:
+        """The threshold and training header facts; None for a model exported without them."""
+        return DomainCheck.from_metadata(self.metadata)
+
+    @cached_property
     def decode(self) -> ServedDecode:
         """decode(path, data): a request's bytes as grey [0, 1], decoded as training decoded them."""
         return ServedDecode.from_metadata(self.metadata, self.limits)
 
     def prepare(self, path: Path, data: bytes) -> PreparedImage:
-        """A request's bytes as the uint8 crop the network takes: decoded as training decoded
-        them, resized and cropped as in evaluation. The full-size grey image lives only here,
-        so a batch holds crops. Raises UnreadableImage."""
+        """A request's bytes as the uint8 crop the network takes (decoded as training decoded
+        them, resized and cropped as in evaluation) and its header facts for the domain check.
+        The full-size grey image lives only here, so a batch holds crops. Raises
+        UnreadableImage; this is one file's fault boundary, header facts included."""
         grey = self.decode(path, data)
-        return PreparedImage(self.spec.to_uint8(grey)[0], grey.shape)
+        return PreparedImage(self.spec.to_uint8(grey)[0], grey.shape, request_facts(data))
 
-    def predict(self, crops: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict(self, crops: Sequence[np.ndarray],
+                facts: Sequence[ImageFacts | None] | None = None) -> list[Prediction]:
         """Answers for prepared crops (`prepare`), in order, all in one network call (one call
-        per image for a per_image network)."""
+        per image for a per_image network). `facts`: each image's header facts for the
+        domain check (None: not known)."""
         images = self.spec.normalise(torch.from_numpy(np.stack(crops))).numpy()
         batches = [image[None] for image in images] if self.per_image else [images]
-        outputs = np.concatenate([self.session.run(None, {INPUT_NAME: batch})[0] for batch in batches])
+        names = [output.name for output in self.session.get_outputs()]
+        runs = [dict(zip(names, self.session.run(None, {INPUT_NAME: batch}))) for batch in batches]
         self.network_calls += len(batches)
+        outputs = np.concatenate([run[names[0]] for run in runs])
+        check = self.domain_check if DOMAIN_OUTPUT in names else None
+        scores = np.concatenate([run[DOMAIN_OUTPUT] for run in runs]) if check else np.zeros(len(crops))
+        facts = list(facts) if facts is not None else [None] * len(crops)
+        verdicts = [judge(f, float(score), check) for f, score in zip(facts, scores)]
         if self.task is TaskKind.REGRESSION:
-            return [Prediction.regression(age) for age in outputs.reshape(-1)]
+            return [Prediction.regression(age, v) for age, v in zip(outputs.reshape(-1), verdicts)]
         labels = json.loads(self.metadata["label_names"])
         positive = int(self.metadata.get("positive_index") or len(labels) - 1)
         chosen = decisions(outputs, self.threshold, positive)
-        return [Prediction.classification(p, labels[c], labels, positive, self.threshold)
-                for p, c in zip(outputs, chosen)]
+        return [Prediction.classification(p, labels[c], labels, positive, self.threshold, v)
+                for p, c, v in zip(outputs, chosen, verdicts)]
 
 
 class PreparedImage(NamedTuple):
     crop: np.ndarray  # uint8 (crop, crop)
     size: tuple[int, ...]  # the decoded image's (rows, columns), for logs
+    facts: ImageFacts  # its header facts, for the domain check
 
 
 def champion_version(tracking_uri: str, name: str) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pydicom
-from pydicom.uid import MediaStorageDirectoryStorage
+from pydicom.uid import UID, MediaStorageDirectoryStorage
 from sklearn.model_selection import StratifiedGroupKFold
 
 from configs import DataConfig, TaskKind
@@ -39,7 +39,7 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 # instances appear only as salted hashes, and the rest is what the QC report counts.
 MANIFEST_COLUMNS = ["path", "format", "patient_key", "study_key", "instance_key", "split", "target",
                     "label", "sha256", "pixel_sha256", "modality", "photometric", "transfer_syntax",
-                    "image_size", "frames"]
+                    "image_size", "frames", "sop_class", "body_part"]
 DUPLICATE_COLUMNS = ["path", "duplicate_of", "same"]
 # Samples that share any of these must share a split (the QC report names the last two).
 LEAKAGE_KEYS = {"patient_key": "patient", "study_key": "study",
@@ -116,33 +116,58 @@ def dicom_age(ds: pydicom.Dataset) -> float | None:
     return None
 
 
-def read_dicom_header(data: bytes, fmt: ImageFormat) -> pydicom.Dataset | None:
-    """The DICOM data set of a file's bytes (pixel data included: duplicates are found by it),
-    None for PNG and JPEG. Raises UnreadableImage when a DICOM header does not parse."""
-    return read_dataset(data, raw=fmt is ImageFormat.RAW_DICOM) if fmt.is_dicom else None
+def read_dicom_header(data: bytes, fmt: ImageFormat, *, pixels: bool = True) -> pydicom.Dataset | None:
+    """The DICOM data set of a file's bytes (pixel data included unless `pixels` is False:
+    duplicates are found by it), None for PNG and JPEG. Raises UnreadableImage when a DICOM
+    header does not parse."""
+    if not fmt.is_dicom:
+        return None
+    return read_dataset(data, raw=fmt is ImageFormat.RAW_DICOM, stop_before_pixels=not pixels)
 
 
 def image_facts(data: bytes, fmt: ImageFormat, header: pydicom.Dataset | None) -> dict[str, object]:
-    """What the QC report counts (no patient data): modality, photometric interpretation,
-    transfer syntax, size, frames, and a hash of the stored pixels. Raises UnreadableImage
-    when the header cannot give them (a damaged transfer syntax, a size that is no number).
-    Only headers are read: decoding checks the pixel limits."""
+    """What the QC report counts and the domain check compares (no patient data): the
+    `header_facts` and a hash of the stored pixels. Raises UnreadableImage when the header
+    cannot give them (a damaged transfer syntax, a size that is no number). Only headers are
+    read: decoding checks the pixel limits."""
+    facts = header_facts(data, fmt, header)
+    if header is None:
+        return facts | {"pixel_sha256": hashlib.sha256(data).hexdigest()}
+    pixels = element_value(header, "PixelData")
+    # Stored pixels plus their geometry: a re-exported copy with edited tags still matches.
+    geometry = f"{facts['image_size']}x{facts['frames']}"
+    pixel_hash = hashlib.sha256(geometry.encode() + bytes(pixels)).hexdigest() if pixels else ""
+    return facts | {"pixel_sha256": pixel_hash}
+
+
+def header_facts(data: bytes, fmt: ImageFormat, header: pydicom.Dataset | None) -> dict[str, object]:
+    """`image_facts` without the pixel hash, what a single request is checked on: format,
+    modality, photometric interpretation (PNG/JPEG: image mode), transfer syntax, size,
+    frames, SOP class and body part. Raises UnreadableImage as `image_facts` does."""
     if header is None:
         with open_image(data, fmt, max_pixels=None) as img:
             size, mode, kind = img.size, img.mode, img.format or ""
-        return {"modality": "", "photometric": mode, "transfer_syntax": kind,
-                "image_size": f"{size[1]}x{size[0]}", "frames": 1,
-                "pixel_sha256": hashlib.sha256(data).hexdigest()}
+        return {"format": "image", "modality": "", "photometric": mode, "transfer_syntax": kind,
+                "image_size": f"{size[1]}x{size[0]}", "frames": 1, "sop_class": "", "body_part": ""}
     rows, columns = header_int(header, "Rows", 0), header_int(header, "Columns", 0)
-    frames = header_int(header, "NumberOfFrames", 1)
-    pixels = element_value(header, "PixelData")
-    # Stored pixels plus their geometry: a re-exported copy with edited tags still matches.
-    geometry = f"{rows}x{columns}x{frames}"
-    pixel_hash = hashlib.sha256(geometry.encode() + bytes(pixels)).hexdigest() if pixels else ""
-    return {"modality": code_string(header, "Modality"),
+    return {"format": "dicom",
+            "modality": code_string(header, "Modality"),
             "photometric": code_string(header, "PhotometricInterpretation"),
             "transfer_syntax": syntax_description(header),
-            "image_size": f"{rows}x{columns}", "frames": frames, "pixel_sha256": pixel_hash}
+            "image_size": f"{rows}x{columns}", "frames": header_int(header, "NumberOfFrames", 1),
+            "sop_class": sop_class_name(header),
+            "body_part": code_string(header, "BodyPartExamined")}
+
+
+def sop_class_name(header: pydicom.Dataset) -> str:
+    """The standard's name of the SOP class (a public constant, not an instance UID); an
+    unknown class by its UID, a value that is no UID as "(invalid)"."""
+    value = element_value(header, "SOPClassUID", "")
+    if not value:
+        return ""
+    if not isinstance(value, str) or not UID(value).is_valid:
+        return "(invalid)"
+    return UID(value).name
 
 
 def discover_files(root: Path, manifest_path: Path) -> list[str]:
@@ -464,7 +489,6 @@ def _examine(row: pd.Series, data: DataConfig, salt: str) -> dict | Reject:
     instance_uid = str(element_value(header, "SOPInstanceUID", "")).strip() if header is not None else ""
     return {
         "path": row["rel"],
-        "format": "dicom" if fmt.is_dicom else fmt.value,
         # No patient id: each file is its own patient (counted by the caller).
         "patient_key": patient_key(patient_id or f"file:{sha}", salt),
         "study_key": patient_key(f"study:{study_uid}", salt) if study_uid else "",

@@ -40,6 +40,7 @@ class RejectKind(str, Enum):
     LEAK = "leak"  # a copy of an image filed under another split than its original
     WORKER_DIED = "worker died"  # the process decoding it was killed (a crash, the OOM killer)
     UNEXPECTED = "unexpected"  # any other error while reading or decoding it
+    OUT_OF_DOMAIN = "out of domain"  # a readable image unlike the training data, refused by domain.policy
 
 
 _OBJECT_REPR = re.compile(r"<[^<>]*? (?:object )?at 0x[0-9a-fA-F]+>")

@@ -2,12 +2,14 @@
 
 Files are named in the outputs only by the sha256 of their content: folder and
 file names often hold patient names or ids, and a site can find a file again by
-hashing its own copy.
+hashing its own copy. Every score carries the domain check's verdict; under
+`domain.policy: refuse` an out-of-domain study is a reject instead, with the reasons.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +18,28 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from configs import DomainPolicy
 from tasks.champion import Prediction, ServedModel
 from tasks.decode import read_image_file
-from tasks.rejects import RejectKind, UnreadableImage, exception_detail
+from tasks.rejects import RejectKind, UnreadableImage, exception_detail, one_line
 
 log = logging.getLogger(__name__)
 
 REJECT_COLUMNS = ["file_sha256", "kind", "reason"]
+LISTED_OUT_OF_DOMAIN = 50  # the summary lists this many out-of-domain studies; the CSVs hold all
 CHUNK = 32  # files run through the network together (as crops: each decoded image is dropped at once)
 
 
 @dataclass
 class ScoreResult:
-    scores: pd.DataFrame  # file_sha256, the prediction's fields, model_name, model_version
+    scores: pd.DataFrame  # file_sha256, the prediction's fields (in_domain, domain_score, ...), model
     rejects: pd.DataFrame  # REJECT_COLUMNS
     discovered: int
+    out_of_domain: pd.DataFrame  # file_sha256, domain_score, reasons: scored or refused, either way
 
     def summary(self) -> dict[str, int]:
-        return {"discovered": self.discovered, "scored": len(self.scores), "rejected": len(self.rejects)}
+        return {"discovered": self.discovered, "scored": len(self.scores), "rejected": len(self.rejects),
+                "out_of_domain": len(self.out_of_domain)}
 
 
 def study_files(root: Path) -> list[Path]:
@@ -53,22 +59,26 @@ def _row(prediction: Prediction) -> dict:
     probabilities = body.pop("probabilities", None)
     if probabilities:
         body |= {f"p_{label}": p for label, p in probabilities.items()}
+    body["domain_reasons"] = json.dumps(body["domain_reasons"])  # the reasons as data, in one CSV cell
     return body
 
 
-def score_files(files: Sequence[Path], model: ServedModel,
+def score_files(files: Sequence[Path], model: ServedModel, policy: DomainPolicy = DomainPolicy.FLAG,
                 on_chunk: Callable[[int], None] | None = None) -> ScoreResult:
     """Decode and score each file; a file that cannot be read or decoded becomes a reject
-    with its kind and reason (whatever it raised: each file is its own fault boundary)."""
-    rows, rejects = [], []
+    with its kind and reason (whatever it raised: each file is its own fault boundary), and
+    so does an out-of-domain file under the refuse policy (kind `out of domain`)."""
+    rows, rejects, outside = [], [], []
     for chunk in _chunks(list(files), CHUNK):
-        crops, keys = [], []
+        crops, facts, keys = [], [], []
         for path in chunk:
             key = ""  # a file that cannot be read has no content hash
             try:
                 data = read_image_file(path)
                 key = hashlib.sha256(data).hexdigest()
-                crops.append(model.prepare(path, data).crop)
+                prepared = model.prepare(path, data)
+                crops.append(prepared.crop)
+                facts.append(prepared.facts)
                 keys.append(key)
             except UnreadableImage as exc:
                 rejects.append((key, exc.kind.value, exc.detail))
@@ -76,12 +86,20 @@ def score_files(files: Sequence[Path], model: ServedModel,
                 log.debug("unexpected error scoring a file", exc_info=True)
                 rejects.append((key, RejectKind.UNEXPECTED.value, exception_detail(exc)))
         if crops:
-            for key, prediction in zip(keys, model.predict(crops)):
+            for key, prediction in zip(keys, model.predict(crops, facts)):
+                verdict = prediction.domain
+                if verdict.in_domain is False:
+                    reasons = "; ".join(verdict.messages())
+                    outside.append((key, verdict.score, reasons))
+                    if policy is DomainPolicy.REFUSE:
+                        rejects.append((key, RejectKind.OUT_OF_DOMAIN.value, one_line(reasons)))
+                        continue
                 rows.append({"file_sha256": key, **_row(prediction),
                              "model_name": model.name, "model_version": model.version})
         if on_chunk:
             on_chunk(len(chunk))
-    return ScoreResult(pd.DataFrame(rows), pd.DataFrame(rejects, columns=REJECT_COLUMNS), len(files))
+    return ScoreResult(pd.DataFrame(rows), pd.DataFrame(rejects, columns=REJECT_COLUMNS), len(files),
+                       pd.DataFrame(outside, columns=["file_sha256", "domain_score", "reasons"]))
 
 
 def summary_markdown(result: ScoreResult, model: ServedModel) -> str:
@@ -98,4 +116,20 @@ def summary_markdown(result: ScoreResult, model: ServedModel) -> str:
     if not result.rejects.empty:
         lines += ["", "| reject kind | files |", "|---|---|"]
         lines += [f"| {kind} | {n} |" for kind, n in result.rejects["kind"].value_counts().items()]
+    lines += ["", _domain_summary(result.out_of_domain, model)]
+    return "\n".join(lines)
+
+
+def _domain_summary(outside: pd.DataFrame, model: ServedModel) -> str:
+    """How many studies were outside the training domain, and which (by content hash), with why."""
+    if model.domain_check is None:
+        return f"{model.name} v{model.version} has no domain check: no study was checked against its training domain."
+    if outside.empty:
+        return "Out of domain: none (every decoded study is like the training data)."
+    listed = outside.head(LISTED_OUT_OF_DOMAIN)
+    lines = [f"Out of domain: **{len(outside)}** studies (threshold {model.domain_check.threshold:.4g}).", "",
+             "| file_sha256 | domain_score | reasons |", "|---|---|---|"]
+    lines += [f"| {row.file_sha256} | {row.domain_score:.4g} | {row.reasons} |" for row in listed.itertuples()]
+    if len(outside) > len(listed):
+        lines += ["", f"... and {len(outside) - len(listed)} more (scores.csv / score_rejects.csv)."]
     return "\n".join(lines)

@@ -63,6 +63,12 @@ def unknown_vr_in_file_meta() -> bytes:
     return with_vr(real("CT_small.dcm"), (0x0002, 0x0002), b"UI", b"ZZ")
 
 
+def unknown_vr_in_sop_class() -> bytes:
+    """CT_small with SOPClassUID's VR flipped to "ZZ": decoding never reads it, the domain
+    check's header facts (and ingest) do."""
+    return with_vr(real("CT_small.dcm"), (0x0008, 0x0016), b"UI", b"ZZ")
+
+
 def damaged_transfer_syntax() -> bytes:
     """CT_small whose TransferSyntaxUID holds a backslash: two values, neither a UID."""
     data = real("CT_small.dcm")
