@@ -114,7 +114,10 @@ def gpu_capacity_images_per_s() -> float:
     return tflops * 1e3 / RESNET18_GFLOP
 
 
-def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torch.nn.Module]:
+def random_champion(work: Path) -> tuple[torch.nn.Module, Path, Path]:
+    """A seeded random-weights ResNet-18 classifier exported as the pipeline exports it (speed,
+    memory and fault handling do not depend on the weights): the model, its normalised graph
+    and its self-contained file, in `work`."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
@@ -122,7 +125,11 @@ def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torc
                                 training_data="none", weights_name="none", weights_sha256="none",
                                 model_name="bench")
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, work / "model_normalised.onnx", 224, 18, metadata)
-    full = export_self_contained(normalised, work / "model.onnx", metadata)
+    return model, normalised, export_self_contained(normalised, work / "model.onnx", metadata)
+
+
+def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torch.nn.Module]:
+    model, normalised, full = random_champion(work)
     int8 = quantise_network(normalised, work / "model_int8_normalised.onnx")
     grey = load_grey(get_testdata_file("CT_small.dcm"))[0]
     spec = PreprocessSpec()
