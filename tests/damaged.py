@@ -13,9 +13,11 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
+import pandas as pd
 import pydicom
 from pydicom.data import get_testdata_file
 
+from configs import DataConfig, TaskKind
 from tasks.rejects import RejectKind
 
 # What the PHI tests look for: identifiers put into damaged headers (see `with_marker_identifiers`).
@@ -292,3 +294,19 @@ def fuzzed(seed: int, count: int) -> Iterator[tuple[str, bytes, str]]:
         data, how = mutate(sources[name], rng)
         suffix = ".png" if name.endswith(".png") else ".dcm"
         yield f"fuzz{index:05d}_{Path(name).stem}{suffix}", data, how
+
+
+def add_fuzzed_files(root: Path, seed: int, count: int) -> tuple[DataConfig, dict[str, str]]:
+    """`count` fuzzed files (`fuzzed`) added under `root/fuzz` to the real classification data set
+    at `root` (manifest.csv: path, label, split), as benign training rows so that ingest still
+    splits: the data set's config and each fuzzed file's damage, by its manifest path."""
+    (root / "fuzz").mkdir()
+    cases = {}
+    for name, data, how in fuzzed(seed, count):
+        (root / "fuzz" / name).write_bytes(data)
+        cases[f"fuzz/{name}"] = how
+    manifest = pd.read_csv(root / "manifest.csv")
+    extra = pd.DataFrame({"path": list(cases), "label": "benign", "split": "train"})
+    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
+    return DataConfig(root=root, manifest=root / "manifest.csv", task=TaskKind.CLASSIFICATION,
+                      label_names=["benign", "malignant"]), cases

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs import DataConfig, PreprocessConfig, ServeConfig, TaskKind
+from configs import PreprocessConfig, ServeConfig
 from serve.app import Settings, create_app
 from tasks import preprocess as pp
 from tasks.ingest import ingest_dataset
@@ -32,16 +32,7 @@ def test_damaged_real_files_are_usable_or_a_reject_with_a_kind_through_ingest_an
     # The fuzzed files among the real subset's training rows, so that ingest can split.
     root = tmp_path / "data"
     shutil.copytree(breast_dicom_dir, root)
-    (root / "fuzz").mkdir()
-    cases = {}
-    for name, data, how in damaged.fuzzed(SEED, PIPELINE_CASES):
-        (root / "fuzz" / name).write_bytes(data)
-        cases[f"fuzz/{name}"] = how
-    manifest = pd.read_csv(root / "manifest.csv")
-    extra = pd.DataFrame({"path": list(cases), "label": "benign", "split": "train"})
-    pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
-    data = DataConfig(root=root, manifest=root / "manifest.csv", task=TaskKind.CLASSIFICATION,
-                      label_names=["benign", "malignant"])
+    data, cases = damaged.add_fuzzed_files(root, SEED, PIPELINE_CASES)
 
     ingested = ingest_dataset(data, seed=0, salt="fuzz")
     prepared = pp.preprocess_dataset(ingested.manifest, root, PreprocessConfig(cache_dir=tmp_path / "cache",
