@@ -30,6 +30,10 @@ from tasks.transforms import PreprocessSpec
 from tasks.register import Registration, register_model, tracking_run
 from tests import damaged
 
+# The operations tests' real Prefect server, worker, MLflow UI and flow runs, shared by
+# test_prefect_server.py and test_ui_browser.py.
+pytest_plugins = ["tests.ops_runs"]
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC = PreprocessSpec()  # the champion_registry model's preprocessing: short side 256, centre crop 224
 
@@ -198,3 +202,4 @@ def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarra
     crops = [SPEC.to_uint8(grey)[0] for grey in greys]
     return np.concatenate([session.run(None, {INPUT_NAME: SPEC.normalise(torch.from_numpy(crop)).numpy()})[0]
                            for crop in crops])
+
