@@ -105,7 +105,8 @@ def main() -> None:
         statuses = Counter(answers["status"])
         print(f"\nLive service: {len(answers)} damaged bodies; statuses "
               + ", ".join(f"{status}: {n}" for status, n in sorted(statuses.items())) + "\n")
-        print(table(answers.assign(answer=answers["status"].astype(str) + " " + answers["kind"]), "damage", "answer"))
+        answer = (answers["status"].astype(str) + " " + answers["kind"]).str.strip()
+        print(table(answers.assign(answer=answer), "damage", "answer"))
     print(f"\nProblems: {len(problems)}")
     for line in problems[:50]:
         print(f"- {line}")
