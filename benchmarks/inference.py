@@ -61,7 +61,7 @@ from tasks.export import (CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME, TRT_PROVIDER,
                           export_self_contained, gpu_available, network_graph, serving_metadata)
 from tasks.decode import load_grey
 from tasks.hardware import cpu_info
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.transforms import PreprocessSpec
 from tasks.register import register_model, tracking_run
 from tasks.variants import calibration_sample, half_precision, quantise_network
 
@@ -108,12 +108,11 @@ def dynamic_int8(normalised: Path, path: Path) -> Path:
     return path
 
 
-def calibration_crops(count: int = 256) -> np.ndarray:
-    """Real crops to calibrate int8 with: bundled BreastMNIST training images through the
-    project's resize and crop (speed does not depend on which images, accuracy is the
-    export gate's business)."""
+def calibration_crops(spec: PreprocessSpec, count: int = 256) -> np.ndarray:
+    """Real crops to calibrate int8 with: bundled BreastMNIST training images through `spec`
+    (speed does not depend on which images, accuracy is the export gate's business)."""
     images = calibration_sample(np.load(BUNDLED_NPZ)["train_images"], count)
-    return np.stack([resize_and_crop(image.astype(np.float32) / 255, 256, 224) for image in images])
+    return np.stack([spec.to_uint8(image.astype(np.float32) / 255)[0] for image in images])
 
 
 def ort_runner(path: Path, providers: list[str], inputs: np.ndarray, input_name: str = INPUT_NAME):
@@ -145,25 +144,27 @@ def gpu_capacity_images_per_s() -> float:
     return tflops * 1e3 / RESNET18_GFLOP
 
 
-def bench_model(work: Path) -> tuple[torch.nn.Module, Path, Path]:
-    """A random-weights ResNet-18 classifier, its normalised and self-contained ONNX files."""
+def random_champion(work: Path) -> tuple[torch.nn.Module, Path, Path]:
+    """A seeded random-weights ResNet-18 classifier exported as the pipeline exports it (speed,
+    memory and fault handling do not depend on the weights): the model, its normalised graph
+    and its self-contained file, in `work`."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
-                                positive_index=1, operating_threshold=None, resize=256, crop=224, metrics={},
+                                positive_index=1, operating_threshold=None, spec=PreprocessSpec(), metrics={},
                                 training_data="none", weights_name="none", weights_sha256="none",
                                 model_name="bench")
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, work / "model_normalised.onnx", 224, 18, metadata)
-    return model, normalised, export_self_contained(normalised, work / "model.onnx", 256, 224, metadata)
+    return model, normalised, export_self_contained(normalised, work / "model.onnx", metadata)
 
 
 def model_benchmarks(work: Path, model: torch.nn.Module, normalised: Path, full: Path, budget_s: float) -> list[str]:
-    cpu = cpu_info()
-    int8 = quantise_network(normalised, work / "model_int8_normalised.onnx", calibration_crops(), "minmax",
+    cpu, spec = cpu_info(), PreprocessSpec()
+    int8 = quantise_network(normalised, work / "model_int8_normalised.onnx", calibration_crops(spec), spec, "minmax",
                             reduce_range=cpu.int8_saturates)
     dynamic = dynamic_int8(normalised, work / "model_int8_dynamic_normalised.onnx")
     grey = load_grey(get_testdata_file("CT_small.dcm"))[0]
-    image = to_model_input(torch.from_numpy(resize_and_crop(grey, 256, 224))).numpy()
+    image = spec.normalise(torch.from_numpy(spec.to_uint8(grey)[0])).numpy()
     serving = ServingHead(model, TaskKind.CLASSIFICATION).eval()
 
     static_name = (f"ONNX Runtime CPU int8 (static QDQ, u8 x s8 per channel{', 7-bit weights' if cpu.int8_saturates else ''}; "
@@ -389,11 +390,11 @@ def stage_profile(onnx_path: Path, body: bytes, budget_s: float) -> tuple[dict[s
 
     torch.set_num_threads(1)  # one image at a time, as `python -m serve` runs its preprocessing
     served = open_served_model("bench", "1", "fp32", onnx_path)
-    resize, crop_size = served.preprocess_spec["resize_short_side"], served.preprocess_spec["center_crop"]
+    spec = served.spec
     grey = served.decode(REQUEST_NAME, body)
-    crops = np.repeat(resize_and_crop(grey, resize, crop_size)[None], 32, axis=0)
-    inputs = to_model_input(torch.from_numpy(crops)).numpy()
-    answer = served.predict([grey])[0].body | {"model": served.describe()}
+    crops = np.repeat(spec.to_uint8(grey)[0][None], 32, axis=0)
+    inputs = spec.normalise(torch.from_numpy(crops)).numpy()
+    answer = served.predict(crops[:1])[0].body | {"model": served.describe()}
     network = ort.InferenceSession(network_graph(onnx.load(onnx_path)).SerializeToString(), providers=[CPU_PROVIDER])
 
     def cpu_ms(call: Callable[[], object], per: int = 1) -> float:
@@ -407,8 +408,8 @@ def stage_profile(onnx_path: Path, body: bytes, budget_s: float) -> tuple[dict[s
     raw = time_calls(lambda: network.run(None, {INPUT_NAME: inputs}), 3 * budget_s)
     stages = {
         "decode (DICOM to grey)": cpu_ms(lambda: served.decode(REQUEST_NAME, body)),
-        "resize and crop": cpu_ms(lambda: resize_and_crop(grey, resize, crop_size)),
-        "normalise (3 channels, mean/std)": cpu_ms(lambda: to_model_input(torch.from_numpy(crops)).numpy(), 32),
+        "resize and crop": cpu_ms(lambda: spec.to_uint8(grey)),
+        "normalise (3 channels, mean/std)": cpu_ms(lambda: spec.normalise(torch.from_numpy(crops)).numpy(), 32),
         "network at batch 32 (all ONNX Runtime threads)": cpu_ms(lambda: network.run(None, {INPUT_NAME: inputs}), 32),
         "answer to JSON": cpu_ms(lambda: JSONResponse(jsonable_encoder(answer)).body),
     }
@@ -471,7 +472,7 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
     with tempfile.TemporaryDirectory(prefix="medxfer-bench-") as tmp:
         work = Path(tmp)
-        model, normalised, full = bench_model(work)
+        model, normalised, full = random_champion(work)
         if not args.skip_models:
             print("\n".join(model_benchmarks(work, model, normalised, full, args.budget_seconds)), flush=True)
         if not args.skip_load:

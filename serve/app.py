@@ -3,6 +3,12 @@
 The champion is polled every `serve.reload_seconds`; a new version is loaded
 beside the old one and swapped in with one assignment, so requests already in
 a batch finish on the model they started with and none is dropped.
+
+A request body is one file's fault boundary: whatever decoding it raises is
+answered with the 4xx its reject kind maps to (`STATUS_FOR_KIND`), never a 5xx,
+and logged as one line (a traceback only at DEBUG). Decodes run at most
+`serve.decode_slots` at a time and a batch holds crops, not decoded images,
+which bounds memory under concurrent maximum-size requests.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from typing import Sequence
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image
 
 from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import Prediction, ServedModel, champion_version, load_champion
-from tasks.domain import ImageFacts, request_facts
-from tasks.rejects import UnreadableImage
+from tasks.decode import DEFAULT_LIMITS, DecodeLimits
+from tasks.domain import ImageFacts
+from tasks.preprocess import resolve_workers
+from tasks.rejects import RejectKind, UnreadableImage, exception_detail
 
 log = logging.getLogger("medxfer.serve")
 
@@ -36,7 +43,16 @@ API_KEY_HEADER = "X-API-Key"
 ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
 MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
-MAX_ASPECT = 8  # longest side / shortest side
+# The status a request gets for its body's reject kind; any other kind 422. Never a 5xx:
+# a body that cannot be read is the caller's to fix, and one bad body must not end the
+# keep-alive connection it came on (uvicorn closes it after a 500).
+STATUS_FOR_KIND = {
+    RejectKind.EMPTY: 400, RejectKind.NOT_AN_IMAGE: 400, RejectKind.CORRUPT: 400, RejectKind.TRUNCATED: 400,
+    RejectKind.TOO_LARGE: 413,
+    RejectKind.UNSUPPORTED_SYNTAX: 415, RejectKind.DECODER_LIMITATION: 415,
+    RejectKind.NO_PIXEL_DATA: 422, RejectKind.BAD_GEOMETRY: 422, RejectKind.UNEXPECTED: 422,
+    RejectKind.OUT_OF_DOMAIN: 422,  # under domain.policy: refuse
+}
 
 
 @dataclass(frozen=True)
@@ -45,28 +61,33 @@ class Settings:
     model_name: str
     serve: ServeConfig
     api_key: str | None  # None: no key required
+    limits: DecodeLimits = DEFAULT_LIMITS  # preprocess.max_pixels / max_frames, checked before decoding
     domain_policy: DomainPolicy = DomainPolicy.FLAG  # out-of-domain inputs: answered with the flag, or 422
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
-        """The config's registry and serve sections (configs.TRACKING_URI_ENV names another
-        registry); the environment can name another model, and holds the API key."""
+        """The config's registry, serve, decode limits and domain policy (configs.TRACKING_URI_ENV
+        names another registry); the environment can name another model, and holds the API key."""
         return cls(
             tracking_uri=config.registry.tracking_uri,
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
+            limits=DecodeLimits.from_config(config.preprocess),
             domain_policy=config.domain.policy,
         )
 
 
-def _status_for(reason: str) -> int:
-    """HTTP status for a decode failure: unsupported encodings 415, no pixels 422, else 400."""
-    if reason.startswith("no decoder for transfer syntax"):
-        return 415
-    if reason == "DICOM has no pixel data":
-        return 422
-    return 400
+def _rejected(kind: RejectKind, detail: str, content_type: str, **fields) -> JSONResponse:
+    """The answer to a body that is not used: its kind's status, the kind, one line, and
+    `fields` (the domain verdict of a refused image), which the one log line leaves out."""
+    status = STATUS_FOR_KIND.get(kind, 422)
+    log.info("rejected a %s body (%s, %d): %s", content_type, kind.value, status, detail)
+    return JSONResponse({"detail": detail, "kind": kind.value, **fields}, status_code=status)
+
+
+def _unreadable(exc: UnreadableImage, content_type: str) -> JSONResponse:
+    return _rejected(exc.kind, f"cannot read the {content_type} body: {exc.detail}", content_type)
 
 
 class Service:
@@ -80,24 +101,25 @@ class Service:
         self._download_dir = Path(tempfile.mkdtemp(prefix="medxfer-serve-"))
         self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
                                     settings.serve.batch_window_ms / 1000)
+        self.decode_slots = asyncio.Semaphore(resolve_workers(settings.serve.decode_slots))
 
     @staticmethod
     def _predict(requests: Sequence[tuple[ServedModel, np.ndarray, ImageFacts]]) -> list[tuple[Prediction, ServedModel]]:
-        """Each request's crop runs on the model that decoded and cropped it, so a reload while
-        requests are in flight never mixes one model's preprocessing with another's network:
-        one network call per model in the batch (one model but for a moment after a swap)."""
+        """Each request's crop runs on the model that prepared it, so a reload while requests
+        are in flight never mixes one model's preprocessing with another's network: one
+        network call per model in the batch (one model but for a moment after a swap)."""
         answers: list[tuple[Prediction, ServedModel] | None] = [None] * len(requests)
         for model in {id(model): model for model, _, _ in requests}.values():
             indices = [i for i, (owner, _, _) in enumerate(requests) if owner is model]
-            crops = np.stack([requests[i][1] for i in indices])
+            crops = [requests[i][1] for i in indices]
             facts = [requests[i][2] for i in indices]
-            for index, prediction in zip(indices, model.predict_crops(crops, facts)):
+            for index, prediction in zip(indices, model.predict(crops, facts)):
                 answers[index] = (prediction, model)
         return answers
 
     def _load(self) -> None:
         s = self.settings
-        self.model = load_champion(s.tracking_uri, s.model_name, s.serve.variant, self._download_dir)
+        self.model = load_champion(s.tracking_uri, s.model_name, s.serve.variant, self._download_dir, s.limits)
         self.load_error = None
 
     async def reload_if_moved(self) -> bool:
@@ -150,16 +172,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _request_input(model: ServedModel, body: bytes) -> tuple[np.ndarray, tuple[int, int], ImageFacts]:
-    """A request body as the model's uint8 crop, the decoded image's size and its header facts."""
-    grey = model.decode(REQUEST_NAME, body)
-    if max(grey.shape) > MAX_ASPECT * min(grey.shape):
-        # The short side is scaled up to the model's size: a sliver would become enormous.
-        raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
-                                 f"over {MAX_ASPECT}:1 is not supported")
-    return model.crop(grey), grey.shape, request_facts(body)
-
-
 def create_app(settings: Settings) -> FastAPI:
     service = Service(settings)
     app = FastAPI(title="medxfer inference", lifespan=service.lifespan)
@@ -203,19 +215,21 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             # Decoding, resizing, cropping and reading the header facts in the request's own
             # thread: the batch then holds small crops and its thread does nothing but the network.
-            crop, shape, facts = await asyncio.to_thread(_request_input, model, body)
+            async with service.decode_slots:
+                prepared = await asyncio.to_thread(model.prepare, REQUEST_NAME, body)
         except UnreadableImage as exc:
-            raise HTTPException(_status_for(exc.reason),
-                                f"cannot read the {content_type} body: {exc.reason}") from None
-        except Image.DecompressionBombError:
-            raise HTTPException(413, f"the {content_type} image has too many pixels") from None
-        prediction, model = await service.batcher.submit((model, crop, facts))
+            return _unreadable(exc, content_type)
+        except Exception as exc:  # load_grey bounds decoding; this is the resize, or a bug: still the body's
+            log.debug("unexpected error preparing a request body", exc_info=True)
+            return _unreadable(UnreadableImage(RejectKind.UNEXPECTED, exception_detail(exc)), content_type)
+        # The crop travels with the model that made it (see Service._predict).
+        prediction, model = await service.batcher.submit((model, prepared.crop, prepared.facts))
         # Only sizes, timings and the domain flag: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *shape,
+        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *prepared.size[:2],
                  prediction.domain.in_domain, 1000 * (time.perf_counter() - started))
         if settings.domain_policy is DomainPolicy.REFUSE and prediction.domain.in_domain is False:
-            raise HTTPException(422, {"message": "the input is outside the model's training domain",
-                                      **prediction.domain.as_json(), "model": model.describe()})
+            return _rejected(RejectKind.OUT_OF_DOMAIN, "the input is outside the model's training domain",
+                             content_type, **prediction.domain.as_json(), model=model.describe())
         return prediction.body | {"model": model.describe()}
 
     return app

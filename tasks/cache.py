@@ -24,16 +24,17 @@ from typing import Sequence
 
 import numpy as np
 
-from configs import PreprocessConfig
+from configs import FramePolicy
 from tasks.io import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
 # Part of every cache key: bump whenever the pixels preprocessing produces for
 # the same file and settings could change, so old cache entries stop matching.
-PIPELINE_VERSION = 3  # 2: JPEG 2000 decoded at reduced resolution when the resize allows;
+PIPELINE_VERSION = 4  # 2: JPEG 2000 decoded at reduced resolution when the resize allows;
 # 3: HTJ2K decoded at reduced resolution too; provenance records a transfer syntax
-# inferred from the encoding
+# inferred from the encoding; 4: a tolerance band around lossy padding, frames numbered
+# from 1, provenance of only the steps that changed something
 
 # A shard is this line, the length of its JSON index as 8 little-endian bytes, the index
 # {"entries": [[key, offset, shape, provenance], ...]} (offsets from the end of the index),
@@ -46,10 +47,10 @@ _INDEX_LENGTH = struct.Struct("<Q")
 Entry = tuple[str, np.ndarray, list[str]]  # key, image, provenance
 
 
-def cache_key(digest: str, config: PreprocessConfig) -> str:
-    """The key of a file whose content has sha256 `digest`, preprocessed with `config`."""
-    settings = (f"v{PIPELINE_VERSION}:resize={config.resize}:crop={config.crop}"
-                f":frames={config.frames.value}:voi_window={config.voi_window}")
+def cache_key(digest: str, spec_token: str, frames: FramePolicy, voi_window: int) -> str:
+    """The key of a file whose content has sha256 `digest`, decoded with `frames` and `voi_window`
+    and transformed by the spec whose `PreprocessSpec.cache_token()` is `spec_token`."""
+    settings = f"v{PIPELINE_VERSION}:{spec_token}:frames={frames.value}:voi_window={voi_window}"
     return hashlib.sha256(f"{digest}:{settings}".encode()).hexdigest()
 
 

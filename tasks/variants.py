@@ -41,7 +41,7 @@ from tasks.export import (CPU_PROVIDER, FP16_FILE, INPUT_NAME, INT8_FILE, NORMAL
                           DomainParity, ParityReport, check_parity, check_self_contained_parity, decisions,
                           export_onnx, export_self_contained, open_session, parity_providers, run_self_contained)
 from tasks.hardware import cpu_info
-from tasks.transforms import to_model_input
+from tasks.transforms import PreprocessSpec
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
 CALIBRATION_BATCH = 16
@@ -55,12 +55,12 @@ def calibration_sample(crops: np.ndarray, count: int) -> np.ndarray:
 
 
 class CropBatches(CalibrationDataReader):
-    """uint8 crops as normalised `image` batches. Its length and range count batches, so that
+    """uint8 crops as `image` batches normalised by `spec`. Its length and range count batches, so that
     quantize_static's strided collection (`CalibStridedMinMax: 1`) holds one batch's activations
     at a time: percentile calibration keeps every activation it is given (~20 MB per image)."""
 
-    def __init__(self, crops: np.ndarray):
-        self.crops = crops
+    def __init__(self, crops: np.ndarray, spec: PreprocessSpec):
+        self.crops, self.spec = crops, spec
         self.set_range(0, len(self))
 
     def __len__(self) -> int:
@@ -74,7 +74,7 @@ class CropBatches(CalibrationDataReader):
         if index is None:
             return None
         batch = self.crops[index * CALIBRATION_BATCH:(index + 1) * CALIBRATION_BATCH]
-        return {INPUT_NAME: to_model_input(torch.from_numpy(np.ascontiguousarray(batch))).numpy()}
+        return {INPUT_NAME: self.spec.normalise(torch.from_numpy(np.ascontiguousarray(batch))).numpy()}
 
 
 def split_domain(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]] | None:
@@ -119,11 +119,11 @@ def _rejoin_domain(network: onnx.ModelProto, head: onnx.ModelProto, features: li
                                      outputs=predicted + [DOMAIN_OUTPUT])
 
 
-def quantise_network(normalised: Path, path: Path, calibration_crops: np.ndarray, method: str,
-                     reduce_range: bool) -> Path:
+def quantise_network(normalised: Path, path: Path, calibration_crops: np.ndarray, spec: PreprocessSpec,
+                     method: str, reduce_range: bool) -> Path:
     """Static int8 quantisation of the normalised network (input `image`), calibrated on
-    `calibration_crops` (uint8, N x crop x crop) with `method` ("minmax" or "percentile");
-    a domain head stays float32."""
+    `calibration_crops` (uint8, N x crop x crop, normalised by `spec`) with `method`
+    ("minmax" or "percentile"); a domain head stays float32."""
     proto = onnx.load(normalised)
     split = split_domain(proto)
     network = split[0] if split else proto
@@ -137,7 +137,7 @@ def quantise_network(normalised: Path, path: Path, calibration_crops: np.ndarray
         quant_pre_process(network, prepared)
         # uint8 activations x int8 weights: the pair x86's int8 dot-product instructions take
         # (VNNI's vpdpbusd, AVX2's vpmaddubsw multiply unsigned by signed bytes).
-        quantize_static(prepared, quantised, CropBatches(calibration_crops), quant_format=QuantFormat.QDQ,
+        quantize_static(prepared, quantised, CropBatches(calibration_crops, spec), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CALIBRATION_METHODS[method],
                         extra_options={"CalibStridedMinMax": 1})
@@ -146,11 +146,11 @@ def quantise_network(normalised: Path, path: Path, calibration_crops: np.ndarray
     return Path(path)
 
 
-def network_outputs(network: Path, crops: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """A normalised-input network's outputs for uint8 crops, on the CPU."""
+def network_outputs(network: Path, crops: np.ndarray, spec: PreprocessSpec, batch_size: int = 32) -> np.ndarray:
+    """A normalised-input network's outputs for uint8 crops normalised by `spec`, on the CPU."""
     session = open_session(network, [CPU_PROVIDER])
     return np.concatenate([
-        session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(np.ascontiguousarray(
+        session.run(None, {INPUT_NAME: spec.normalise(torch.from_numpy(np.ascontiguousarray(
             crops[start:start + batch_size]))).numpy()})[0]
         for start in range(0, len(crops), batch_size)])
 
@@ -167,22 +167,22 @@ class Calibration:
     validation_mean_abs_diff: dict[str, float]
 
 
-def quantise_int8(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str], *,
+def quantise_int8(normalised: Path, path: Path, metadata: dict[str, str], *,
                   calibration_crops: np.ndarray, selection_crops: np.ndarray,
                   methods: Sequence[str] = tuple(CALIBRATION_METHODS)) -> tuple[Path, Calibration]:
     """The int8 network behind the float32 preprocessing graph: quantised with each
     calibration method in `methods`, keeping the one whose outputs stay closest to float32
     on `selection_crops` (validation, so the test set only judges the result)."""
-    cpu = cpu_info()
-    expected = network_outputs(normalised, selection_crops)
+    cpu, spec = cpu_info(), PreprocessSpec.from_metadata(metadata["preprocess"])
+    expected = network_outputs(normalised, selection_crops, spec)
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         networks, diffs = {}, {}
         for method in methods:
             networks[method] = quantise_network(normalised, Path(work) / f"network_int8_{method}.onnx",
-                                                calibration_crops, method, cpu.int8_saturates)
-            diffs[method] = float(np.abs(network_outputs(networks[method], selection_crops) - expected).mean())
+                                                calibration_crops, spec, method, cpu.int8_saturates)
+            diffs[method] = float(np.abs(network_outputs(networks[method], selection_crops, spec) - expected).mean())
         best = min(diffs, key=diffs.get)
-        export_self_contained(networks[best], path, resize, crop, metadata)
+        export_self_contained(networks[best], path, metadata)
     return Path(path), Calibration(best, len(calibration_crops), cpu.int8_saturates, cpu.describe(), diffs)
 
 
@@ -195,12 +195,12 @@ def half_precision(normalised: Path) -> onnx.ModelProto:
     return _rejoin_domain(half.model, split[1], split[2]) if split else half.model
 
 
-def convert_fp16(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
+def convert_fp16(normalised: Path, path: Path, metadata: dict[str, str]) -> Path:
     """Half-precision network behind the float32 preprocessing graph."""
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         network = Path(work) / "network_fp16.onnx"
         onnx.save_model(half_precision(normalised), network)
-        return export_self_contained(network, path, resize, crop, metadata)
+        return export_self_contained(network, path, metadata)
 
 
 @dataclass(frozen=True)
@@ -301,10 +301,10 @@ class ServingModels:
 
 
 def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[str, str],
-                          export: ExportConfig, resize: int, crop: int, *, train_crops: np.ndarray,
-                          val_crops: np.ndarray, test_crops: np.ndarray, test_greys: Sequence[np.ndarray],
-                          test_targets: np.ndarray, threshold: float, positive_index: int,
-                          novelty: torch.nn.Module | None = None, domain_threshold: float | None = None) -> ServingModels:
+                          export: ExportConfig, *, train_crops: np.ndarray, val_crops: np.ndarray,
+                          test_crops: np.ndarray, test_greys: Sequence[np.ndarray], test_targets: np.ndarray,
+                          threshold: float, positive_index: int, novelty: torch.nn.Module | None = None,
+                          domain_threshold: float | None = None) -> ServingModels:
     """Export both float32 graphs and the enabled variants, and check each against PyTorch
     on held-out test images, on CPU and (where a GPU is present) CUDA.
 
@@ -316,10 +316,10 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     export.domain_max_rel_diff, int8 and fp16 within export.variant_domain_max_rel_diff
     (int8's probabilities are judged by its test-set loss, not by parity).
     """
-    normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, crop, export.opset,
+    spec = PreprocessSpec.from_metadata(metadata["preprocess"])
+    normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, spec.crop, export.opset,
                              metadata | {"variant": "normalised", "input_name": INPUT_NAME}, novelty)
-    full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, resize, crop,
-                                 metadata | {"variant": "fp32"})
+    full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, metadata | {"variant": "fp32"})
     samples = export.parity_samples
     domain = variant_domain = None
     if novelty is not None:
@@ -330,7 +330,7 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     for providers in parity_providers():
         parity.append(check_parity(normalised, model, test_crops[:samples], export.max_abs_diff,
                                    providers=providers, domain=domain, **decide))
-        parity.append(check_self_contained_parity(full, model, test_greys[:samples], resize, crop,
+        parity.append(check_self_contained_parity(full, model, test_greys[:samples], spec,
                                                   export.self_contained_max_abs_diff,
                                                   providers=providers, domain=domain, **decide))
     result = ServingModels(full, normalised, {}, parity, [], {})
@@ -341,17 +341,17 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     made: dict[str, tuple[Path, list[str]]] = {}
     if export.int8:
         path, result.calibration = quantise_int8(
-            normalised, run_dir / INT8_FILE, resize, crop, metadata | {"variant": "int8"},
+            normalised, run_dir / INT8_FILE, metadata | {"variant": "int8"},
             calibration_crops=calibration_sample(train_crops, export.int8_calibration_images),
             selection_crops=val_crops, methods=export.int8_calibration_methods)
         made["int8"] = path, [CPU_PROVIDER]
     if export.fp16:
         # Half precision is for GPUs: checked on one where present, else on the CPU.
-        made["fp16"] = (convert_fp16(normalised, run_dir / FP16_FILE, resize, crop, metadata | {"variant": "fp16"}),
+        made["fp16"] = (convert_fp16(normalised, run_dir / FP16_FILE, metadata | {"variant": "fp16"}),
                         parity_providers()[-1])
     for name, (path, providers) in made.items():
         if name == "fp16" or variant_domain is not None:
-            report = check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
+            report = check_self_contained_parity(path, model, test_greys[:samples], spec,
                                                  export.fp16_max_abs_diff, providers=providers,
                                                  domain=variant_domain, **decide)
             # int8's outputs are judged by its test-set loss below; its domain score by parity.
