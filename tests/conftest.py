@@ -24,6 +24,7 @@ from tasks.preprocess import load_grey, reduced_decode_floor, resize_and_crop, t
 from tasks.register import Registration, register_model, tracking_run
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.pacs_fixtures"]  # a real Orthanc for the PACS tests
 RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
 
 

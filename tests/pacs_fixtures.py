@@ -1,0 +1,98 @@
+"""A real Orthanc (Debian's package, a plain process on free loopback ports) holding the test images
+that the PACS tests retrieve, and configs that point medxfer at it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from sample_data.orthanc import LocalOrthanc, free_port
+from sample_data.pacs_sample import LABEL_COLUMN, label_export
+from tests.conftest import write_config
+
+PIPELINE_AE, PACS_AE = "MEDXFER", "ORTHANC"
+NO_IMAGE_ACCESSION, MISSING_ACCESSION = "NOIMG0001", "MISSING0001"
+# Real pydicom-data files besides the sample: other modalities (not selected by `modality: US`),
+# an ultrasound study with no row in the label export, and an RT plan (no image) whose study the
+# export lists.
+OTHER_FILES = ("CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm")
+
+
+@dataclass
+class PacsSample:
+    orthanc: LocalOrthanc
+    folder: Path  # the sample's DICOM files and manifest.csv: the folder source of the same images
+    labels: Path  # the label export: one row per sample study, then the no-image and the missing study
+    scp_port: int  # medxfer's storage SCP, registered at the PACS for C-MOVE
+    no_image_row: int
+    missing_row: int
+
+
+def start_orthanc(home: Path, scp_port: int, **kwargs) -> LocalOrthanc:
+    """An Orthanc that knows medxfer's AE (C-FIND, C-GET, C-MOVE to its storage SCP)."""
+    return LocalOrthanc(home, aet=PACS_AE, modalities={"medxfer": (PIPELINE_AE, "127.0.0.1", scp_port)},
+                        **kwargs).start()
+
+
+def load_test_images(orthanc: LocalOrthanc, folder: Path) -> None:
+    orthanc.upload_folder(folder)
+    for name in OTHER_FILES:
+        orthanc.upload(Path(get_testdata_file(name)).read_bytes())
+    plan = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
+    plan.AccessionNumber = NO_IMAGE_ACCESSION
+    orthanc.upload(_encoded(plan))
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    from io import BytesIO
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def pacs_sample(tmp_path_factory, breast_dicom_dir) -> PacsSample:
+    home = tmp_path_factory.mktemp("orthanc")
+    scp_port = free_port()
+    orthanc = start_orthanc(home / "pacs", scp_port)
+    try:
+        load_test_images(orthanc, breast_dicom_dir)
+        labels = label_export(breast_dicom_dir, home / "ris_export.csv", extra_rows=[
+            {"AccessionNumber": NO_IMAGE_ACCESSION, LABEL_COLUMN: "benign", "split": "train"},
+            {"AccessionNumber": MISSING_ACCESSION, LABEL_COLUMN: "malignant", "split": "train"}])
+        rows = len(labels.read_text().splitlines())
+        yield PacsSample(orthanc, breast_dicom_dir, labels, scp_port, no_image_row=rows - 1, missing_row=rows)
+    finally:
+        orthanc.stop()
+
+
+def pacs_section(sample: PacsSample, tmp_path: Path, protocol: str = "dicomweb", **overrides) -> dict:
+    """The `pacs` config section for `sample`'s Orthanc: store under tmp_path, quick retries."""
+    orthanc = sample.orthanc
+    section = {
+        "protocol": protocol,
+        "dicomweb": {"url": orthanc.dicomweb_url},
+        "dimse": {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae": PACS_AE,
+                  "calling_ae": PIPELINE_AE, "storage_port": sample.scp_port},
+        "labels": {"path": str(sample.labels)},
+        "query": {"modality": "US"},
+        "store_dir": str(tmp_path / "pacs-store"),
+        "retry": {"attempts": 3, "backoff_seconds": 0.05, "max_backoff_seconds": 0.2},
+        "timeout_seconds": 10,
+    }
+    for key, value in overrides.items():
+        section[key] = section[key] | value if isinstance(value, dict) and key in section else value
+    return section
+
+
+def write_pacs_config(tmp_path: Path, sample: PacsSample, protocol: str = "dicomweb", **overrides) -> Path:
+    """A breast_ultrasound config that trains from `sample`'s PACS: the local copy under tmp_path."""
+    pacs = pacs_section(sample, tmp_path, protocol, **overrides.pop("pacs", {}))
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return write_config(tmp_path, tmp_path / "pacs-images", data={"source": "pacs", "columns": {"label": LABEL_COLUMN}},
+                        pacs=pacs, **overrides)
+
