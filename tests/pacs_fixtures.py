@@ -3,6 +3,10 @@ that the PACS tests retrieve, and configs that point medxfer at it."""
 
 from __future__ import annotations
 
+import socket
+import ssl
+import subprocess
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +100,60 @@ def write_pacs_config(tmp_path: Path, sample: PacsSample, protocol: str = "dicom
     return write_config(tmp_path, tmp_path / "pacs-images", data={"source": "pacs", "columns": {"label": LABEL_COLUMN}},
                         pacs=pacs, **overrides)
 
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), as a site's own CA would issue."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+class TlsRelay:
+    """HTTPS in front of a local HTTP port: a real TLS endpoint (Python's ssl) relaying bytes to
+    Orthanc, standing in for the hospital's reverse proxy. Orthanc's own HTTPS cannot be used here:
+    Debian's 1.10.1 crashes on the first TLS request (civetweb against OpenSSL 3)."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path):
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cert, key)
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            secure = self._context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):  # a client that does not trust the certificate hangs up
+            client.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self._target))
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    try:
+                        end.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+        threading.Thread(target=pump, args=(upstream, secure), daemon=True).start()
+        pump(secure, upstream)
+
+    def close(self) -> None:
+        self._listener.close()

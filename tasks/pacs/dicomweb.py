@@ -37,12 +37,25 @@ def _first(item: dict, keyword: str) -> str:
     return str(values[0])
 
 
+class _ConfiguredTLS(HTTPAdapter):
+    """An adapter that verifies TLS as the config says. requests lets REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE in the environment override a session's `verify` (requests issue #3829), which
+    would silently swap a site's own CA for the system bundle, or verification off for on."""
+
+    def __init__(self, verify: str | bool, **kwargs):
+        super().__init__(**kwargs)
+        self._verify = verify
+
+    def send(self, request, **kwargs):
+        return super().send(request, **(kwargs | {"verify": self._verify}))
+
+
 def session_for(config: DicomWebConfig, max_parallel: int) -> requests.Session:
     """A session with the site's credentials (from the environment), TLS verification and a
     connection pool as large as the parallel retrievals."""
     session = requests.Session()
-    session.verify = str(config.ca_bundle) if config.ca_bundle else config.verify_tls
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=max_parallel)
+    verify = str(config.ca_bundle) if config.ca_bundle else config.verify_tls
+    adapter = _ConfiguredTLS(verify, pool_connections=1, pool_maxsize=max_parallel)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     if config.auth is DicomWebAuth.BASIC:
