@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig, TaskKind, load_config
 from flows.dask_preprocess import preprocess_on_dask
+from flows.pacs_source import retrieve_training_data
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, ServedDecode, serving_metadata,
                           training_data_sha256)
@@ -32,6 +33,7 @@ from tasks.gradcam import explain_test_cases
 from tasks.ingest import IngestResult, ManifestError, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.model_card import CardContext, model_card
+from tasks.pacs.source import ingest_retrieved
 from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
@@ -55,9 +57,13 @@ def _report_rejects(config: PipelineConfig, run_dir: Path, rejects: pd.DataFrame
 
 
 @stage(name="ingest")
-def ingest(config: PipelineConfig, run_dir: Path) -> IngestResult:
+def ingest(config: PipelineConfig, run_dir: Path, source_rejects: pd.DataFrame | None = None) -> IngestResult:
+    """`source_rejects`: what the PACS could not give (data.source: pacs), counted with ingest's own."""
     try:
-        result = ingest_dataset(config.data, config.seed, config.patient_salt())
+        if source_rejects is None:
+            result = ingest_dataset(config.data, config.seed, config.patient_salt())
+        else:
+            result = ingest_retrieved(config.data, config.seed, config.patient_salt(), source_rejects)
     except ManifestError as exc:
         if exc.rejects is not None:  # files were examined: say which were dropped before stopping
             _report_rejects(config, run_dir, exc.rejects, f"Ingest stopped: {exc}")
@@ -261,7 +267,8 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         run_dir = config.run_dir / run_id
         mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json", exclude=SECRET_FIELDS)),
                         "config/config.yaml")
-        ingested = ingest(config, run_dir)
+        source_rejects = retrieve_training_data(config, run_dir) if config.data.source == "pacs" else None
+        ingested = ingest(config, run_dir, source_rejects)
         prepared = preprocess(config, ingested, run_dir)
         trained = train(config, prepared, run_id)
         evaluation = evaluate(config, trained, prepared, run_dir)

@@ -8,6 +8,7 @@ the finding and the official split. Its accession numbers are the sample's place
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 import pydicom
@@ -17,10 +18,13 @@ from tasks.io import write_csv_atomic
 KEY_COLUMN, LABEL_COLUMN = "AccessionNumber", "diagnosis"
 
 
-def label_export(folder: Path, out: Path, extra_rows: list[dict] | None = None) -> Path:
+def label_export(folder: Path, out: Path, paths: Iterable[str] | None = None,
+                 extra_rows: list[dict] | None = None) -> Path:
     """AccessionNumber, diagnosis, split for each image in `folder`'s manifest (one study per
-    image in the sample), then `extra_rows`."""
+    image in the sample; `paths`: only these), then `extra_rows`."""
     manifest = pd.read_csv(Path(folder) / "manifest.csv", dtype=str)
+    if paths is not None:
+        manifest = manifest[manifest["path"].isin(set(paths))]
     accessions = [str(pydicom.dcmread(Path(folder) / rel, stop_before_pixels=True).AccessionNumber)
                   for rel in manifest["path"]]
     rows = pd.DataFrame({KEY_COLUMN: accessions, LABEL_COLUMN: manifest["label"], "split": manifest["split"]})

@@ -21,18 +21,21 @@ from typing import Sequence
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
 from configs import PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
+from tasks.dicom_results import ModelIdentity, NotReferenceable, result_sr_for
+from tasks.ingest import read_dicom_header
 from tasks.preprocess import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
 
 API_KEY_HEADER = "X-API-Key"
-ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
+DICOM_TYPE = "application/dicom"
+ACCEPTED_TYPES = (DICOM_TYPE, "image/png", "image/jpeg")
 TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
 MAX_ASPECT = 8  # longest side / shortest side
@@ -55,6 +58,12 @@ class Settings:
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
         )
+
+
+def wants_dicom_result(accept: str) -> bool:
+    """`Accept: application/dicom` (and not application/json): answer with the DICOM SR."""
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return DICOM_TYPE in types and "application/json" not in types
 
 
 def _status_for(reason: str) -> int:
@@ -165,14 +174,18 @@ def create_app(settings: Settings) -> FastAPI:
                 "network_calls": model.network_calls if model else 0}
         return JSONResponse(body, status_code=200 if model is not None else 503)
 
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> dict:
+    @app.post("/v1/predict", response_model=None)
+    async def predict(request: Request) -> dict | Response:  # noqa: the body is JSON or a DICOM SR
         started = time.perf_counter()
         check_key(request)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in ACCEPTED_TYPES:
             raise HTTPException(415, f"Content-Type must be one of {', '.join(ACCEPTED_TYPES)}, "
                                      f"not {content_type or 'missing'}")
+        as_dicom = wants_dicom_result(request.headers.get("accept", ""))
+        if as_dicom and content_type != DICOM_TYPE:
+            raise HTTPException(406, "a DICOM result (Accept: application/dicom) answers a DICOM request only: "
+                                     "it belongs in the study of the image it scores")
         body = await _read_body(request, settings.serve.max_body_bytes)
         if not body:
             raise HTTPException(400, "empty body")
@@ -197,6 +210,13 @@ def create_app(settings: Settings) -> FastAPI:
         # Only sizes and timings: nothing from the image or its header is logged.
         log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *grey.shape,
                  1000 * (time.perf_counter() - started))
+        if as_dicom:  # a Comprehensive SR in the request's study (tasks/dicom_results.py)
+            identity = ModelIdentity(model.name, model.version, model.variant)
+            try:
+                sr = await asyncio.to_thread(lambda: result_sr_for(read_dicom_header(body), prediction.body, identity))
+            except NotReferenceable as exc:
+                raise HTTPException(422, f"cannot answer with a DICOM result: {exc}") from None
+            return Response(sr, media_type=DICOM_TYPE)
         return prediction.body | {"model": model.describe()}
 
     return app

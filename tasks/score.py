@@ -53,8 +53,10 @@ def _row(prediction: Prediction) -> dict:
 
 
 def score_files(files: Sequence[Path], model: ServedModel,
-                on_chunk: Callable[[int], None] | None = None) -> ScoreResult:
-    """Decode and score each file; unreadable files become rejects with the reason."""
+                on_chunk: Callable[[int], None] | None = None,
+                on_prediction: Callable[[str, Prediction], None] | None = None) -> ScoreResult:
+    """Decode and score each file; unreadable files become rejects with the reason.
+    `on_prediction(file_sha256, prediction)` gets each answer (the PACS mode makes its DICOM result)."""
     rows, rejects = [], []
     for chunk in _chunks(list(files), CHUNK):
         greys, keys = [], []
@@ -70,6 +72,8 @@ def score_files(files: Sequence[Path], model: ServedModel,
             for key, prediction in zip(keys, model.predict(greys)):
                 rows.append({"file_sha256": key, **_row(prediction),
                              "model_name": model.name, "model_version": model.version})
+                if on_prediction:
+                    on_prediction(key, prediction)
         if on_chunk:
             on_chunk(len(chunk))
     return ScoreResult(pd.DataFrame(rows), pd.DataFrame(rejects, columns=REJECT_COLUMNS), len(files))

@@ -7,7 +7,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pydicom
@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 
 from sample_data.orthanc import LocalOrthanc, free_port
 from sample_data.pacs_sample import LABEL_COLUMN, label_export
+from tasks.dicom_results import dicom_bytes
 from tests.conftest import write_config
 
 PIPELINE_AE, PACS_AE = "MEDXFER", "ORTHANC"
@@ -48,14 +49,7 @@ def load_test_images(orthanc: LocalOrthanc, folder: Path) -> None:
         orthanc.upload(Path(get_testdata_file(name)).read_bytes())
     plan = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
     plan.AccessionNumber = NO_IMAGE_ACCESSION
-    orthanc.upload(_encoded(plan))
-
-
-def _encoded(ds: pydicom.Dataset) -> bytes:
-    from io import BytesIO
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    orthanc.upload(dicom_bytes(plan))
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +66,16 @@ def pacs_sample(tmp_path_factory, breast_dicom_dir) -> PacsSample:
         yield PacsSample(orthanc, breast_dicom_dir, labels, scp_port, no_image_row=rows - 1, missing_row=rows)
     finally:
         orthanc.stop()
+
+
+@pytest.fixture
+def own_pacs(tmp_path, pacs_sample) -> PacsSample:
+    """The sample in an Orthanc of its own, which a test may stop, restart or write to."""
+    scp_port = free_port()
+    orthanc = start_orthanc(tmp_path / "orthanc", scp_port)
+    load_test_images(orthanc, pacs_sample.folder)
+    yield replace(pacs_sample, orthanc=orthanc, scp_port=scp_port)
+    orthanc.stop()
 
 
 def pacs_section(sample: PacsSample, tmp_path: Path, protocol: str = "dicomweb", **overrides) -> dict:

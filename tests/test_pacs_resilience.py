@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import signal
 import socket
@@ -10,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -27,8 +27,8 @@ from tasks.pacs.client import connect
 from tasks.pacs.retry import PacsRefused, PacsUnavailable
 from tasks.pacs.source import prepare_pacs_dataset
 from tests.conftest import REPO
-from tests.pacs_fixtures import (PACS_AE, PIPELINE_AE, PacsSample, TlsRelay, load_test_images, pacs_section, self_signed_certificate,
-                                 start_orthanc, write_pacs_config)
+from tests.pacs_fixtures import (PACS_AE, PIPELINE_AE, TlsRelay, pacs_section, self_signed_certificate, start_orthanc,
+                                 write_pacs_config)
 
 SALT = "pacs-test-salt"
 
@@ -62,16 +62,6 @@ prepare_pacs_dataset(load_config({str(config_path)!r}), {SALT!r}, on_retrieved=o
     objects = list(config.pacs.store_dir.glob("objects/*/*.dcm"))
     assert len(objects) == 120 and not list(config.pacs.store_dir.glob("objects/*/.*.tmp"))
     assert len(pd.read_csv(config.data.manifest)) == 120
-
-
-@pytest.fixture
-def own_pacs(tmp_path, pacs_sample) -> PacsSample:
-    """The sample in an Orthanc of its own, which a test may stop and start again."""
-    scp_port = free_port()
-    orthanc = start_orthanc(tmp_path / "orthanc", scp_port)
-    load_test_images(orthanc, pacs_sample.folder)
-    yield replace(pacs_sample, orthanc=orthanc, scp_port=scp_port)
-    orthanc.stop()
 
 
 @pytest.mark.parametrize("protocol", ["dicomweb", "dimse"])
@@ -179,9 +169,12 @@ def test_dicomweb_bearer_token_from_the_environment(tmp_path, pacs_sample, monke
 
 
 def test_the_storage_scp_accepts_only_the_configured_ae_titles(tmp_path, pacs_sample):
-    section = pacs_section(pacs_sample, tmp_path, "dimse", dimse={"retrieve": "c-move", "storage_port": free_port()})
-    pacs = connect(PacsConfig.model_validate(section))
+    section = pacs_section(pacs_sample, tmp_path, "dimse", dimse={"retrieve": "c-move"})
+    config = PacsConfig.model_validate(section)
+    pacs = connect(config)
     try:
+        (ref,) = pacs.find({"AccessionNumber": "BMNA00000"}, config.query)
+        assert pydicom.dcmread(io.BytesIO(pacs.fetch(ref))).SOPInstanceUID == ref.sop_uid  # the PACS gets in
         port = section["dimse"]["storage_port"]
         intruder = AE(ae_title="INTRUDER").associate("127.0.0.1", port, [build_context(CTImageStorage)],
                                                      ae_title=PIPELINE_AE)

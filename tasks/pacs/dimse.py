@@ -96,7 +96,8 @@ class DimsePacs:
         self._classes: frozenset[str] = frozenset()  # C-GET: every SOP class asked for so far
         self._received: dict[str, bytes] = {}  # C-MOVE: SOPInstanceUID -> bytes, until fetch takes them
         self._expected: set[str] = set()
-        self._scp = self._start_storage_scp(max_parallel) if config.retrieve is DimseRetrieve.MOVE else None
+        self._max_parallel = max_parallel
+        self._scp = None  # C-MOVE's storage SCP, started by the first C-MOVE
 
     # -- associations ---------------------------------------------------------------------
 
@@ -212,7 +213,7 @@ class DimsePacs:
     def fetch(self, ref: InstanceRef) -> bytes:
         """The instance's data set as the PACS sent it (in the transfer syntax it stores, since
         medxfer accepts them all), with file meta written by pynetdicom."""
-        if self._scp is not None:
+        if self.config.retrieve is DimseRetrieve.MOVE:
             return self._move(ref)
         return self._get(ref)
 
@@ -231,6 +232,10 @@ class DimsePacs:
         return self._request("a C-GET", call)
 
     def _move(self, ref: InstanceRef) -> bytes:
+        with self._lock:
+            if self._scp is None:
+                self._scp = self._start_storage_scp(self._max_parallel)
+
         def call() -> bytes:
             with self._lock:
                 self._expected.add(ref.sop_uid)

@@ -1,0 +1,141 @@
+"""DICOM results back into the record: SRs over STOW-RS and C-STORE into a real Orthanc, read back and
+parsed with highdicom; the inference service's `Accept: application/dicom` answer."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom.errors import InvalidDicomError
+
+from configs import PacsConfig, PacsProtocol, ServeConfig
+from serve.app import Settings, create_app
+from tasks.dicom_results import (NOT_FOR_DIAGNOSTIC_USE, SERIES_DESCRIPTION, AiResult, ModelIdentity, read_result,
+                                 result_sr)
+from tasks.pacs.client import connect
+from tests.live_server import LiveServer
+from tests.pacs_fixtures import pacs_section
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+PREDICTION = {"task": "classification", "label": "malignant", "probabilities": {"benign": 0.27, "malignant": 0.73},
+              "positive_label": "malignant", "positive_probability": 0.73, "threshold": 0.41}
+IN_DOMAIN = {"in_domain": False, "domain_score": 8.3,
+             "domain_reasons": ["Modality CR not seen in training (US)", "image novelty 8.3 above threshold 3.1"]}
+MODEL = ModelIdentity("breast-ultrasound-resnet18", "7")
+
+
+def _source(pacs, config):
+    (ref,) = pacs.find({"AccessionNumber": "BMNA00004"}, config.query)
+    return pydicom.dcmread(io.BytesIO(pacs.fetch(ref)))
+
+
+def _results_on(orthanc, config) -> list[bytes]:
+    """Every SR on the PACS, as raw WADO-RS bytes."""
+    pacs = connect(config, PacsProtocol.DICOMWEB)
+    try:
+        return [pacs.fetch(ref) for ref in pacs.find({}, config.query.model_copy(update={"modality": "SR"}))]
+    finally:
+        pacs.close()
+
+
+@pytest.mark.parametrize("transport", ["stow-rs", "c-store"])
+def test_an_sr_goes_into_the_record_and_reads_back_with_highdicom(tmp_path, own_pacs, transport):
+    config = PacsConfig.model_validate(pacs_section(own_pacs, tmp_path, scoring={"send_results": transport}))
+    web = connect(config, PacsProtocol.DICOMWEB)
+    source = _source(web, config)
+    sender = connect(config, PacsProtocol.DICOMWEB if transport == "stow-rs" else PacsProtocol.DIMSE)
+    sr = result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), MODEL)
+    sender.send([sr])
+    sender.send([result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), MODEL)])  # again: the same SR
+    sender.close()
+    web.close()
+
+    (stored,) = _results_on(own_pacs.orthanc, config)  # stored once: its UIDs come from the image and model
+    assert stored[128:132] == b"DICM"  # the preamble, so it reads back without force
+    back = pydicom.dcmread(io.BytesIO(stored))
+    assert back.SOPClassUID == COMPREHENSIVE_SR and back.SOPInstanceUID == sr.SOPInstanceUID
+    # In the patient's record: the source's patient and study, a series of its own.
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyInstanceUID"):
+        assert back[keyword].value == source[keyword].value
+    assert back.SeriesInstanceUID != source.SeriesInstanceUID and back.SeriesDescription == SERIES_DESCRIPTION
+    assert back.VerificationFlag == "UNVERIFIED" and back.CompletionFlag == "COMPLETE"
+    evidence = back.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+
+    result = read_result(back)
+    assert result["algorithm"] == ("breast-ultrasound-resnet18", "7")
+    assert result["source"] == (source.SOPClassUID, source.SOPInstanceUID)
+    assert result["measurements"] == {"Probability of malignant": pytest.approx(0.73),
+                                      "Operating threshold": pytest.approx(0.41),
+                                      "Input novelty score": pytest.approx(8.3)}
+    assert result["evaluations"] == {"Class at the operating threshold": "malignant",
+                                     "Input within the training domain": "No"}
+    texts = dict.fromkeys(t for t, _ in result["texts"])
+    assert ("Comment", NOT_FOR_DIAGNOSTIC_USE) in result["texts"] and "Out-of-domain reason" in texts
+    assert [v for t, v in result["texts"] if t == "Out-of-domain reason"] == IN_DOMAIN["domain_reasons"]
+
+
+def test_without_in_domain_fields_the_sr_leaves_them_out(own_pacs, tmp_path):
+    config = PacsConfig.model_validate(pacs_section(own_pacs, tmp_path))
+    web = connect(config)
+    result = read_result(result_sr(_source(web, config), AiResult.from_body(PREDICTION), MODEL))
+    web.close()
+    assert set(result["evaluations"]) == {"Class at the operating threshold"}
+    assert "Input novelty score" not in result["measurements"]
+
+
+def test_the_preamble_trap_medxfer_stows_what_plain_dicomweb_client_stores_unreadable(tmp_path, own_pacs):
+    """pydicom 3 writes a data set made in memory without the 128-byte preamble; Orthanc accepts
+    it over STOW-RS, and the file it then serves does not read as DICOM."""
+    config = PacsConfig.model_validate(pacs_section(own_pacs, tmp_path))
+    web = connect(config)
+    sr = result_sr(_source(web, config), AiResult.from_body(PREDICTION), MODEL)
+    in_memory = []
+    for suffix in ("1", "2"):  # two plain data sets, as code that builds one with pydicom has
+        ds = pydicom.Dataset(copy.deepcopy(sr))  # a plain Dataset (no preamble) with elements of its own
+        ds.file_meta = copy.deepcopy(sr.file_meta)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{sr.SOPInstanceUID}.{suffix}"
+        in_memory.append(ds)
+    assert getattr(in_memory[0], "preamble", None) is None
+    DICOMwebClient(own_pacs.orthanc.dicomweb_url).store_instances([in_memory[0]])  # accepted...
+    web.send([in_memory[1]])
+    web.close()
+    stored = {pydicom.dcmread(io.BytesIO(raw), force=True).SOPInstanceUID: raw
+              for raw in _results_on(own_pacs.orthanc, config)}
+    with pytest.raises(InvalidDicomError):  # ...and unreadable without force
+        pydicom.dcmread(io.BytesIO(stored[in_memory[0].SOPInstanceUID]))
+    ours = pydicom.dcmread(io.BytesIO(stored[in_memory[1].SOPInstanceUID]))
+    assert ours.SOPInstanceUID == in_memory[1].SOPInstanceUID
+
+
+@pytest.fixture(scope="module")
+def service_url(champion_registry):
+    config, _, _ = champion_registry
+    server = LiveServer(create_app(Settings(config.registry.tracking_uri, config.registry.model_name, ServeConfig(),
+                                            api_key=None)))
+    yield server.url
+    server.stop()
+
+
+def test_the_service_answers_accept_application_dicom_with_the_sr(service_url, pacs_sample):
+    body = (sorted(pacs_sample.folder.rglob("*.dcm"))[0]).read_bytes()
+    source = pydicom.dcmread(io.BytesIO(body))
+    with httpx.Client(base_url=service_url, timeout=60) as client:
+        as_json = client.post("/v1/predict", content=body, headers={"Content-Type": "application/dicom"}).json()
+        answer = client.post("/v1/predict", content=body, headers={"Content-Type": "application/dicom",
+                                                                   "Accept": "application/dicom"})
+        png = client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n", headers={"Content-Type": "image/png",
+                                                                                 "Accept": "application/dicom"})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/dicom"
+    sr = pydicom.dcmread(io.BytesIO(answer.content))
+    result = read_result(sr)
+    assert result["source"] == (source.SOPClassUID, source.SOPInstanceUID)
+    assert result["algorithm"] == (as_json["model"]["name"], as_json["model"]["version"])
+    assert result["measurements"]["Probability of malignant"] == pytest.approx(as_json["positive_probability"])
+    assert result["evaluations"]["Class at the operating threshold"] == as_json["label"]
+    assert sr.PatientID == source.PatientID and sr.StudyInstanceUID == source.StudyInstanceUID
+    assert png.status_code == 406 and "answers a DICOM request only" in png.json()["detail"]
