@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+from dataclasses import replace
 
 import httpx
 import pydicom
@@ -18,7 +19,8 @@ from tasks.dicom_results import (NOT_FOR_DIAGNOSTIC_USE, SERIES_DESCRIPTION, AiR
                                  result_sr)
 from tasks.pacs.client import connect
 from tests.live_server import LiveServer
-from tests.pacs_fixtures import pacs_section
+from sample_data.orthanc import free_port
+from tests.pacs_fixtures import pacs_section, start_orthanc
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 PREDICTION = {"task": "classification", "label": "malignant", "probabilities": {"benign": 0.27, "malignant": 0.73},
@@ -33,28 +35,40 @@ def _source(pacs, config):
     return pydicom.dcmread(io.BytesIO(pacs.fetch(ref)))
 
 
-def _results_on(orthanc, config) -> list[bytes]:
-    """Every SR on the PACS, as raw WADO-RS bytes."""
+def _results_on(config, sop_uids: set[str]) -> list[bytes]:
+    """The SRs with these SOPInstanceUIDs on the PACS, as raw WADO-RS bytes."""
     pacs = connect(config, PacsProtocol.DICOMWEB)
     try:
-        return [pacs.fetch(ref) for ref in pacs.find({}, config.query.model_copy(update={"modality": "SR"}))]
+        found = pacs.find({}, config.query.model_copy(update={"modality": "SR"}))
+        return [pacs.fetch(ref) for ref in found if ref.sop_uid in sop_uids]
     finally:
         pacs.close()
 
 
+@pytest.fixture(scope="module")
+def results_pacs(tmp_path_factory, pacs_sample):
+    """An Orthanc of this module's own, that its tests write results into."""
+    orthanc = start_orthanc(tmp_path_factory.mktemp("results-pacs"), free_port())
+    orthanc.upload_folder(pacs_sample.folder)
+    yield replace(pacs_sample, orthanc=orthanc)
+    orthanc.stop()
+
+
 @pytest.mark.parametrize("transport", ["stow-rs", "c-store"])
-def test_an_sr_goes_into_the_record_and_reads_back_with_highdicom(tmp_path, own_pacs, transport):
-    config = PacsConfig.model_validate(pacs_section(own_pacs, tmp_path, scoring={"send_results": transport}))
+def test_an_sr_goes_into_the_record_and_reads_back_with_highdicom(tmp_path, results_pacs, transport):
+    config = PacsConfig.model_validate(pacs_section(results_pacs, tmp_path, scoring={"send_results": transport}))
     web = connect(config, PacsProtocol.DICOMWEB)
     source = _source(web, config)
     sender = connect(config, PacsProtocol.DICOMWEB if transport == "stow-rs" else PacsProtocol.DIMSE)
-    sr = result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), MODEL)
+    model = replace(MODEL, version=transport)  # each transport its own SR
+    sr = result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), model)
     sender.send([sr])
-    sender.send([result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), MODEL)])  # again: the same SR
+    sender.send([result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), model)])  # again: the same SR
     sender.close()
     web.close()
 
-    (stored,) = _results_on(own_pacs.orthanc, config)  # stored once: its UIDs come from the image and model
+    # Stored once (its UIDs come from the image and the model version), in one series per model version.
+    (stored,) = _results_on(config, {sr.SOPInstanceUID})
     assert stored[128:132] == b"DICM"  # the preamble, so it reads back without force
     back = pydicom.dcmread(io.BytesIO(stored))
     assert back.SOPClassUID == COMPREHENSIVE_SR and back.SOPInstanceUID == sr.SOPInstanceUID
@@ -67,7 +81,7 @@ def test_an_sr_goes_into_the_record_and_reads_back_with_highdicom(tmp_path, own_
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
 
     result = read_result(back)
-    assert result["algorithm"] == ("breast-ultrasound-resnet18", "7")
+    assert result["algorithm"] == ("breast-ultrasound-resnet18", transport)
     assert result["source"] == (source.SOPClassUID, source.SOPInstanceUID)
     assert result["measurements"] == {"Probability of malignant": pytest.approx(0.73),
                                       "Operating threshold": pytest.approx(0.41),
@@ -79,8 +93,8 @@ def test_an_sr_goes_into_the_record_and_reads_back_with_highdicom(tmp_path, own_
     assert [v for t, v in result["texts"] if t == "Out-of-domain reason"] == IN_DOMAIN["domain_reasons"]
 
 
-def test_without_in_domain_fields_the_sr_leaves_them_out(own_pacs, tmp_path):
-    config = PacsConfig.model_validate(pacs_section(own_pacs, tmp_path))
+def test_without_in_domain_fields_the_sr_leaves_them_out(results_pacs, tmp_path):
+    config = PacsConfig.model_validate(pacs_section(results_pacs, tmp_path))
     web = connect(config)
     result = read_result(result_sr(_source(web, config), AiResult.from_body(PREDICTION), MODEL))
     web.close()
@@ -88,12 +102,12 @@ def test_without_in_domain_fields_the_sr_leaves_them_out(own_pacs, tmp_path):
     assert "Input novelty score" not in result["measurements"]
 
 
-def test_the_preamble_trap_medxfer_stows_what_plain_dicomweb_client_stores_unreadable(tmp_path, own_pacs):
+def test_the_preamble_trap_medxfer_stows_what_plain_dicomweb_client_stores_unreadable(tmp_path, results_pacs):
     """pydicom 3 writes a data set made in memory without the 128-byte preamble; Orthanc accepts
     it over STOW-RS, and the file it then serves does not read as DICOM."""
-    config = PacsConfig.model_validate(pacs_section(own_pacs, tmp_path))
+    config = PacsConfig.model_validate(pacs_section(results_pacs, tmp_path))
     web = connect(config)
-    sr = result_sr(_source(web, config), AiResult.from_body(PREDICTION), MODEL)
+    sr = result_sr(_source(web, config), AiResult.from_body(PREDICTION), replace(MODEL, version="trap"))
     in_memory = []
     for suffix in ("1", "2"):  # two plain data sets, as code that builds one with pydicom has
         ds = pydicom.Dataset(copy.deepcopy(sr))  # a plain Dataset (no preamble) with elements of its own
@@ -101,11 +115,11 @@ def test_the_preamble_trap_medxfer_stows_what_plain_dicomweb_client_stores_unrea
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{sr.SOPInstanceUID}.{suffix}"
         in_memory.append(ds)
     assert getattr(in_memory[0], "preamble", None) is None
-    DICOMwebClient(own_pacs.orthanc.dicomweb_url).store_instances([in_memory[0]])  # accepted...
+    DICOMwebClient(results_pacs.orthanc.dicomweb_url).store_instances([in_memory[0]])  # accepted...
     web.send([in_memory[1]])
     web.close()
     stored = {pydicom.dcmread(io.BytesIO(raw), force=True).SOPInstanceUID: raw
-              for raw in _results_on(own_pacs.orthanc, config)}
+              for raw in _results_on(config, {ds.SOPInstanceUID for ds in in_memory})}
     with pytest.raises(InvalidDicomError):  # ...and unreadable without force
         pydicom.dcmread(io.BytesIO(stored[in_memory[0].SOPInstanceUID]))
     ours = pydicom.dcmread(io.BytesIO(stored[in_memory[1].SOPInstanceUID]))

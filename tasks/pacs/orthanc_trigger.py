@@ -78,6 +78,7 @@ def on_change(change_type, level, resource_id):
             _pending.discard(resource_id)
         study = json.loads(orthanc.RestApiGet(f"/studies/{resource_id}"))
         study_date = study.get("MainDicomTags", {}).get("StudyDate", "")
+        orthanc.LogWarning("medxfer: a study with new images is stable; asking Prefect for a scoring run")
         # Off Orthanc's change thread: the Prefect API may be slow or down.
         threading.Thread(target=_create_run, args=(study_date,), daemon=True).start()
 
