@@ -112,5 +112,5 @@ def test_a_failed_instance_is_a_reject_with_its_kind_and_the_run_goes_on(tmp_pat
                                              "failed_not_on_the_PACS": 1}
     reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
     (row,) = [reason for path, reason in reasons.items() if path == f"pacs:{instance_key(gone[0], SALT)}"]
-    assert row.endswith(": WADO-RS answered HTTP 404 Not Found") and gone[0] not in str(reasons)
+    assert row.endswith(": WADO-RS retrieve answered HTTP 404 Not Found") and gone[0] not in str(reasons)
     assert result.summary()["discovered"] == 122 and len(result.manifest) == 119

@@ -8,6 +8,7 @@ connection for half a minute without a word) is switched off.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Sequence, TypeVar
 
@@ -22,6 +23,9 @@ from tasks.pacs.failures import Failure, FailureKind, RetrieveFailed
 from tasks.pacs.retry import PacsRefused, RetryPolicy, Transient, network_cause, with_retries
 
 T = TypeVar("T")
+# dicomweb-client's INFO and DEBUG lines quote UIDs, URLs (whose paths hold UIDs) and request headers
+# (credentials): none of them may reach a log.
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
 PAGE = 1000  # QIDO-RS results per request
 RETRIABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # The instance as the PACS stores it: any transfer syntax, so its bytes (and content hash) are the PACS's own.
@@ -80,9 +84,10 @@ class DicomWebPacs:
         self.client = DICOMwebClient(config.url, session=session_for(config, max_parallel), timeout=(timeout, timeout))
         self.client.set_http_retry_params(retry=False)
 
-    def _request(self, what: str, call: Callable[[], T]) -> T:
-        """`call()` with retries; refusals of medxfer itself raise PacsRefused, other HTTP
-        errors (a 404 for one instance) are the caller's."""
+    def _request(self, what: str, call: Callable[[], T], instance: bool = False) -> T:
+        """`call()` with retries. Refusals of medxfer itself raise PacsRefused; another HTTP error
+        status is RetrieveFailed for one `instance` (a 404), else PacsRefused. No message holds the
+        URL: its path and query hold UIDs and accession numbers."""
         def attempt() -> T:
             try:
                 return call()
@@ -98,7 +103,10 @@ class DicomWebPacs:
                                       f"pacs.dicomweb.auth ({self.config.auth.value}) and its credentials") from None
                 if status in RETRIABLE_STATUS:
                     raise Transient(f"HTTP {status} {reason}") from None
-                raise
+                if instance:
+                    kind = FailureKind.NOT_ON_PACS if status in (404, 410) else FailureKind.REFUSED
+                    raise RetrieveFailed(Failure(kind, f"{what.removeprefix('a ')} answered HTTP {status} {reason}")) from None
+                raise PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}") from None
         return with_retries(attempt, self.retry, self.name, what)
 
     def find(self, study: dict[str, str], query: PacsQuery) -> list[InstanceRef]:
@@ -139,11 +147,7 @@ class DicomWebPacs:
             return list(self.client._decode_multipart_message(response, stream=False))
 
         try:
-            parts = self._request("a WADO-RS retrieve", get)
-        except requests.HTTPError as exc:
-            status, reason = exc.response.status_code, exc.response.reason
-            kind = FailureKind.NOT_ON_PACS if status in (404, 410) else FailureKind.REFUSED
-            raise RetrieveFailed(Failure(kind, f"WADO-RS answered HTTP {status} {reason}")) from None
+            parts = self._request("a WADO-RS retrieve", get, instance=True)
         except ValueError as exc:  # not multipart/related
             raise RetrieveFailed(Failure(FailureKind.BAD_RESPONSE, f"WADO-RS answer is not DICOM: {exc}")) from None
         if len(parts) != 1 or not parts[0]:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, StoragePresentationContexts, build_context, build_role, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, StoragePresentationContexts, _config, build_context, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
@@ -31,6 +31,10 @@ from tasks.pacs.retry import PacsRefused, RetryPolicy, Transient, with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# pynetdicom logs every C-FIND request and answer identifier (names, IDs, accession numbers, UIDs) at
+# INFO unless told not to: these are its switches for that.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 FIND, GET, MOVE = (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelGet,
                    StudyRootQueryRetrieveInformationModelMove)
 PENDING = (0xFF00, 0xFF01)
