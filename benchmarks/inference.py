@@ -51,7 +51,8 @@ from models.resnet import build_model
 from sample_data.breastmnist import BUNDLED_NPZ
 from tasks.export import (CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME, TRT_PROVIDER, ServingHead, export_onnx,
                           export_self_contained, gpu_available, serving_metadata)
-from tasks.preprocess import load_grey, resize_and_crop, to_model_input
+from tasks.decode import load_grey
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import register_model, tracking_run
 from tasks.variants import half_precision, quantise_network
 

@@ -25,7 +25,8 @@ from torch.utils.data import TensorDataset
 
 from configs import AugmentConfig, FreezeStrategy, ModelConfig, Precision, TaskKind, TrainConfig
 from models.resnet import apply_freeze, build_model, set_train_mode
-from tasks.preprocess import SplitData, resize_and_crop
+from tasks.preprocess import SplitData
+from tasks.transforms import resize_and_crop
 from tasks.train import (ImageDataset, autocast, build_augmentation, extract_features, fit_linear_head,
                          make_criterion, make_loader, model_input, param_groups, run_epoch, select_device,
                          standardise_features)

@@ -37,12 +37,13 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from configs import DataConfig, FreezeStrategy, ModelConfig, PipelineConfig, PreprocessConfig, TaskKind
+from configs import DataConfig, FreezeStrategy, ModelConfig, PreprocessConfig, TaskKind, TaskSpec, TrainConfig
 from models.resnet import build_model, resolve_freeze
 from tasks.evaluate import bootstrap_intervals, compute_metrics, predict
 from tasks.ingest import ingest_dataset
 from tasks.io import sha256_file
-from tasks.preprocess import SplitData, preprocess_dataset, resize_and_crop, to_model_input
+from tasks.preprocess import SplitData, preprocess_dataset
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +87,10 @@ class Dataset:
     test: SplitData
     label_names: list[str]
 
+    @property
+    def spec(self) -> TaskSpec:
+        return TaskSpec(kind=self.task, label_names=tuple(self.label_names))  # positive: the last class
+
 
 def _resized(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([resize_and_crop(image / 255.0, size, size) for image in images])
@@ -124,20 +129,9 @@ def model_config(weights: str, weights_sha256: str | None, strategy: FreezeStrat
     return ModelConfig(arch="resnet18", weights=weights, weights_sha256=weights_sha256, freeze=strategy)
 
 
-def run_config(task: TaskKind, label_names: list[str], model: ModelConfig, epochs: int, grid: Grid,
-               seed: int, workdir: Path, tracking_uri: str | None = None) -> PipelineConfig:
-    """A pipeline config for train_model; data paths are unused here (the splits come in memory)."""
-    data = {"root": str(workdir), "manifest": str(workdir), "task": task.value}
-    if task is TaskKind.CLASSIFICATION:
-        data |= {"label_names": label_names, "positive_label": label_names[-1]}
-    return PipelineConfig.model_validate({
-        "name": "transfer-benchmark", "seed": seed, "output_dir": str(workdir), "data": data,
-        "model": model.model_dump(),
-        "train": {"epochs": epochs, "batch_size": grid.batch_size, "patience": 4, "precision": grid.precision,
-                  "channels_last": grid.channels_last},
-        "registry": {"model_name": "transfer-benchmark",
-                     **({"tracking_uri": tracking_uri} if tracking_uri else {})},
-    })
+def train_settings(epochs: int, grid: Grid) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=grid.batch_size, patience=4, precision=grid.precision,
+                       channels_last=grid.channels_last)
 
 
 def pretrain_source(grid: Grid, workdir: Path) -> tuple[Path, str, dict]:
@@ -153,10 +147,10 @@ def pretrain_source(grid: Grid, workdir: Path) -> tuple[Path, str, dict]:
         splits = {name: SplitData(_resized(data[f"{name}_images"], grid.resolution),
                                   data[f"{name}_labels"].ravel().astype(np.float32)) for name in ("train", "val")}
         info["train_images"] = len(splits["train"])
-        config = run_config(TaskKind.CLASSIFICATION, ["normal", "pneumonia"],
-                            model_config("none", None, FreezeStrategy.FULL), grid.pretrain_epochs, grid, 0, workdir)
         started = time.perf_counter()
-        result = train_model(config, splits["train"], splits["val"])
+        result = train_model(model_config("none", None, FreezeStrategy.FULL), train_settings(grid.pretrain_epochs, grid),
+                             TaskSpec(kind=TaskKind.CLASSIFICATION, label_names=("normal", "pneumonia")), 0,
+                             splits["train"], splits["val"])
         info |= {"seconds": time.perf_counter() - started, "val_roc_auc": result.best_metric,
                  "images_per_second": float(np.median([e.images_per_second for e in result.history]))}
         torch.save(result.model.backbone.cpu().state_dict(), path)  # a plain torchvision ResNet state dict
@@ -175,14 +169,15 @@ def source_model(grid: Grid, workdir: Path, registered: str | None, tracking_uri
 
 
 def run_one(dataset: Dataset, train: SplitData, model: ModelConfig, epochs: int, grid: Grid, seed: int,
-            workdir: Path, tracking_uri: str | None) -> dict:
-    config = run_config(dataset.task, dataset.label_names, model, epochs, grid, seed, workdir, tracking_uri)
+            tracking_uri: str | None) -> dict:
     started = time.perf_counter()
-    result = train_model(config, train, dataset.val)
+    result = train_model(model, train_settings(epochs, grid), dataset.spec, seed, train, dataset.val,
+                         tracking_uri=tracking_uri)
     outputs = predict(result.model, dataset.test.images, grid.batch_size, result.device)
     wall = time.perf_counter() - started
-    metrics = compute_metrics(dataset.task, dataset.test.targets, outputs, positive_index=1)
-    intervals = bootstrap_intervals(dataset.task, dataset.test.targets, outputs, 1, grid.bootstrap_samples, seed)
+    positive = dataset.spec.positive_index
+    metrics = compute_metrics(dataset.task, dataset.test.targets, outputs, positive)
+    intervals = bootstrap_intervals(dataset.task, dataset.test.targets, outputs, positive, grid.bootstrap_samples, seed)
     row = {"strategy_used": result.strategy.value, "device": result.device, "epochs_run": len(result.history),
            "best_epoch": result.best_epoch, "wall_s": wall,
            "train_images_per_s": float(np.median([e.images_per_second for e in result.history]))}
@@ -223,8 +218,7 @@ def run_grid(grid: Grid, datasets: list[str], seeds: range, workdir: Path, rows_
                         used, _ = resolve_freeze(model_config(weights, sha, strategy), len(train), weights != "none")
                         if (weights_label, used) not in done:
                             done[(weights_label, used)] = run_one(dataset, train, model_config(weights, sha, used),
-                                                                  grid.epochs[size], grid, seed, workdir,
-                                                                  tracking_uri)
+                                                                  grid.epochs[size], grid, seed, tracking_uri)
                             fresh = True
                         else:
                             fresh = False

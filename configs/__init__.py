@@ -11,7 +11,7 @@ import secrets
 from datetime import date
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,6 +58,49 @@ class SplitConfig(Strict):
     test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.2
 
 
+def _check_labels(kind: TaskKind, label_names: Sequence[str], positive_label: str | None) -> None:
+    if kind is TaskKind.CLASSIFICATION:
+        if len(label_names) < 2:
+            raise ValueError("label_names: classification needs at least two class names")
+        if positive_label is not None and positive_label not in label_names:
+            raise ValueError(f"positive_label: {positive_label!r} is not in label_names")
+    elif label_names:
+        raise ValueError("label_names: only used for classification")
+
+
+class TaskSpec(Strict):
+    """What a model predicts, as training, evaluation and export need it: the kind of task,
+    the class names in output order, and the class that AUC, sensitivity and F1 refer to."""
+
+    kind: TaskKind
+    label_names: tuple[str, ...] = ()
+    positive_label: str | None = None  # classification: default the last class
+
+    @model_validator(mode="after")
+    def _labels_fit_task(self) -> "TaskSpec":
+        _check_labels(self.kind, self.label_names, self.positive_label)
+        return self
+
+    @property
+    def classification(self) -> bool:
+        return self.kind is TaskKind.CLASSIFICATION
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's head: one logit per class, or one age."""
+        return len(self.label_names) if self.classification else 1
+
+    @property
+    def positive_index(self) -> int:
+        """The output the positive-class metrics read: `positive_label`, else the last class; 0 (the
+        only output) for regression, so every caller can pass it without a task-kind branch."""
+        if not self.classification:
+            return 0
+        if self.positive_label is None:
+            return len(self.label_names) - 1
+        return self.label_names.index(self.positive_label)
+
+
 class DataConfig(Strict):
     root: Path  # folder that holds the images (source pacs: the local copy of the selected instances)
     manifest: Path  # CSV: path, label | age, optional patient_id, split (source pacs: written from the label export)
@@ -78,22 +121,17 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _labels_fit_task(self) -> "DataConfig":
-        if self.task is TaskKind.CLASSIFICATION:
-            if len(self.label_names) < 2:
-                raise ValueError("label_names: classification needs at least two class names")
-            if self.positive_label is not None and self.positive_label not in self.label_names:
-                raise ValueError(f"positive_label: {self.positive_label!r} is not in label_names")
-        elif self.label_names:
-            raise ValueError("label_names: only used for classification")
+        _check_labels(self.task, self.label_names, self.positive_label)
         return self
 
     @property
-    def positive_index(self) -> int:
-        """Index of the positive class: `positive_label`, else the last class."""
-        if self.positive_label is None:
-            return len(self.label_names) - 1
-        return self.label_names.index(self.positive_label)
+    def spec(self) -> TaskSpec:
+        return TaskSpec(kind=self.task, label_names=tuple(self.label_names), positive_label=self.positive_label)
 
+    @property
+    def positive_index(self) -> int:
+        """Index of the positive class: `positive_label`, else the last class (0 for regression)."""
+        return self.spec.positive_index
 
 
 class FramePolicy(str, Enum):
@@ -377,28 +415,23 @@ class PacsConfig(Strict):
         return self
 
 
-class PipelineConfig(RunConfig):
-    data: DataConfig
-    preprocess: PreprocessConfig = PreprocessConfig()
+class ModelRunConfig(RunConfig):
+    """A run that trains a model: its model and train settings, where it is tracked and how it is
+    evaluated. Subclasses say what the model predicts (`task_spec`)."""
+
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     registry: RegistryConfig
     evaluate: EvaluateConfig = EvaluateConfig()
-    export: ExportConfig = ExportConfig()
-    serve: ServeConfig = ServeConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    pacs: PacsConfig | None = None  # a PACS to train from (data.source: pacs) or to score and report to
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        raise NotImplementedError
 
     @model_validator(mode="after")
-    def _balance_needs_classes(self) -> "PipelineConfig":
-        if self.train.class_balance is not ClassBalance.NONE and self.data.task is not TaskKind.CLASSIFICATION:
+    def _balance_needs_classes(self) -> "ModelRunConfig":
+        if self.train.class_balance is not ClassBalance.NONE and not self.task_spec.classification:
             raise ValueError("train.class_balance: only used for classification")
-        return self
-
-    @model_validator(mode="after")
-    def _pacs_source_needs_labels(self) -> "PipelineConfig":
-        if self.data.source == "pacs" and (self.pacs is None or self.pacs.labels is None):
-            raise ValueError("pacs.labels: data.source pacs needs a pacs section with a label export")
         return self
 
     @property
@@ -411,6 +444,25 @@ class PipelineConfig(RunConfig):
         if self.registry.tracking_uri.startswith(("sqlite:", "file:")):
             return (self.output_dir / "mlartifacts").resolve().as_uri()
         return None
+
+
+class PipelineConfig(ModelRunConfig):
+    data: DataConfig
+    preprocess: PreprocessConfig = PreprocessConfig()
+    export: ExportConfig = ExportConfig()
+    serve: ServeConfig = ServeConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    pacs: PacsConfig | None = None  # a PACS to train from (data.source: pacs) or to score and report to
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        return self.data.spec
+
+    @model_validator(mode="after")
+    def _pacs_source_needs_labels(self) -> "PipelineConfig":
+        if self.data.source == "pacs" and (self.pacs is None or self.pacs.labels is None):
+            raise ValueError("pacs.labels: data.source pacs needs a pacs section with a label export")
+        return self
 
     def patient_salt(self) -> str:
         """Salt for patient-id hashes: config, else $MEDXFER_PATIENT_SALT, else a random
@@ -451,21 +503,16 @@ class SourceRegistryConfig(RegistryConfig):
     alias: str = "source"
 
 
-class PretrainConfig(RunConfig):
+class PretrainConfig(ModelRunConfig):
     """Train a source model from random initialisation on a larger dataset and register it."""
 
     source: SourceDataConfig
     model: ModelConfig = ModelConfig(weights="none", freeze=FreezeStrategy.FULL)
-    train: TrainConfig = TrainConfig()
     registry: SourceRegistryConfig
 
-    def as_pipeline_config(self) -> PipelineConfig:
-        """The same settings in the shape `tasks.train.train_model` takes."""
-        return PipelineConfig(
-            name=self.name, seed=self.seed, output_dir=self.output_dir, model=self.model, train=self.train,
-            data=DataConfig(root=self.source.npz.parent, manifest=self.source.npz,
-                            task=TaskKind.CLASSIFICATION, label_names=self.source.label_names),
-            registry=RegistryConfig(**self.registry.model_dump(exclude={"alias"})))
+    @property
+    def task_spec(self) -> TaskSpec:
+        return TaskSpec(kind=TaskKind.CLASSIFICATION, label_names=tuple(self.source.label_names))
 
 
 def _format_errors(path: Path, error: ValidationError) -> str:

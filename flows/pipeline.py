@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from configs import PipelineConfig, TaskKind, load_config
+from configs import ModelRunConfig, PipelineConfig, load_config
 from flows.dask_preprocess import preprocess_on_dask
 from flows.pacs_source import retrieve_training_data
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
@@ -102,14 +102,14 @@ def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) ->
 
 
 @stage(name="train")
-def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainResult:
+def train(config: ModelRunConfig, prepared: PreparedData, run_id: str) -> TrainResult:
     logger = get_run_logger()
     client = MlflowClient(config.registry.tracking_uri)
 
     def report(epoch: EpochResult) -> None:
         step = f"epoch {epoch.epoch}" if epoch.head_l2 is None else f"head fit {epoch.epoch} (L2 {epoch.head_l2:g})"
         logger.info("%s: train loss %.4f, val %s %.4f, %.1f images/s", step, epoch.train_loss,
-                    primary_metric(config.data.task)[0], epoch.val_metric, epoch.images_per_second)
+                    primary_metric(config.task_spec.kind)[0], epoch.val_metric, epoch.images_per_second)
         for key in ("train_loss", "val_metric", "lr", "head_l2", "images_per_second", "data_seconds",
                     "compute_seconds"):
             if getattr(epoch, key) is not None:  # lr for image epochs, head_l2 for `head` fits
@@ -117,7 +117,8 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
 
     # Checkpoints live outside the MLflow run's folder: a re-run of a killed flow gets a new
     # run id but the same config and data, and resumes from there.
-    result = train_model(config, prepared.split("train"), prepared.split("val"), on_epoch_end=report,
+    result = train_model(config.model, config.train, config.task_spec, config.seed, prepared.split("train"),
+                         prepared.split("val"), tracking_uri=config.registry.tracking_uri, on_epoch_end=report,
                          checkpoint_dir=config.run_dir / "checkpoints")
     if result.resumed_from_epoch:
         logger.info("resumed from a checkpoint at epoch %d", result.resumed_from_epoch)
@@ -138,17 +139,18 @@ def train(config: PipelineConfig, prepared: PreparedData, run_id: str) -> TrainR
 
 
 @stage(name="evaluate")
-def evaluate(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Evaluation:
+def evaluate(config: ModelRunConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Evaluation:
     test, val = prepared.split("test"), prepared.split("val")
+    spec = config.task_spec
     outputs, val_outputs = (predict(trained.model, split.images, config.train.batch_size, trained.device)
                             for split in (test, val))
-    evaluation = evaluate_predictions(config.data.task, test.targets, outputs, run_dir / "plots",
-                                      config.data.label_names, config.data.positive_index,
+    evaluation = evaluate_predictions(spec.kind, test.targets, outputs, run_dir / "plots",
+                                      list(spec.label_names), spec.positive_index,
                                       config.evaluate, config.seed, validation=(val.targets, val_outputs))
     mlflow.log_metrics(evaluation.mlflow_metrics())
     for plot in evaluation.plots:
         mlflow.log_artifact(str(plot), "plots")
-    report = evaluation.markdown(f"{config.name}: test set ({len(test)} images)", config.data.label_names)
+    report = evaluation.markdown(f"{config.name}: test set ({len(test)} images)", list(spec.label_names))
     report += f"\n\nBackbone: {trained.weights.describe()}; strategy {trained.strategy.value}."
     write_text_atomic(run_dir / "evaluation.md", report)
     mlflow.log_artifact(str(run_dir / "evaluation.md"))
@@ -190,13 +192,11 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
            run_dir: Path) -> ServingModels:
     """ONNX files checked against PyTorch on held-out test images; raises ParityError
     (after logging the reason as a run artifact) when the float32 graphs disagree."""
-    data, pre = config.data, config.preprocess
-    classification = data.task is TaskKind.CLASSIFICATION
+    data, pre, spec = config.data, config.preprocess, config.task_spec
     point = evaluation.operating_point  # chosen on validation (classification only)
     threshold = point.threshold if point else None
     metadata = serving_metadata(
-        task=data.task, label_names=data.label_names,
-        positive_index=data.positive_index if classification else 0,
+        task=spec.kind, label_names=data.label_names, positive_index=spec.positive_index,
         operating_threshold=threshold, resize=pre.resize, crop=pre.crop, metrics=evaluation.metrics,
         training_data=training_data_sha256(prepared.manifest), weights_name=trained.weights.name,
         weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name,
@@ -208,8 +208,7 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     models = export_serving_models(
         trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
         test_crops=test.images, test_greys=greys, test_targets=test.targets,
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
-        positive_index=data.positive_index if classification else 0)
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, positive_index=spec.positive_index)
     write_text_atomic(run_dir / "onnx_parity.json", models.report_json())
     mlflow.log_artifact(str(run_dir / "onnx_parity.json"), "onnx")
     mlflow.log_metrics({f"onnx_{r.graph.replace('-', '_')}_max_abs_diff": r.max_abs_diff

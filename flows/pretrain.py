@@ -44,12 +44,11 @@ def register_source(config: PretrainConfig, trained: TrainResult, run_id: str, r
 def pretrain_source_model(config_path: str) -> SourceModel:
     """Train a ResNet from random init on the source dataset, evaluate it, register its backbone."""
     config = load_pretrain_config(config_path)
-    settings = config.as_pipeline_config()
-    with tracking_run(settings, run_name=config.name) as run_id:
-        run_dir = settings.run_dir / run_id
+    with tracking_run(config, run_name=config.name) as run_id:
+        run_dir = config.run_dir / run_id
         prepared = load_source(config)
-        trained = train(settings, prepared, run_id)
-        evaluate(settings, trained, prepared, run_dir)
+        trained = train(config, prepared, run_id)
+        evaluate(config, trained, prepared, run_dir)
         return register_source(config, trained, run_id, run_dir)
 
 

@@ -29,7 +29,7 @@ from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
 from tasks.dicom_results import ModelIdentity, NotReferenceable, result_sr_for
 from tasks.ingest import read_dicom_header
-from tasks.preprocess import UnreadableImage
+from tasks.rejects import UnreadableImage
 
 log = logging.getLogger("medxfer.serve")
 

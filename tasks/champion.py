@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from configs import TaskKind
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
-from tasks.preprocess import resize_and_crop, to_model_input
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)

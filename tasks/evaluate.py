@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from configs import EvaluateConfig, TaskKind, ThresholdRule
 from tasks.io import atomic_path
-from tasks.preprocess import to_model_input
+from tasks.transforms import to_model_input
 
 CLASSIFICATION_METRIC = "roc_auc"
 REGRESSION_METRIC = "mae"

@@ -33,8 +33,9 @@ from configs import FramePolicy, TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import predict
 from tasks.io import atomic_path
-from tasks.preprocess import (IMAGENET_MEAN, IMAGENET_STD, load_grey, reduced_decode_floor, resize_and_crop,
-                             to_model_input)
+from tasks.decode import load_grey
+from tasks.j2k import reduced_decode_floor
+from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
 
 INPUT_NAME = "image"  # normalised variant: float32 (batch, 3, crop, crop), ImageNet-normalised
 GREY_INPUT_NAME = "grey"  # self-contained variant: float32 (batch, 1, H, W) in [0, 1]
@@ -85,7 +86,7 @@ def export_onnx(model: nn.Module, task: TaskKind, path: Path, crop: int, opset: 
 def preprocessing_graph(resize: int, crop: int, opset: int) -> onnx.ModelProto:
     """grey (N, 1, H, W) in [0, 1] -> normalised image (N, 3, crop, crop), as ONNX ops.
 
-    Mirrors tasks.preprocess: short side to `resize` with the long side
+    Mirrors tasks.transforms.resize_and_crop and to_model_input: short side to `resize` with the long side
     floor(resize * long / short) (torchvision's rule, computed in float64),
     antialiased bilinear with half-pixel centres, centre crop with
     round-half-even offsets (Python's round), 8-bit rounding, 3 channels, mean/std.
@@ -348,7 +349,7 @@ def check_self_contained_parity(path: Path, model: TransferResNet, greys: Sequen
                                 providers: Sequence[str] | None = None,
                                 threshold: float = DEFAULT_THRESHOLD, positive_index: int = 1) -> ParityReport:
     """The self-contained graph on decoded grey images (their own sizes) vs PyTorch on the
-    same images through tasks.preprocess, i.e. exactly what was evaluated."""
+    same images through tasks.transforms, i.e. exactly what was evaluated."""
     crops = np.stack([resize_and_crop(grey, resize, crop) for grey in greys])
     expected = predict(model.cpu(), crops, batch_size=32)
     session = open_session(path, providers)

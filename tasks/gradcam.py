@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from configs import TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import save_figure
-from tasks.preprocess import to_model_input
+from tasks.transforms import to_model_input
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from configs import PipelineConfig
+from configs import ModelRunConfig, PipelineConfig
 from tasks.export import update_metadata
 from tasks.io import sha256_file
 
@@ -29,7 +29,7 @@ SECRET_FIELDS = {"data": {"patient_salt"}}
 MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
 
 
-def redacted_params(config: PipelineConfig) -> dict[str, str]:
+def redacted_params(config: ModelRunConfig) -> dict[str, str]:
     """Flattened config for MLflow params; the patient salt never leaves the machine."""
     flat: dict[str, str] = {}
 
@@ -45,8 +45,8 @@ def redacted_params(config: PipelineConfig) -> dict[str, str]:
 
 
 @contextmanager
-def tracking_run(config: PipelineConfig, run_name: str) -> Iterator[str]:
-    """An MLflow run for the pipeline; yields its id, marks it FAILED if the block raises."""
+def tracking_run(config: ModelRunConfig, run_name: str) -> Iterator[str]:
+    """An MLflow run for the pipeline (or pretraining); yields its id, marks it FAILED if the block raises."""
     mlflow.set_tracking_uri(config.registry.tracking_uri)
     if mlflow.get_experiment_by_name(config.registry.experiment) is None:
         mlflow.create_experiment(config.registry.experiment, artifact_location=config.artifact_location())

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.champion import Prediction, ServedModel
-from tasks.preprocess import UnreadableImage
+from tasks.rejects import UnreadableImage
 
 REJECT_COLUMNS = ["file_sha256", "reason"]
 CHUNK = 32  # files decoded and run together; bounds memory on large folders

@@ -19,7 +19,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -28,15 +28,23 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from configs import AugmentConfig, ClassBalance, FreezeStrategy, PipelineConfig, Precision, TaskKind
+from configs import AugmentConfig, ClassBalance, FreezeStrategy, ModelConfig, Precision, TaskKind, TaskSpec, TrainConfig
 from models.resnet import TransferResNet, WeightsInfo, apply_freeze, build_model, resolve_freeze, set_train_mode
 from tasks.evaluate import compute_metrics, predict, primary_metric
 from tasks.io import atomic_path
-from tasks.preprocess import SplitData, to_model_input
+from tasks.preprocess import SplitData
+from tasks.transforms import to_model_input
 
 log = logging.getLogger(__name__)
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FeatureStore(Protocol):
+    """Frozen-backbone features shared between training runs (tuning trials that only fit a head)."""
+
+    def get(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The features stored under `key`, computing and storing them first if absent."""
 
 
 class ImageDataset(Dataset):
@@ -209,12 +217,12 @@ def outputs_from_features(model: TransferResNet, features: torch.Tensor) -> np.n
     return (out.softmax(dim=1) if out.ndim == 2 else out).numpy()
 
 
-def run_fingerprint(config: PipelineConfig, train: SplitData, val: SplitData) -> str:
+def run_fingerprint(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec, seed: int,
+                    train: SplitData, val: SplitData) -> str:
     """What must match for a checkpoint to be resumed: the settings that shape training, and the data."""
-    settings = config.model_dump(mode="json", include={
-        "seed": True, "model": True, "train": True, "data": {"task", "label_names", "positive_label"}},
-        exclude={"train": {"resume"}})
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    shaping = {"seed": seed, "model": model_config.model_dump(mode="json"), "task": spec.model_dump(mode="json"),
+               "train": settings.model_dump(mode="json", exclude={"resume"})}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for split in (train, val):
         digest.update(np.ascontiguousarray(split.images).tobytes())
         digest.update(np.ascontiguousarray(split.targets).tobytes())
@@ -243,29 +251,35 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
-                on_epoch_end: Callable[[EpochResult], None] | None = None,
-                checkpoint_dir: Path | None = None) -> TrainResult:
-    """Train from config; returns the model with its best validation weights loaded.
+def target_scale(spec: TaskSpec, targets: np.ndarray) -> tuple[float, float]:
+    """Mean and std the head's output is de-standardised with: the training ages, or (0, 1) for classes."""
+    if spec.classification:
+        return 0.0, 1.0
+    return float(targets.mean()), float(targets.std() or 1.0)
 
+
+def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec, seed: int,
+                train: SplitData, val: SplitData, *, tracking_uri: str | None = None,
+                on_epoch_end: Callable[[EpochResult], None] | None = None,
+                checkpoint_dir: Path | None = None, feature_store: FeatureStore | None = None) -> TrainResult:
+    """Train one model; returns it with its best validation weights loaded.
+
+    `tracking_uri` is where `model.weights: mlflow:/...` source models are looked up.
     With `checkpoint_dir`, each epoch ends with an atomic checkpoint (model, optimizer,
     scheduler, early stopping, RNG and data-order state); a later call with the same
-    config and data resumes from it (`train.resume`) and ends with the same weights as
+    settings and data resumes from it (`train.resume`) and ends with the same weights as
     an uninterrupted run. The checkpoint is removed once training finishes. (`head` fits
-    take seconds and are not checkpointed.)
+    take seconds and are not checkpointed; with `feature_store`, their one feature pass
+    is shared by every call that has the same backbone and images.)
     """
-    seed_everything(config.seed)
-    task, settings = config.data.task, config.train
+    seed_everything(seed)
+    task = spec.kind
     device = select_device(settings.device)
-    if task is TaskKind.CLASSIFICATION:
-        num_outputs, mean, std = len(config.data.label_names), 0.0, 1.0
-    else:
-        num_outputs, mean, std = 1, float(train.targets.mean()), float(train.targets.std() or 1.0)
-    model, weights = build_model(config.model, task, num_outputs, mean, std,
-                                 tracking_uri=config.registry.tracking_uri)
-    strategy, reason = resolve_freeze(config.model, len(train), weights.pretrained)
+    num_outputs, (mean, std) = spec.num_outputs, target_scale(spec, train.targets)
+    model, weights = build_model(model_config, task, num_outputs, mean, std, tracking_uri=tracking_uri)
+    strategy, reason = resolve_freeze(model_config, len(train), weights.pretrained)
     log.info("backbone: %s; strategy %s (%s)", weights.describe(), strategy.value, reason)
-    apply_freeze(model, strategy, config.model.frozen_stages)
+    apply_freeze(model, strategy, model_config.frozen_stages)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(device=device, memory_format=memory_format)
     cached = strategy is FreezeStrategy.HEAD
@@ -274,7 +288,8 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
                          device=str(device), metric_name=primary_metric(task)[0], best_epoch=0,
                          best_metric=float("nan"), cached_features=cached, precision=settings.precision.value)
     if cached:
-        return _fit_head_on_features(config, model, train, val, result, on_epoch_end)
+        features = backbone_features(model, weights, model_config.arch, settings, feature_store)
+        return _fit_head_on_features(settings, spec, model, train, val, result, on_epoch_end, features)
     augment = build_augmentation(settings.augment, train.images.shape[-1])
     dataset = ImageDataset(train, augment)
     prepare = lambda images: model_input(images, device, settings.channels_last)  # noqa: E731
@@ -289,7 +304,7 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
     if settings.class_balance is ClassBalance.WEIGHTED_LOSS:
         weight = class_weights(train.targets, num_outputs).to(device)
     criterion = make_criterion(model, task, weight)
-    loader = make_loader(dataset, train.targets, settings.batch_size, config.seed, settings.num_workers,
+    loader = make_loader(dataset, train.targets, settings.batch_size, seed, settings.num_workers,
                          settings.class_balance, num_outputs)
     # Discriminative rates protect pretrained features; a random backbone has none to protect.
     backbone_lr_factor = settings.backbone_lr_factor if weights.pretrained else 1.0
@@ -300,7 +315,7 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
     best_state = copy.deepcopy(model.state_dict())
     warmup_epochs = settings.warmup_head_epochs
 
-    fingerprint = run_fingerprint(config, train, val)
+    fingerprint = run_fingerprint(model_config, settings, spec, seed, train, val)
     checkpoint = checkpoint_dir / f"train-{fingerprint[:16]}.pt" if checkpoint_dir else None
     start_epoch = 1
     if checkpoint and settings.resume and checkpoint.exists():
@@ -324,13 +339,13 @@ def train_model(config: PipelineConfig, train: SplitData, val: SplitData,
             break
         # Gradual unfreezing: head only for the warm-up epochs, then the strategy's own freeze.
         phase = FreezeStrategy.HEAD if epoch <= warmup_epochs else strategy
-        frozen = apply_freeze(model, phase, config.model.frozen_stages)
+        frozen = apply_freeze(model, phase, model_config.frozen_stages)
         set_train_mode(model, frozen)
         loss, seen, data_seconds, compute_seconds = run_epoch(
             loader, prepare, forward, criterion, optimizer, scheduler, device, settings.precision,
             f"epoch {epoch}/{settings.epochs}")
         seconds = data_seconds + compute_seconds
-        val_metric = compute_metrics(task, val.targets, validate(), config.data.positive_index)[result.metric_name]
+        val_metric = compute_metrics(task, val.targets, validate(), spec.positive_index)[result.metric_name]
         epoch_result = EpochResult(epoch, loss / seen, val_metric, scheduler.get_last_lr()[0], seconds,
                                    seen / seconds, data_seconds, compute_seconds)
         result.history.append(epoch_result)
@@ -400,21 +415,44 @@ def fit_linear_head(features: torch.Tensor, targets: torch.Tensor, task: TaskKin
         return head, float(data_loss(head(x)))
 
 
-def _fit_head_on_features(config: PipelineConfig, model: TransferResNet, train: SplitData, val: SplitData,
-                          result: TrainResult, on_epoch_end: Callable[[EpochResult], None] | None) -> TrainResult:
+def feature_key(weights: WeightsInfo, arch: str, settings: TrainConfig, device: torch.device,
+                images: np.ndarray) -> str:
+    """What the frozen backbone's features depend on: its weights, the images, and how they are computed."""
+    digest = hashlib.sha256(json.dumps([weights.name, weights.sha256, arch, settings.precision.value,
+                                        settings.channels_last, device.type]).encode())
+    digest.update(str(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    return digest.hexdigest()
+
+
+def backbone_features(model: TransferResNet, weights: WeightsInfo, arch: str, settings: TrainConfig,
+                      feature_store: FeatureStore | None) -> Callable[[SplitData], torch.Tensor]:
+    """The frozen backbone's features of a split: computed, or read from `feature_store` when it has them."""
+    device = model.target_mean.device
+
+    def features(split: SplitData) -> torch.Tensor:
+        compute = lambda: extract_features(model, split.images, settings.batch_size, device,  # noqa: E731
+                                           settings.precision, settings.channels_last)
+        if feature_store is None:
+            return compute()
+        return feature_store.get(feature_key(weights, arch, settings, device, split.images), compute)
+
+    return features
+
+
+def _fit_head_on_features(settings: TrainConfig, spec: TaskSpec, model: TransferResNet, train: SplitData,
+                          val: SplitData, result: TrainResult, on_epoch_end: Callable[[EpochResult], None] | None,
+                          features: Callable[[SplitData], torch.Tensor]) -> TrainResult:
     """`head`: features once, then one L-BFGS fit per `train.head_l2`; the best on validation is kept.
 
     The fit runs on standardised features and the scaling is folded into the returned
     head's weights, so the model is an ordinary backbone + Linear for evaluation and export.
     """
-    settings, task = config.train, config.data.task
-    device = model.target_mean.device
+    task = spec.kind
     if settings.augment.enabled or settings.warmup_head_epochs:
         log.info("head strategy: features are computed once, so augmentation and warm-up are off")
     started = time.perf_counter()
-    train_features, val_features = (extract_features(model, split.images, settings.batch_size, device,
-                                                     settings.precision, settings.channels_last)
-                                    for split in (train, val))
+    train_features, val_features = features(train), features(val)
     result.feature_seconds = time.perf_counter() - started
     log.info("cached %d train + %d val backbone features in %.1f s", len(train), len(val), result.feature_seconds)
 
@@ -438,7 +476,7 @@ def _fit_head_on_features(config: PipelineConfig, model: TransferResNet, train: 
             model.head.weight.copy_(folded_weight)
             model.head.bias.copy_(head.bias - folded_weight @ centre)
         val_metric = compute_metrics(task, val.targets, outputs_from_features(model, val_features),
-                                     config.data.positive_index)[result.metric_name]
+                                     spec.positive_index)[result.metric_name]
         seconds = time.perf_counter() - fit_started
         epoch = EpochResult(index, loss, val_metric, None, seconds, len(train) / seconds,
                             compute_seconds=seconds, head_l2=l2)

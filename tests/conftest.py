@@ -20,7 +20,9 @@ from configs import ModelConfig, PipelineConfig, TaskKind, load_config
 from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
 from tasks.export import INPUT_NAME, NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
-from tasks.preprocess import load_grey, reduced_decode_floor, resize_and_crop, to_model_input
+from tasks.decode import load_grey
+from tasks.j2k import reduced_decode_floor
+from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import Registration, register_model, tracking_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +132,7 @@ def decoded_as_trained(path: Path | str) -> np.ndarray:
 
 
 def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarray:
-    """What evaluation gives for decoded images, one at a time: tasks.preprocess's
+    """What evaluation gives for decoded images, one at a time: tasks.transforms's
     resize_and_crop, then the normalised graph exported beside `onnx_path` (the graph the
     parity gate compares with PyTorch)."""
     session = ort.InferenceSession(str(onnx_path.parent / NORMALISED_FILE), providers=["CPUExecutionProvider"])

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from configs import CONFIG_DIR, ConfigError, TaskKind, load_config
+from configs import CONFIG_DIR, ConfigError, TaskKind, TaskSpec, load_config, load_pretrain_config
 
 from tests.conftest import write_config
 
@@ -54,3 +54,22 @@ def test_salt_from_env_else_a_private_random_file(monkeypatch, breast_config):
     salt_file = breast_config.output_dir / ".patient_salt"
     assert len(first) == 64 and salt_file.stat().st_mode & 0o077 == 0
     assert breast_config.patient_salt() == first  # stable, so patient keys stay stable
+
+
+def test_task_spec_names_outputs_and_the_positive_class_for_both_kinds():
+    breast = load_config(CONFIG_DIR / "breast_ultrasound.yaml", check_paths=False).task_spec
+    assert breast.label_names == ("benign", "malignant") and breast.num_outputs == 2
+    assert breast.positive_index == 1 and breast.positive_label == "malignant"
+    assert TaskSpec(kind="classification", label_names=("a", "b", "c")).positive_index == 2  # default: last
+    ages = load_config(CONFIG_DIR / "chest_xray_age.yaml", check_paths=False).task_spec
+    assert ages.num_outputs == 1 and ages.positive_index == 0 and not ages.classification
+    with pytest.raises(ValueError, match="label_names: only used for classification"):
+        TaskSpec(kind="regression", label_names=("a", "b"))
+    with pytest.raises(ValueError, match="positive_label"):
+        TaskSpec(kind="classification", label_names=("a", "b"), positive_label="c")
+
+
+def test_pretrain_config_says_what_it_predicts_without_a_data_section():
+    config = load_pretrain_config(CONFIG_DIR / "pretrain_pneumonia.yaml", check_paths=False)
+    assert config.task_spec == TaskSpec(kind="classification", label_names=("normal", "pneumonia"))
+    assert not hasattr(config, "data") and config.run_dir == config.output_dir / "pretrain_pneumonia"

@@ -12,7 +12,8 @@ from prefect import get_client
 
 from configs import PreprocessConfig
 from flows.dask_preprocess import dask_task_runner, preprocess_on_dask
-from tasks.preprocess import CACHE_SUFFIX, preprocess_dataset
+from tasks.cache import CACHE_SUFFIX
+from tasks.preprocess import preprocess_dataset
 
 
 def test_dask_cluster_gives_the_local_pool_result(prefect_server, mixed_folder, tmp_path):

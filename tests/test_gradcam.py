@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from configs import FreezeStrategy, TaskKind
+from configs import FreezeStrategy, PreprocessConfig, TaskKind
 from models.resnet import TransferResNet, apply_freeze
 from tasks.gradcam import explain_test_cases, grad_cam, pick_cases
-from tasks.preprocess import PreprocessConfig, preprocess_file, to_model_input
+from tasks.preprocess import preprocess_file
+from tasks.transforms import to_model_input
 
 
 @pytest.fixture(scope="module")

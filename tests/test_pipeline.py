@@ -31,7 +31,10 @@ from configs import SALT_ENV_VAR, load_config
 from flows.pipeline import train_pipeline
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
 from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_key
-from tasks.preprocess import CACHE_SUFFIX, load_grey, preprocess_file, to_model_input
+from tasks.cache import CACHE_SUFFIX
+from tasks.decode import load_grey
+from tasks.preprocess import preprocess_file
+from tasks.transforms import to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
 from tests.conftest import qc_section, write_config
@@ -224,7 +227,7 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert "plots/reliability.png" in card and "| sensitivity_at_threshold |" in card
 
     # The self-contained ONNX file takes decoded grey images of any size and agrees with
-    # PyTorch (tasks.preprocess + the network) on held-out images.
+    # PyTorch (tasks.transforms + the network) on held-out images.
     onnx_path = summary.onnx_path
     assert onnx_path.name == "model.onnx"
     meta = {p.key: p.value for p in onnx.load(onnx_path).metadata_props}

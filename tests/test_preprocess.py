@@ -1,8 +1,9 @@
-"""Behaviour of tasks/preprocess.py on real DICOM files from pydicom-data (offline)."""
+"""Behaviour of preprocessing (decode, transforms, cache, the stage) on real DICOM files from pydicom-data (offline)."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import os
 import re
@@ -22,16 +23,14 @@ from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
 
 from configs import FramePolicy, PreprocessConfig
+from tasks import cache, decode
 from tasks import preprocess as pp
-from tasks.preprocess import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    UnreadableImage,
-    load_grey,
-    preprocess_file,
-    resize_and_crop,
-    to_model_input,
-)
+from tasks.cache import ImageCache
+from tasks.decode import load_grey
+from tasks.j2k import decode_j2k_reduced
+from tasks.preprocess import preprocess_file
+from tasks.rejects import UnreadableImage
+from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
 
 
 def data_file(name: str) -> Path:
@@ -165,7 +164,7 @@ def test_jpeg2000_reduced_decode_keeps_stored_values(name):
     # the header says), not Pillow's up-scaled 16-bit samples: compare with a
     # 2x2 mean of the full decode, which is what the wavelet's LL band is close to.
     ds = pydicom.dcmread(data_file(name))
-    reduced, level = pp._decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, 512)
+    reduced, level = decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, 512)
     full = ds.pixel_array.astype(np.float64)
     full = np.pad(full, ((0, full.shape[0] % 2), (0, full.shape[1] % 2)), mode="edge")
     box = full.reshape(full.shape[0] // 2, 2, full.shape[1] // 2, 2).mean(axis=(1, 3))
@@ -489,7 +488,7 @@ def test_htj2k_decodes_at_reduced_resolution_exactly_as_jpeg_2000_does():
     with Image.open(io.BytesIO(part1.getvalue())) as reference:
         reference.reduce = 1
         expected = np.asarray(reference)
-    reduced, level = pp._decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, 128)
+    reduced, level = decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, 128)
     assert level == 1
     np.testing.assert_array_equal(reduced, expected)
     _, provenance = load_grey(HTJ2K_CR_CROP, min_short_side=128)
@@ -593,7 +592,7 @@ def test_missing_decoder_names_transfer_syntax(monkeypatch):
         is_available = False
         missing_dependencies = ["pylibjpeg - requires pylibjpeg-openjpeg"]
 
-    monkeypatch.setattr(pp, "get_decoder", lambda uid: NoPlugins())
+    monkeypatch.setattr(decode, "get_decoder", lambda uid: NoPlugins())
     with pytest.raises(UnreadableImage) as info:
         load_grey(data_file("JPEG2000.dcm"))
     assert str(info.value) == (
@@ -621,14 +620,14 @@ def test_resize_and_crop_short_side_then_centre():
 
 
 def _entries(cache_dir: Path) -> list[Path]:
-    return sorted(cache_dir.rglob(f"*{pp.CACHE_SUFFIX}"))
+    return sorted(cache_dir.rglob(f"*{cache.CACHE_SUFFIX}"))
 
 
 def test_cache_hit_does_not_decode(tmp_path, config, monkeypatch):
     src = data_file("CT_small.dcm")
     first, key, provenance, first_hit = preprocess_file(src, config)
     assert not first_hit
-    assert _entries(config.cache_dir) == [pp._cache_path(config.cache_dir, key)]
+    assert _entries(config.cache_dir) == [ImageCache(config.cache_dir, config.crop).path(key)]
     assert provenance[-3:] == ["resize:short_side(256,bilinear,antialias)", "crop:centre(224)", "quantize:uint8"]
 
     def no_decoding(*args, **kwargs):
@@ -657,20 +656,20 @@ def test_cache_key_depends_on_settings(config):
 def test_cache_key_depends_on_pipeline_version(config, monkeypatch):
     src = data_file("CT_small.dcm")
     _, key, _, _ = preprocess_file(src, config)
-    monkeypatch.setattr(pp, "PIPELINE_VERSION", pp.PIPELINE_VERSION + 1)
+    monkeypatch.setattr(cache, "PIPELINE_VERSION", cache.PIPELINE_VERSION + 1)
     assert preprocess_file(src, config)[1] != key
 
 
 def test_stale_tmp_file_is_never_read(config):
     src = data_file("CT_small.dcm")
     expected = resize_and_crop(load_grey(src)[0], config.resize, config.crop)
-    key = pp._cache_key(pp.hashlib.sha256(src.read_bytes()).hexdigest(), config)
-    entry = pp._cache_path(config.cache_dir, key)
+    key = cache.cache_key(hashlib.sha256(src.read_bytes()).hexdigest(), config)
+    entry = ImageCache(config.cache_dir, config.crop).path(key)
     entry.parent.mkdir(parents=True)
     # What a killed writer leaves: a complete-looking but wrong .tmp, and a
     # half-written one.
-    pp._write_entry(entry.parent / f"{entry.name}.abc123.tmp", np.zeros((224, 224), np.uint8), ["bogus"])
-    (entry.parent / f"{entry.name}.def456.tmp").write_bytes(pp._CACHE_MAGIC + b'{"shape": [224')
+    cache.write_entry(entry.parent / f"{entry.name}.abc123.tmp", np.zeros((224, 224), np.uint8), ["bogus"])
+    (entry.parent / f"{entry.name}.def456.tmp").write_bytes(cache.CACHE_MAGIC + b'{"shape": [224')
     image, _, provenance, _ = preprocess_file(src, config)
     np.testing.assert_array_equal(image, expected)
     assert "bogus" not in provenance
@@ -710,11 +709,11 @@ def test_killed_write_leaves_no_entry(config, monkeypatch):
 def test_unreadable_cache_entry_is_rebuilt(config):
     src = data_file("CT_small.dcm")
     image, key, _, _ = preprocess_file(src, config)
-    entry = pp._cache_path(config.cache_dir, key)
+    entry = ImageCache(config.cache_dir, config.crop).path(key)
     entry.write_bytes(entry.read_bytes()[:50])
     again, _, _, _ = preprocess_file(src, config)
     np.testing.assert_array_equal(again, image)
-    assert pp._read_entry(entry, 224)[0].shape == (224, 224)
+    assert cache.read_entry(entry, 224)[0].shape == (224, 224)
 
 
 # ---------------------------------------------------------------- model input

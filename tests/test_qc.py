@@ -8,7 +8,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from tasks.ingest import DUPLICATE_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
-from tasks.preprocess import UnreadableImage, load_grey
+from tasks.decode import load_grey
+from tasks.rejects import UnreadableImage
 from tasks.qc import qc_report, reject_reason_kind
 
 from tests.conftest import qc_section

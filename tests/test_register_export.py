@@ -105,7 +105,7 @@ REAL_SIZES = ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "US1_J2KR.dcm", "J
 
 def real_greys():
     from pydicom.data import get_testdata_file
-    from tasks.preprocess import load_grey
+    from tasks.decode import load_grey
 
     return [load_grey(get_testdata_file(name))[0] for name in REAL_SIZES]  # 64x64 up to 1955x1841
 
@@ -113,7 +113,7 @@ def real_greys():
 def test_preprocessing_graph_matches_tasks_preprocess_within_one_level():
     import onnxruntime as ort
     from tasks.export import GREY_INPUT_NAME, preprocessing_graph
-    from tasks.preprocess import resize_and_crop, to_model_input
+    from tasks.transforms import resize_and_crop, to_model_input
 
     session = ort.InferenceSession(preprocessing_graph(256, 224, 18).SerializeToString(),
                                    providers=["CPUExecutionProvider"])

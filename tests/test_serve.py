@@ -26,7 +26,7 @@ from serve.app import API_KEY_HEADER, REQUEST_NAME, Settings, create_app
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
 from tasks.export import NORMALISED_FILE, read_metadata
-from tasks.preprocess import load_grey
+from tasks.decode import load_grey
 from tasks.variants import quantise_int8
 from tests.conftest import CROP, RESIZE, decoded_as_trained, evaluated_outputs, register_version
 from tests.live_server import LiveServer

@@ -10,7 +10,7 @@ import torch
 from configs import PipelineConfig, PreprocessConfig, TaskKind
 from tasks.evaluate import compute_metrics, evaluate_predictions
 from tasks.preprocess import SplitData, preprocess_file
-from tasks.train import EarlyStopping, train_model
+from tasks.train import EarlyStopping, TrainResult, train_model
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih_cxr_age"
 
@@ -24,6 +24,11 @@ def config_for(tmp_path, task: str, **train) -> PipelineConfig:
         "model": {"weights": "none"}, "registry": {"model_name": "t"},
         "train": {"epochs": 3, "batch_size": 16, "patience": 1, **train},
     })
+
+
+def fit(config: PipelineConfig, train: SplitData, val: SplitData, **kwargs) -> TrainResult:
+    """train_model given the pieces of a pipeline config, as flows.pipeline passes them."""
+    return train_model(config.model, config.train, config.task_spec, config.seed, train, val, **kwargs)
 
 
 def load_split(paths, targets, cache_dir) -> SplitData:
@@ -43,7 +48,7 @@ def breast_splits(breast_dicom_dir):
 
 def test_classifier_trains_keeps_best_epoch_and_reports_each_epoch(tmp_path, breast_splits):
     seen = []
-    result = train_model(config_for(tmp_path, "classification"), breast_splits["train"], breast_splits["val"],
+    result = fit(config_for(tmp_path, "classification"), breast_splits["train"], breast_splits["val"],
                          on_epoch_end=seen.append)
     assert [e.epoch for e in seen] == [e.epoch for e in result.history] and 1 <= len(seen) <= 3
     assert result.best_metric == max(e.val_metric for e in result.history)
@@ -69,8 +74,8 @@ def test_early_stopping(higher_is_better, values, stops_after):
 
 def test_training_is_deterministic_for_a_seed(tmp_path, breast_splits):
     config = config_for(tmp_path, "classification", epochs=1)
-    first = train_model(config, breast_splits["train"], breast_splits["val"])
-    second = train_model(config, breast_splits["train"], breast_splits["val"])
+    first = fit(config, breast_splits["train"], breast_splits["val"])
+    second = fit(config, breast_splits["train"], breast_splits["val"])
     assert first.history[0].train_loss == pytest.approx(second.history[0].train_loss, rel=1e-5)
 
 
@@ -80,7 +85,7 @@ def test_age_regression_trains_on_real_chest_xrays(tmp_path):
     train_rows, val_rows = labels[labels["split"] == "train"][:48], labels[labels["split"] == "valid"][:24]
     train = load_split([NIH / p for p in train_rows["path"]], train_rows["patient_age"], tmp_path / "c")
     val = load_split([NIH / p for p in val_rows["path"]], val_rows["patient_age"], tmp_path / "c")
-    result = train_model(config_for(tmp_path, "regression", epochs=2), train, val)
+    result = fit(config_for(tmp_path, "regression", epochs=2), train, val)
     assert float(result.model.target_mean) == pytest.approx(train.targets.mean(), rel=1e-5)
     assert result.metric_name == "mae" and result.best_metric == min(e.val_metric for e in result.history)
     with torch.inference_mode():

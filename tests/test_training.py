@@ -9,9 +9,10 @@ import torchvision
 from configs import AugmentConfig, ClassBalance, FreezeStrategy, ModelConfig, PipelineConfig, Precision, TaskKind
 from models.resnet import apply_freeze, build_model
 from tasks.evaluate import compute_metrics, predict
+from tasks.preprocess import SplitData
 from tasks.train import (ImageDataset, build_augmentation, class_weights, extract_features, fit_linear_head,
-                         make_loader, param_groups, standardise_features, train_model)
-from tests.test_train_evaluate import breast_splits, config_for  # noqa: F401  (module fixture)
+                         make_loader, param_groups, standardise_features)
+from tests.test_train_evaluate import breast_splits, config_for, fit  # noqa: F401  (module fixture)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def backbone_state(model) -> dict[str, torch.Tensor]:
 
 def test_head_trains_on_cached_features_and_gives_the_same_model(tmp_path, breast_splits, backbone_file):
     config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, head_l2=[0.01, 1.0, 100.0])
-    result = train_model(config, breast_splits["train"], breast_splits["val"])
+    result = fit(config, breast_splits["train"], breast_splits["val"])
     assert result.cached_features and result.strategy.value == "head" and result.feature_seconds > 0
     # One fit per L2 strength, strongest first; the best on validation is the one kept.
     assert [e.head_l2 for e in result.history] == [100.0, 1.0, 0.01]
@@ -105,7 +106,7 @@ def test_warmup_epochs_train_the_head_only_then_unfreeze(tmp_path, breast_splits
         head_group, backbone_group = saved["optimizer"]["param_groups"]
         assert backbone_group["lr"] == pytest.approx(0.1 * head_group["lr"])  # backbone_lr_factor default
 
-    result = train_model(config, breast_splits["train"], breast_splits["val"], on_epoch_end=inspect_checkpoint,
+    result = fit(config, breast_splits["train"], breast_splits["val"], on_epoch_end=inspect_checkpoint,
                          checkpoint_dir=tmp_path / "ckpt")
     assert not result.cached_features
     # Warm-up: frozen BatchNorm stays in eval mode, so not even its running statistics move.
@@ -156,7 +157,7 @@ def test_augmentation_is_small_uint8_and_flips_only_when_allowed(breast_splits):
 def test_bf16_and_channels_last_train_and_hand_back_an_fp32_model(tmp_path, breast_splits, backbone_file):
     config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "partial", "frozen_stages": 3},
                         epochs=1, precision="bf16", channels_last=True)
-    result = train_model(config, breast_splits["train"], breast_splits["val"])
+    result = fit(config, breast_splits["train"], breast_splits["val"])
     assert result.precision == "bf16" and np.isfinite(result.history[0].train_loss)
     assert result.model.head.weight.dtype == torch.float32
     assert result.model.backbone.conv1.weight.is_contiguous()
@@ -182,7 +183,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tmp_path, bre
     config = configured(tmp_path, {"weights": str(backbone_file), "freeze": "full"}, epochs=2, patience=5,
                         augment={"enabled": True}, class_balance="balanced_sampler", warmup_head_epochs=1)
     train, val = breast_splits["train"], breast_splits["val"]
-    uninterrupted = train_model(config, train, val, checkpoint_dir=tmp_path / "a")
+    uninterrupted = fit(config, train, val, checkpoint_dir=tmp_path / "a")
     assert uninterrupted.resumed_from_epoch == 0 and not list((tmp_path / "a").glob("*.pt"))
 
     def kill_after_first_epoch(epoch):
@@ -190,12 +191,41 @@ def test_killed_run_resumes_from_its_checkpoint_and_ends_identical(tmp_path, bre
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        train_model(config, train, val, on_epoch_end=kill_after_first_epoch, checkpoint_dir=tmp_path / "b")
+        fit(config, train, val, on_epoch_end=kill_after_first_epoch, checkpoint_dir=tmp_path / "b")
     assert len(list((tmp_path / "b").glob("train-*.pt"))) == 1
-    resumed = train_model(config, train, val, checkpoint_dir=tmp_path / "b")
+    resumed = fit(config, train, val, checkpoint_dir=tmp_path / "b")
     assert resumed.resumed_from_epoch == 2 and len(resumed.history) == len(uninterrupted.history) == 2
     for key in ("val_metric", "train_loss", "lr"):
         assert [getattr(e, key) for e in resumed.history] == pytest.approx(
             [getattr(e, key) for e in uninterrupted.history], abs=1e-6), key
     for key, value in uninterrupted.model.state_dict().items():
         assert torch.allclose(resumed.model.state_dict()[key].float(), value.float(), atol=1e-6), key
+
+
+class CountingStore:
+    """A FeatureStore in memory that counts the feature passes it had to run."""
+
+    def __init__(self):
+        self.features: dict[str, torch.Tensor] = {}
+        self.passes = 0
+
+    def get(self, key, compute):
+        if key not in self.features:
+            self.features[key] = compute()
+            self.passes += 1
+        return self.features[key]
+
+
+def test_head_runs_share_one_feature_pass_through_a_store(tmp_path, breast_splits, backbone_file):
+    store = CountingStore()
+    train, val = breast_splits["train"], breast_splits["val"]
+    strong = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, head_l2=[10.0])
+    weak = configured(tmp_path, {"weights": str(backbone_file), "freeze": "head"}, head_l2=[0.01], batch_size=8)
+    fit(strong, train, val, feature_store=store)
+    shared = fit(weak, train, val, feature_store=store)
+    assert store.passes == 2  # the train and the val features, once for both runs
+    alone = fit(weak, train, val)
+    assert torch.allclose(shared.model.head.weight, alone.model.head.weight, atol=1e-5)
+    assert shared.best_metric == pytest.approx(alone.best_metric, abs=1e-6)
+    fit(weak, SplitData(train.images[:20], train.targets[:20]), val, feature_store=store)
+    assert store.passes == 3  # other images: a new pass for them, the val features reused
