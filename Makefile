@@ -8,7 +8,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # A busy 2-core machine can take longer than Prefect's default to start the ephemeral server.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install lock run sample test serve score pacs-demo clean
+.PHONY: install lock run sample test serve score pacs-demo clean stack stack-status stack-down automations
 
 # --no-cache-dir: where pip downloads over HTTP, its cache would keep a second copy of the
 # ~3 GB of CUDA torch wheels beside the 7 GB venv, on CI disks that have little to spare.
@@ -55,6 +55,23 @@ score: install
 # leaves their SRs in Orthanc (outputs/pacs-demo/orthanc). Needs Debian's orthanc and orthanc-dicomweb.
 pacs-demo: install
 	$(PY) -m sample_data.pacs_demo outputs/pacs-demo
+
+# The production stack on one host (README, "Production stack on one host"): PostgreSQL, the
+# object store, the MLflow and Prefect servers, a worker and the service, as processes with pid
+# files and logs under .stack/ (MEDXFER_STACK_HOME). Ports and secrets: see stack/settings.py.
+stack: install
+	$(PY) -m stack up
+
+stack-status: install
+	$(PY) -m stack status
+
+stack-down: install
+	$(PY) -m stack down
+
+# Prefect automations (failure alerts, promotion): needs MEDXFER_ALERT_WEBHOOK_URL and the stack's
+# client environment (eval "$$($(PY) -m stack env)").
+automations: install
+	$(PY) -m stack.automations
 
 clean:
 	rm -rf outputs .cache

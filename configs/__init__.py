@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONFIG_DIR = Path(__file__).resolve().parent
 SALT_ENV_VAR = "MEDXFER_PATIENT_SALT"
+# Set, it replaces every config's registry.tracking_uri: the same configs run against a
+# tracking server (the production stack) with no edit. Credentials stay in MLflow's own
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+TRACKING_URI_ENV = "MEDXFER_TRACKING_URI"
 
 
 class ConfigError(ValueError):
@@ -229,6 +233,12 @@ class RegistryConfig(Strict):
     # Where a new experiment keeps artifacts; None: `output_dir/mlartifacts` for a
     # local (sqlite/file) store, the tracking server's default otherwise.
     artifact_location: str | None = None
+    # The stages that only talk to the registry and its object store (register, model card,
+    # scoring's load-champion) are tried again this many times on a connection or 5xx error,
+    # after io_retry_delay_seconds, then twice as long each time: a tracking server that
+    # restarts costs a wait, not the run. (MLflow's client first retries each request itself.)
+    io_retries: Annotated[int, Field(ge=0)] = 3
+    io_retry_delay_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class ExportConfig(Strict):
@@ -241,6 +251,9 @@ class ExportConfig(Strict):
     int8: bool = True  # also write model_int8.onnx (dynamic quantisation, for CPUs)
     fp16: bool = True  # also write model_fp16.onnx (half precision, for GPUs)
     fp16_max_abs_diff: Annotated[float, Field(gt=0)] = 1e-2
+    # domain_score vs PyTorch, as a fraction of its threshold: float32 graphs, then int8 and fp16
+    domain_max_rel_diff: Annotated[float, Field(gt=0)] = 1e-3
+    variant_domain_max_rel_diff: Annotated[float, Field(gt=0)] = 5e-2
 
 
 class ServeConfig(Strict):
@@ -272,6 +285,66 @@ class EvaluateConfig(Strict):
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
     calibration_bins: Annotated[int, Field(ge=2, le=50)] = 10
     gradcam_images: Annotated[int, Field(ge=0, le=32)] = 6
+
+
+class NoveltyMethod(str, Enum):
+    """How far an image's penultimate features lie from the training images' (tasks/domain.py)."""
+
+    MAHALANOBIS = "mahalanobis"  # to the training mean, under a Ledoit-Wolf shrunk covariance
+    KNN = "knn"  # cosine distance to the k-th nearest training image
+
+
+class DomainPolicy(str, Enum):
+    """What the service and batch scoring do with an input outside the training domain."""
+
+    FLAG = "flag"  # answer, with in_domain false and the reasons
+    REFUSE = "refuse"  # no prediction: 422 (service) or a reject (batch scoring), with the reasons
+
+
+class OutOfDomainGroup(str, Enum):
+    """How an evaluation image differs from the training data; AUROC is reported per group."""
+
+    OTHER_MODALITY = "other_modality"
+    SAME_MODALITY_OTHER_ANATOMY = "same_modality_other_anatomy"
+
+
+class OutOfDomainSource(Strict):
+    """Real images the model was not trained for, held out to evaluate the domain check.
+
+    Exactly one of: `pydicom` (pydicom-data files of these Modality values, see
+    tasks.domain_eval.PYDICOM_IMAGES), `folder` (DICOM/PNG/JPEG files), `npz` (a
+    MedMNIST-style `{split}_images` array, sent as PNG the way a caller would).
+    Missing paths are skipped with a log line (CI has no ../shared)."""
+
+    group: OutOfDomainGroup
+    pydicom: list[str] | None = None
+    body_parts: list[str] | None = None  # pydicom: only files with these BodyPartExamined values
+    folder: Path | None = None
+    npz: Path | None = None
+    split: str = "test"  # npz: which `{split}_images`
+    limit: Annotated[int, Field(gt=0)] | None = None  # at most this many images, a seeded random subset
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "OutOfDomainSource":
+        given = [key for key in ("pydicom", "folder", "npz") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of pydicom, folder, npz")
+        if self.body_parts is not None and self.pydicom is None:
+            raise ValueError("body_parts: only used with pydicom")
+        return self
+
+
+class DomainConfig(Strict):
+    """The input-domain check fitted at training time and shipped in the ONNX file (tasks/domain.py)."""
+
+    method: NoveltyMethod = NoveltyMethod.MAHALANOBIS
+    knn_k: Annotated[int, Field(gt=0)] = 5  # method knn
+    # The novelty threshold: this quantile of the in-domain validation images' scores.
+    quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
+    # Image rows and columns may lie this fraction outside the range seen in training.
+    size_margin: Annotated[float, Field(ge=0)] = 0.25
+    policy: DomainPolicy = DomainPolicy.FLAG
+    out_of_domain: list[OutOfDomainSource] = []
 
 
 class ScheduleConfig(Strict):
@@ -452,6 +525,7 @@ class PipelineConfig(ModelRunConfig):
     export: ExportConfig = ExportConfig()
     serve: ServeConfig = ServeConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    domain: DomainConfig = DomainConfig()
     pacs: PacsConfig | None = None  # a PACS to train from (data.source: pacs) or to score and report to
 
     @property
@@ -533,6 +607,8 @@ def _validated(path: Path, schema: type[Strict]) -> Strict:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    if os.environ.get(TRACKING_URI_ENV) and isinstance(raw.get("registry"), dict):
+        raw["registry"]["tracking_uri"] = os.environ[TRACKING_URI_ENV]
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:

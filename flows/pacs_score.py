@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 
-from configs import PacsProtocol, PipelineConfig, ResultTransport, load_config
+from configs import DomainPolicy, PacsProtocol, PipelineConfig, ResultTransport, load_config
 from flows.score import load_model
 from tasks.champion import Prediction, ServedModel
 from tasks.dicom_results import AiResult, ModelIdentity, result_sr
@@ -77,9 +77,11 @@ def retrieve_new(config: PipelineConfig, refs: list[InstanceRef], salt: str) -> 
 
 
 @task(name="score", cache_policy=NO_CACHE)
-def score(paths: list[Path], model: ServedModel) -> tuple[ScoreResult, dict[str, Prediction]]:
+def score(paths: list[Path], model: ServedModel, policy: DomainPolicy) -> tuple[ScoreResult, dict[str, Prediction]]:
+    """Every image scored gets its result (with the domain verdict); under `domain.policy: refuse`
+    an out-of-domain image is a reject instead, and gets none."""
     predictions: dict[str, Prediction] = {}
-    result = score_files(paths, model, on_prediction=predictions.__setitem__)
+    result = score_files(paths, model, policy, on_prediction=predictions.__setitem__)
     get_run_logger().info("scored: %s", result.summary())
     return result, predictions
 
@@ -99,7 +101,7 @@ def send_results(config: PipelineConfig, scored: list[tuple[InstanceRef, Path, P
     try:
         for start in range(0, len(scored), RESULT_BATCH):
             batch = scored[start:start + RESULT_BATCH]
-            pacs.send([result_sr(pydicom.dcmread(path, stop_before_pixels=True), AiResult.from_body(p.body), identity)
+            pacs.send([result_sr(pydicom.dcmread(path, stop_before_pixels=True), AiResult.of(p), identity)
                        for _, path, p in batch])
             ledger.record([ref for ref, _, _ in batch], SCORED, model.version)
     finally:
@@ -114,6 +116,8 @@ def _report(counts: dict[str, int], window: Window, watermark: date | None, mode
              f"Scan: {window.reason}; watermark now {watermark.isoformat() if watermark else 'not set'}.", "",
              f"New images {counts['new']} = scored {counts['scored']} + rejected {counts['rejected']} "
              f"+ not retrieved {counts['failed']}; {counts['seen_before']} scored before.",
+             f"Outside the training domain: {counts['out_of_domain']} (scored and flagged, or refused: "
+             "`domain.policy`).",
              f"Results sent ({transport.value}): {counts['results_sent']}."]
     return "\n".join(lines)
 
@@ -135,7 +139,7 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
         with tempfile.TemporaryDirectory(prefix="medxfer-pacs-score-") as download_dir:
             model = load_model(config.registry.tracking_uri, config.registry.model_name, config.serve.variant,
                                Path(download_dir))
-            result, predictions = score([path for _, path in by_hash.values()], model)
+            result, predictions = score([path for _, path in by_hash.values()], model, config.domain.policy)
         ledger.record([by_hash[key][0] for key in result.rejects["file_sha256"]], REJECTED, model.version)
         sent = send_results(config, [(*by_hash[key], prediction) for key, prediction in predictions.items()],
                             model, ledger)
@@ -148,7 +152,7 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
     scores_csv = write_csv_atomic(result.scores, out_dir / "scores.csv")
     rejects_csv = write_csv_atomic(rejects, out_dir / "score_rejects.csv")
     counts = {"new": len(refs), "seen_before": seen, "scored": len(result.scores), "rejected": len(result.rejects),
-              "failed": len(retrieval.failed), "results_sent": sent}
+              "failed": len(retrieval.failed), "out_of_domain": len(result.out_of_domain), "results_sent": sent}
     create_markdown_artifact(key=f"{config.name.replace('_', '-').lower()}-pacs-scores",
                              markdown=_report(counts, window, watermark, model, config.pacs.scoring.send_results),
                              description="PACS scoring summary")

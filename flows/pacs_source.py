@@ -7,11 +7,11 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from configs import PipelineConfig
+from flows.stages import stage
 from tasks.io import write_text_atomic
 from tasks.pacs.query import describe
 from tasks.pacs.source import PacsSelection, prepare_pacs_dataset
@@ -32,10 +32,11 @@ def retrieval_report(selection: PacsSelection) -> str:
     return "\n".join(lines)
 
 
-@task(name="pacs-retrieve", cache_policy=NO_CACHE, persist_result=False)  # its inputs hold UIDs in memory
+@stage(name="pacs-retrieve")
 def retrieve_training_data(config: PipelineConfig, run_dir: Path) -> pd.DataFrame:
     """Fill data.root and data.manifest from the PACS; the label rows and instances it could not give,
-    as rejects for ingest to count."""
+    as rejects for ingest to count (export rows and salted instance keys: the persisted result holds no
+    identifier). A retried flow run that had got past it does not ask the PACS again."""
     logger = get_run_logger()
     logger.info("retrieving the label export's studies (%s) from the PACS", describe(config.pacs.query))
     selection = prepare_pacs_dataset(config, config.patient_salt())

@@ -1,5 +1,5 @@
-"""The training pipeline as a Prefect flow: ingest -> preprocess -> train -> evaluate -> explain -> export
--> register -> model card.
+"""The training pipeline as a Prefect flow: (pacs-retrieve ->) ingest -> preprocess -> train -> domain
+-> evaluate -> explain -> export -> register -> model card.
 
 Each task is a thin wrapper over a pure function in `tasks/`: it writes the
 stage's files, logs to MLflow and publishes what the ops team reads in the UI.
@@ -19,13 +19,16 @@ import mlflow
 import pandas as pd
 import yaml
 from mlflow import MlflowClient
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 from configs import ModelRunConfig, PipelineConfig, load_config
 from flows.dask_preprocess import preprocess_on_dask
+from flows.events import emit_promoted
 from flows.pacs_source import retrieve_training_data
+from flows.stages import discard_results, stage, with_io_retries
+from tasks.domain import DomainFit
+from tasks.domain_eval import DomainEvaluation, fit_and_evaluate
 from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_metric
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, ServedDecode, serving_metadata,
                           training_data_sha256)
@@ -39,10 +42,6 @@ from tasks.qc import qc_report
 from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
 from tasks.variants import ServingModels, export_serving_models
-
-# Large in-memory inputs (models, arrays): Prefect should not hash them for caching.
-stage = task(cache_policy=NO_CACHE)
-
 
 def _slug(name: str) -> str:
     return name.replace("_", "-").lower()
@@ -138,8 +137,31 @@ def train(config: ModelRunConfig, prepared: PreparedData, run_id: str) -> TrainR
     return result
 
 
+@dataclass(frozen=True)
+class DomainResult:
+    fit: DomainFit
+    evaluation: DomainEvaluation
+
+
+@stage(name="domain")
+def domain(config: PipelineConfig, trained: TrainResult, prepared: PreparedData) -> DomainResult:
+    """Fit the input-domain check on the training split, threshold it on validation, and
+    evaluate it on the test split against the configured out-of-domain images."""
+    fit, evaluation = fit_and_evaluate(config, trained.model, prepared)
+    mlflow.log_params(fit.mlflow_params())
+    mlflow.log_metrics(evaluation.mlflow_metrics())
+    mlflow.log_dict(fit.check.as_dict(), "domain/domain_check.json")
+    aurocs = [f"AUROC {g.group.value} {g.auroc:.3f} ({g.images} images)" for g in evaluation.groups]
+    get_run_logger().info("domain check: threshold %.4g; test false rejections %.1f%%; %s", fit.check.threshold,
+                          100 * evaluation.false_rejection, ", ".join(aurocs) or "no out-of-domain images")
+    return DomainResult(fit, evaluation)
+
+
 @stage(name="evaluate")
-def evaluate(config: ModelRunConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path) -> Evaluation:
+def evaluate(config: ModelRunConfig, trained: TrainResult, prepared: PreparedData, run_dir: Path,
+             domain_evaluation: DomainEvaluation | None = None) -> Evaluation:
+    """Test metrics and the evaluation report; with `domain_evaluation` (the pipeline's, not a
+    source model's), the input-domain check's section too."""
     test, val = prepared.split("test"), prepared.split("val")
     spec = config.task_spec
     outputs, val_outputs = (predict(trained.model, split.images, config.train.batch_size, trained.device)
@@ -152,6 +174,8 @@ def evaluate(config: ModelRunConfig, trained: TrainResult, prepared: PreparedDat
         mlflow.log_artifact(str(plot), "plots")
     report = evaluation.markdown(f"{config.name}: test set ({len(test)} images)", list(spec.label_names))
     report += f"\n\nBackbone: {trained.weights.describe()}; strategy {trained.strategy.value}."
+    if domain_evaluation is not None:
+        report += f"\n\n## Input domain\n\n{domain_evaluation.body()}\n"
     write_text_atomic(run_dir / "evaluation.md", report)
     mlflow.log_artifact(str(run_dir / "evaluation.md"))
     create_markdown_artifact(key=f"{_slug(config.name)}-evaluation", markdown=report,
@@ -175,10 +199,10 @@ def explain(config: PipelineConfig, trained: TrainResult, prepared: PreparedData
 @stage(name="model-card")
 def publish_model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation,
                        ingested: IngestResult, prepared: PreparedData, registration: Registration,
-                       explained: list[str], run_dir: Path) -> Path:
+                       explained: list[str], run_dir: Path, domain_evaluation: DomainEvaluation) -> Path:
     rejected = ingested.discovered - prepared.manifest["path"].nunique()  # files, not frames
     context = CardContext(prepared.manifest, ingested.discovered, rejected, registration.version,
-                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained)
+                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained, domain_evaluation)
     card = model_card(config, trained, evaluation, context)
     path = write_text_atomic(run_dir / "model_card.md", card)
     mlflow.log_artifact(str(path))
@@ -189,7 +213,7 @@ def publish_model_card(config: PipelineConfig, trained: TrainResult, evaluation:
 
 @stage(name="export")
 def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData, evaluation: Evaluation,
-           run_dir: Path) -> ServingModels:
+           run_dir: Path, domain_fit: DomainFit) -> ServingModels:
     """ONNX files checked against PyTorch on held-out test images; raises ParityError
     (after logging the reason as a run artifact) when the float32 graphs disagree."""
     data, pre, spec = config.data, config.preprocess, config.task_spec
@@ -200,7 +224,7 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
         operating_threshold=threshold, resize=pre.resize, crop=pre.crop, metrics=evaluation.metrics,
         training_data=training_data_sha256(prepared.manifest), weights_name=trained.weights.name,
         weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name,
-        voi_window=pre.voi_window, frames=pre.frames)
+        voi_window=pre.voi_window, frames=pre.frames) | domain_fit.check.to_metadata()
     test = prepared.split("test")
     test_paths = prepared.manifest.loc[prepared.manifest["split"] == "test", "path"]
     decode = ServedDecode.from_metadata(metadata)  # as the service will: checks what the metadata says
@@ -208,11 +232,14 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     models = export_serving_models(
         trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
         test_crops=test.images, test_greys=greys, test_targets=test.targets,
-        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, positive_index=spec.positive_index)
+        threshold=DEFAULT_THRESHOLD if threshold is None else threshold, positive_index=spec.positive_index,
+        novelty=domain_fit.novelty, domain_threshold=domain_fit.check.threshold)
     write_text_atomic(run_dir / "onnx_parity.json", models.report_json())
     mlflow.log_artifact(str(run_dir / "onnx_parity.json"), "onnx")
     mlflow.log_metrics({f"onnx_{r.graph.replace('-', '_')}_max_abs_diff": r.max_abs_diff
                         for r in models.parity if r.provider == CPU_PROVIDER})
+    mlflow.log_metrics({f"onnx_{r.graph.replace('-', '_')}_domain_max_rel_diff": r.domain_max_rel_diff
+                        for r in models.parity if r.provider == CPU_PROVIDER and r.domain_max_rel_diff is not None})
     for accuracy in models.accuracy:
         mlflow.log_metrics({f"{accuracy.variant}_test_{k}": v for k, v in accuracy.metrics.items()})
     mlflow.set_tag("onnx_providers", ",".join(sorted({r.provider for r in models.parity})))
@@ -238,6 +265,8 @@ def register(config: PipelineConfig, trained: TrainResult, models: ServingModels
                                   onnx_variants={"normalised": models.normalised, **models.variants})
     get_run_logger().info("registered %s version %s (%s)", registration.model_name,
                           registration.version, registration.reason)
+    if registration.is_champion:
+        emit_promoted(registration)
     return registration
 
 
@@ -262,7 +291,7 @@ class PipelineSummary:
 def train_pipeline(config_path: str) -> PipelineSummary:
     """Ingest, preprocess, fine-tune, evaluate, export and register one dataset."""
     config = load_config(config_path)
-    with tracking_run(config, run_name=config.name) as run_id:
+    with tracking_run(config, run_name=config.name, flow_run_id=runtime.flow_run.id) as run_id:
         run_dir = config.run_dir / run_id
         mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json", exclude=SECRET_FIELDS)),
                         "config/config.yaml")
@@ -270,14 +299,17 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         ingested = ingest(config, run_dir, source_rejects)
         prepared = preprocess(config, ingested, run_dir)
         trained = train(config, prepared, run_id)
-        evaluation = evaluate(config, trained, prepared, run_dir)
+        checked = domain(config, trained, prepared)
+        evaluation = evaluate(config, trained, prepared, run_dir, checked.evaluation)
         explained = explain(config, trained, prepared, run_dir)
-        models = export(config, trained, prepared, evaluation, run_dir)
-        registration = register(config, trained, models, run_id, prepared)
-        publish_model_card(config, trained, evaluation, ingested, prepared, registration, explained, run_dir)
+        models = export(config, trained, prepared, evaluation, run_dir, checked.fit)
+        registration = with_io_retries(register, config.registry)(config, trained, models, run_id, prepared)
+        with_io_retries(publish_model_card, config.registry)(config, trained, evaluation, ingested, prepared,
+                                                             registration, explained, run_dir, checked.evaluation)
     summary = PipelineSummary(run_dir, models.self_contained, registration, evaluation.metrics,
                               trained.weights.describe())
     get_run_logger().info("pipeline finished\n%s", summary.text())
+    discard_results(runtime.flow_run.id)
     return summary
 
 

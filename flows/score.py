@@ -2,7 +2,8 @@
 
 Run: python -m flows.score configs/breast_ultrasound.yaml /path/to/new/studies
 Writes <output_dir>/<name>/scores/<flow run id>/scores.csv and score_rejects.csv,
-and a Prefect markdown artifact with the counts and the predictions' spread.
+and a Prefect markdown artifact with the counts, the predictions' spread and the
+studies outside the model's training domain.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from configs import load_config
+from configs import DomainPolicy, load_config
+from flows.stages import with_io_retries
 from tasks.champion import ServedModel, load_champion
 from tasks.io import write_csv_atomic
 from tasks.score import ScoreResult, score_files, study_files, summary_markdown
@@ -30,10 +32,10 @@ def load_model(tracking_uri: str, model_name: str, variant: str, download_dir: P
 
 
 @task(name="score", cache_policy=NO_CACHE)
-def score(files: list[Path], model: ServedModel) -> ScoreResult:
-    result = score_files(files, model)
+def score(files: list[Path], model: ServedModel, policy: DomainPolicy) -> ScoreResult:
+    result = score_files(files, model, policy)
     counts = result.summary()
-    if counts["discovered"] != counts["scored"] + counts["rejected"]:
+    if counts["discovered"] != counts["scored"] + counts["rejected"]:  # out_of_domain is among them
         raise RuntimeError(f"counts do not reconcile: {counts}")
     get_run_logger().info("scored: %s", counts)
     return result
@@ -54,9 +56,9 @@ def score_studies(config_path: str, input_dir: str) -> ScoreSummary:
     out_dir = config.run_dir / "scores" / str(runtime.flow_run.id)
     files = study_files(Path(input_dir))
     with tempfile.TemporaryDirectory(prefix="medxfer-score-") as download_dir:
-        model = load_model(config.registry.tracking_uri, config.registry.model_name, config.serve.variant,
-                           Path(download_dir))
-        result = score(files, model)
+        model = with_io_retries(load_model, config.registry)(config.registry.tracking_uri, config.registry.model_name,
+                                                             config.serve.variant, Path(download_dir))
+        result = score(files, model, config.domain.policy)
     scores_csv = write_csv_atomic(result.scores, out_dir / "scores.csv")
     rejects_csv = write_csv_atomic(result.rejects, out_dir / "score_rejects.csv")
     create_markdown_artifact(key=f"{config.name.replace('_', '-').lower()}-scores",

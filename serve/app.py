@@ -24,10 +24,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from configs import PipelineConfig, ServeConfig
+from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
 from tasks.dicom_results import ModelIdentity, NotReferenceable, result_sr_for
+from tasks.domain import ImageFacts, request_facts
 from tasks.ingest import read_dicom_header
 from tasks.rejects import UnreadableImage
 
@@ -36,7 +37,7 @@ log = logging.getLogger("medxfer.serve")
 API_KEY_HEADER = "X-API-Key"
 DICOM_TYPE = "application/dicom"
 ACCEPTED_TYPES = (DICOM_TYPE, "image/png", "image/jpeg")
-TRACKING_URI_ENV, MODEL_NAME_ENV = "MEDXFER_TRACKING_URI", "MEDXFER_MODEL_NAME"
+MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
 MAX_ASPECT = 8  # longest side / shortest side
 
@@ -47,16 +48,18 @@ class Settings:
     model_name: str
     serve: ServeConfig
     api_key: str | None  # None: no key required
+    domain_policy: DomainPolicy = DomainPolicy.FLAG  # out-of-domain inputs: answered with the flag, or 422
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
-        """The config's registry and serve sections; the environment can name another
-        registry or model, and holds the API key."""
+        """The config's registry and serve sections (configs.TRACKING_URI_ENV names another
+        registry); the environment can name another model, and holds the API key."""
         return cls(
-            tracking_uri=os.environ.get(TRACKING_URI_ENV) or config.registry.tracking_uri,
+            tracking_uri=config.registry.tracking_uri,
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
+            domain_policy=config.domain.policy,
         )
 
 
@@ -87,11 +90,12 @@ class Service:
         self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
                                     settings.serve.batch_window_ms / 1000)
 
-    def _predict(self, greys: Sequence[np.ndarray]) -> list[tuple[Prediction, ServedModel]]:
+    def _predict(self, requests: Sequence[tuple[np.ndarray, ImageFacts]]) -> list[tuple[Prediction, ServedModel]]:
         model = self.model  # one reference per batch: a swap mid-batch cannot mix models
         if model is None:
             raise ModelUnavailable(self.load_error or "no model loaded")
-        return [(prediction, model) for prediction in model.predict(greys)]
+        greys, facts = zip(*requests)
+        return [(prediction, model) for prediction in model.predict(greys, facts)]
 
     def _load(self) -> None:
         s = self.settings
@@ -194,6 +198,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
             grey = await asyncio.to_thread(model.decode, REQUEST_NAME, body)
+            facts = await asyncio.to_thread(request_facts, body)
         except UnreadableImage as exc:
             raise HTTPException(_status_for(exc.reason),
                                 f"cannot read the {content_type} body: {exc.reason}") from None
@@ -204,16 +209,19 @@ def create_app(settings: Settings) -> FastAPI:
             raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
                                      f"over {MAX_ASPECT}:1 is not supported")
         try:
-            prediction, model = await service.batcher.submit(grey)
+            prediction, model = await service.batcher.submit((grey, facts))
         except ModelUnavailable as exc:
             raise HTTPException(503, str(exc)) from None
-        # Only sizes and timings: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d %.1f ms", model.name, model.version, *grey.shape,
-                 1000 * (time.perf_counter() - started))
+        # Only sizes, timings and the domain flag: nothing from the image or its header is logged.
+        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *grey.shape,
+                 prediction.domain.in_domain, 1000 * (time.perf_counter() - started))
+        if settings.domain_policy is DomainPolicy.REFUSE and prediction.domain.in_domain is False:
+            raise HTTPException(422, {"message": "the input is outside the model's training domain",
+                                      **prediction.domain.as_json(), "model": model.describe()})
         if as_dicom:  # a Comprehensive SR in the request's study (tasks/dicom_results.py)
             identity = ModelIdentity(model.name, model.version, model.variant)
             try:
-                sr = await asyncio.to_thread(lambda: result_sr_for(read_dicom_header(body), prediction.body, identity))
+                sr = await asyncio.to_thread(lambda: result_sr_for(read_dicom_header(body), prediction, identity))
             except NotReferenceable as exc:
                 raise HTTPException(422, f"cannot answer with a DICOM result: {exc}") from None
             return Response(sr, media_type=DICOM_TYPE)

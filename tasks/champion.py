@@ -9,6 +9,8 @@ the same way and the sha256-checked file is the one served), fed by the project'
 own `resize_and_crop`, the code training and evaluation used: every image becomes the
 same normalised crop, images of any sizes share a batch, and each answer is the one
 the parity gate compared with PyTorch (normalised graph, export.max_abs_diff).
+Every answer carries the domain check's verdict (tasks.domain): the graph's own
+`domain_score` judged with the threshold and header facts in the file's metadata.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from mlflow import MlflowClient
 
 from configs import TaskKind
+from tasks.domain import DOMAIN_OUTPUT, NOT_CHECKED, DomainCheck, DomainVerdict, ImageFacts, judge
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
 from tasks.transforms import resize_and_crop, to_model_input
@@ -44,13 +47,15 @@ class ModelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's answer, ready to be returned as JSON."""
+    """One image's answer, ready to be returned as JSON, and its domain verdict (which the
+    body carries too: `in_domain`, `domain_score`, `domain_reasons`)."""
 
     body: dict
+    domain: DomainVerdict = NOT_CHECKED
 
     @classmethod
     def classification(cls, probabilities: np.ndarray, label: str, labels: Sequence[str],
-                       positive_index: int, threshold: float) -> "Prediction":
+                       positive_index: int, threshold: float, domain: DomainVerdict = NOT_CHECKED) -> "Prediction":
         return cls({
             "task": TaskKind.CLASSIFICATION.value,
             "label": label,
@@ -58,11 +63,11 @@ class Prediction:
             "positive_label": labels[positive_index],
             "positive_probability": float(probabilities[positive_index]),
             "threshold": threshold,
-        })
+        } | domain.as_json(), domain)
 
     @classmethod
-    def regression(cls, age: float) -> "Prediction":
-        return cls({"task": TaskKind.REGRESSION.value, "age_years": float(age)})
+    def regression(cls, age: float, domain: DomainVerdict = NOT_CHECKED) -> "Prediction":
+        return cls({"task": TaskKind.REGRESSION.value, "age_years": float(age)} | domain.as_json(), domain)
 
 
 @dataclass
@@ -103,28 +108,41 @@ class ServedModel:
         return json.loads(self.metadata["preprocess"])
 
     @cached_property
+    def domain_check(self) -> DomainCheck | None:
+        """The threshold and training header facts; None for a model exported without them."""
+        return DomainCheck.from_metadata(self.metadata)
+
+    @cached_property
     def decode(self) -> ServedDecode:
         """decode(path, data): a request's bytes as grey [0, 1], decoded as training decoded them."""
         return ServedDecode.from_metadata(self.metadata)
 
-    def predict(self, greys: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict(self, greys: Sequence[np.ndarray],
+                facts: Sequence[ImageFacts | None] | None = None) -> list[Prediction]:
         """Answers for decoded grey images (float [0, 1], any sizes), in order: each is
         resized and cropped as in evaluation, then all run in one network call (one call
-        per image for a per_image network)."""
+        per image for a per_image network). `facts`: each image's header facts for the
+        domain check (None: not known)."""
         spec = self.preprocess_spec
         crops = np.stack([resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"])
                           for grey in greys])
         images = to_model_input(torch.from_numpy(crops)).numpy()
         batches = [image[None] for image in images] if self.per_image else [images]
-        outputs = np.concatenate([self.session.run(None, {INPUT_NAME: batch})[0] for batch in batches])
+        names = [output.name for output in self.session.get_outputs()]
+        runs = [dict(zip(names, self.session.run(None, {INPUT_NAME: batch}))) for batch in batches]
         self.network_calls += len(batches)
+        outputs = np.concatenate([run[names[0]] for run in runs])
+        check = self.domain_check if DOMAIN_OUTPUT in names else None
+        scores = np.concatenate([run[DOMAIN_OUTPUT] for run in runs]) if check else np.zeros(len(greys))
+        facts = list(facts) if facts is not None else [None] * len(greys)
+        verdicts = [judge(f, float(score), check) for f, score in zip(facts, scores)]
         if self.task is TaskKind.REGRESSION:
-            return [Prediction.regression(age) for age in outputs.reshape(-1)]
+            return [Prediction.regression(age, v) for age, v in zip(outputs.reshape(-1), verdicts)]
         labels = json.loads(self.metadata["label_names"])
         positive = int(self.metadata.get("positive_index") or len(labels) - 1)
         chosen = decisions(outputs, self.threshold, positive)
-        return [Prediction.classification(p, labels[c], labels, positive, self.threshold)
-                for p, c in zip(outputs, chosen)]
+        return [Prediction.classification(p, labels[c], labels, positive, self.threshold, v)
+                for p, c, v in zip(outputs, chosen, verdicts)]
 
 
 def champion_version(tracking_uri: str, name: str) -> str:

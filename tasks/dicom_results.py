@@ -4,8 +4,8 @@ In the spirit of IHE AI Results (AIR): a TID 1500 Measurement Report whose obser
 algorithm as a device, with one measurement group (TID 1501) that references the scored
 image and holds the algorithm's identification (TID 4019: the registry model and version),
 the probability of the positive class or the estimated age, the operating threshold and
-the decision, the in-domain flag, its score and reasons when the model gives them, and a
-"not for diagnostic use" statement. The SR joins the source's study (patient and study
+the decision, the input-domain check's verdict (the in-domain flag, novelty score and threshold,
+and each reason), and a "not for diagnostic use" statement. The SR joins the source's study (patient and study
 identifiers copied from it, as the record needs) in a series of its own per model version.
 Its UIDs are derived from the scored instance and the model version, so scoring the same
 image with the same model again gives the same SR, which a PACS stores once.
@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import io
 import uuid
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass
 
 import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
 from configs import TaskKind
+from tasks.champion import Prediction
+from tasks.domain import NOT_CHECKED, DomainVerdict
 
 LOCAL_SCHEME = "99MEDXFER"  # a local coding scheme: DICOM reserves designators starting "99" for these
 MANUFACTURER = "medxfer"
@@ -39,7 +40,8 @@ DECISION = hd.sr.CodedConcept("DECISION", LOCAL_SCHEME, "Class at the operating 
 ESTIMATED_AGE = hd.sr.CodedConcept("ESTIMATED-AGE", LOCAL_SCHEME, "Estimated age")
 IN_DOMAIN = hd.sr.CodedConcept("IN-DOMAIN", LOCAL_SCHEME, "Input within the training domain")
 DOMAIN_SCORE = hd.sr.CodedConcept("DOMAIN-SCORE", LOCAL_SCHEME, "Input novelty score")
-DOMAIN_REASON = hd.sr.CodedConcept("DOMAIN-REASON", LOCAL_SCHEME, "Out-of-domain reason")
+DOMAIN_THRESHOLD = hd.sr.CodedConcept("DOMAIN-THRESHOLD", LOCAL_SCHEME, "Input novelty threshold")
+DOMAIN_REASON = hd.sr.CodedConcept("DOMAIN-REASON", LOCAL_SCHEME, "Input domain reason")
 NO_UNITS, YEARS = codes.UCUM.NoUnits, codes.UCUM.Year
 
 
@@ -52,8 +54,7 @@ class ModelIdentity:
 
 @dataclass(frozen=True)
 class AiResult:
-    """One prediction, as the service and scoring give it (`Prediction.body`); the in-domain fields
-    are filled when the model reports them (the input-domain check of issue 12)."""
+    """One prediction, as the service and scoring give it: the body's values and the domain verdict."""
 
     task: TaskKind
     label: str | None = None
@@ -62,17 +63,15 @@ class AiResult:
     positive_probability: float | None = None
     threshold: float | None = None
     age_years: float | None = None
-    in_domain: bool | None = None
-    domain_score: float | None = None
-    domain_reasons: tuple[str, ...] = field(default_factory=tuple)
+    domain: DomainVerdict = NOT_CHECKED
 
     @classmethod
-    def from_body(cls, body: Mapping) -> AiResult:
+    def of(cls, prediction: Prediction) -> AiResult:
+        body = prediction.body
         return cls(task=TaskKind(body["task"]), label=body.get("label"),
                    label_names=tuple(body.get("probabilities", {})), positive_label=body.get("positive_label"),
                    positive_probability=body.get("positive_probability"), threshold=body.get("threshold"),
-                   age_years=body.get("age_years"), in_domain=body.get("in_domain"),
-                   domain_score=body.get("domain_score"), domain_reasons=tuple(body.get("domain_reasons") or ()))
+                   age_years=body.get("age_years"), domain=prediction.domain)
 
 
 def _uid(*parts: str) -> str:
@@ -106,8 +105,7 @@ def _measurements(result: AiResult, algorithm: hd.sr.AlgorithmIdentification) ->
     else:
         probability = hd.sr.CodedConcept(PROBABILITY, LOCAL_SCHEME, f"Probability of {result.positive_label}"[:64])
         values = [(probability, result.positive_probability, NO_UNITS), (THRESHOLD, result.threshold, NO_UNITS)]
-    if result.domain_score is not None:
-        values.append((DOMAIN_SCORE, result.domain_score, NO_UNITS))
+    values += [(DOMAIN_SCORE, result.domain.score, NO_UNITS), (DOMAIN_THRESHOLD, result.domain.threshold, NO_UNITS)]
     return [hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm)
             for name, value, unit in values if value is not None]
 
@@ -116,9 +114,22 @@ def _evaluations(result: AiResult) -> list[hd.sr.QualitativeEvaluation]:
     evaluations = []
     if result.task is TaskKind.CLASSIFICATION and result.label is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(DECISION, _class_code(result, result.label)))
-    if result.in_domain is not None:
-        evaluations.append(hd.sr.QualitativeEvaluation(IN_DOMAIN, codes.SCT.Yes if result.in_domain else codes.SCT.No))
+    if result.domain.in_domain is not None:  # None: the model version carries no check (its reason says so)
+        evaluations.append(hd.sr.QualitativeEvaluation(IN_DOMAIN, codes.SCT.Yes if result.domain.in_domain
+                                                       else codes.SCT.No))
     return evaluations
+
+
+def _image_library(source: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """The scored image as a TID 1600 image library entry, or no library: it is optional, and
+    highdicom's descriptors for projection radiographs and cross-sectional images need spacing and
+    geometry attributes that not every image has (a CR without ImagerPixelSpacing, say). The
+    measurement group and the evidence sequence reference the image either way."""
+    try:
+        hd.sr.ImageLibraryEntryDescriptors(source)
+    except AttributeError:
+        return []
+    return [source]
 
 
 def result_sr(source: pydicom.Dataset, result: AiResult, model: ModelIdentity) -> hd.sr.ComprehensiveSR:
@@ -138,12 +149,13 @@ def result_sr(source: pydicom.Dataset, result: AiResult, model: ModelIdentity) -
         algorithm_id=algorithm, measurements=_measurements(result, algorithm),
         qualitative_evaluations=_evaluations(result),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
-    texts = [(DOMAIN_REASON, reason) for reason in result.domain_reasons] + [(codes.DCM.Comment, NOT_FOR_DIAGNOSTIC_USE)]
+    texts = [(DOMAIN_REASON, reason) for reason in result.domain.messages()] + [(codes.DCM.Comment,
+                                                                                 NOT_FOR_DIAGNOSTIC_USE)]
     group[0].ContentSequence.extend(hd.sr.TextContentItem(name=name, value=text[:1024],
                                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
                                     for name, text in texts)
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=IMAGING,
-                                     imaging_measurements=[group], referenced_images=[source])
+                                     imaging_measurements=[group], referenced_images=_image_library(source))
     sr = hd.sr.ComprehensiveSR(
         evidence=[source], content=report[0],
         series_instance_uid=_uid(str(source.StudyInstanceUID), model.name, model.version, "series"),
@@ -156,19 +168,24 @@ def result_sr(source: pydicom.Dataset, result: AiResult, model: ModelIdentity) -
 
 
 class NotReferenceable(ValueError):
-    """A request whose header lacks what an SR must reference (SOP class and instance, study)."""
+    """A request whose header an SR cannot reference: it lacks the UIDs (SOP class and instance,
+    study, series), or highdicom refuses it as a source (an RT dose, a segmentation)."""
 
 
 REFERENCED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-def result_sr_for(header: pydicom.Dataset | None, body: Mapping, model: ModelIdentity) -> bytes:
-    """The SR file for a prediction `body` on a request's DICOM `header` (the service's
+def result_sr_for(header: pydicom.Dataset | None, prediction: Prediction, model: ModelIdentity) -> bytes:
+    """The SR file for `prediction` on a request's DICOM `header` (the service's
     `Accept: application/dicom` answer)."""
     missing = [keyword for keyword in REFERENCED if header is None or not header.get(keyword)]
     if missing:
         raise NotReferenceable(f"the DICOM header has no {', '.join(missing)} for a result to reference")
-    return dicom_bytes(result_sr(header, AiResult.from_body(body), model))
+    try:
+        sr = result_sr(header, AiResult.of(prediction), model)
+    except ValueError as exc:  # highdicom's own checks: e.g. an RT dose or a segmentation as the source
+        raise NotReferenceable(str(exc)) from None
+    return dicom_bytes(sr)
 
 
 def dicom_bytes(ds: pydicom.Dataset) -> bytes:

@@ -9,10 +9,15 @@ Two graphs are written for every model:
   and applies the ImageNet mean/std, so a caller cannot get preprocessing wrong;
 - the *normalised* model (`model_normalised.onnx`): input `image`, float32
   (batch, 3, crop, crop), already normalised, for callers with their own tensors.
+
+With a fitted domain check (tasks/domain.py) both also output `domain_score`, the image
+novelty computed from the same penultimate features the head reads, and carry its threshold
+and the training header facts in their metadata.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -29,8 +34,9 @@ from onnx import helper as oh
 from onnx import numpy_helper
 from torch import nn
 
-from configs import FramePolicy, TaskKind
+from configs import FramePolicy, PreprocessConfig, TaskKind
 from models.resnet import TransferResNet
+from tasks.domain import DOMAIN_OUTPUT, image_features, novelty_scores
 from tasks.evaluate import predict
 from tasks.io import atomic_path
 from tasks.decode import load_grey
@@ -56,25 +62,30 @@ class ParityError(RuntimeError):
 
 
 class ServingHead(nn.Module):
-    """What callers get: probabilities (softmax of the logits) or age in years."""
+    """What callers get: probabilities (softmax of the logits) or age in years, and with a
+    `novelty` module (tasks.domain) the domain score of the same backbone features."""
 
-    def __init__(self, model: nn.Module, task: TaskKind):
+    def __init__(self, model: TransferResNet, task: TaskKind, novelty: nn.Module | None = None):
         super().__init__()
-        self.model, self.task = model, task
+        self.model, self.task, self.novelty = model, task, novelty
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        out = self.model(image)
-        return out.softmax(dim=1) if self.task is TaskKind.CLASSIFICATION else out
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.backbone(image)
+        out = self.model.from_features(features)
+        out = out.softmax(dim=1) if self.task is TaskKind.CLASSIFICATION else out
+        return out if self.novelty is None else (out, self.novelty(features))
 
 
-def export_onnx(model: nn.Module, task: TaskKind, path: Path, crop: int, opset: int,
-                metadata: dict[str, str]) -> Path:
-    """Write the normalised-input graph, checked, with a dynamic batch axis and `metadata`."""
-    serving = ServingHead(model, task).eval().cpu()
+def export_onnx(model: TransferResNet, task: TaskKind, path: Path, crop: int, opset: int,
+                metadata: dict[str, str], novelty: nn.Module | None = None) -> Path:
+    """Write the normalised-input graph, checked, with a dynamic batch axis and `metadata`;
+    with `novelty`, a second output `domain_score`."""
+    serving = ServingHead(model, task, novelty).eval().cpu()
     example = torch.zeros(2, 3, crop, crop)  # batch of 2 so the exporter keeps the axis symbolic
+    outputs = [OUTPUT_NAMES[task]] + ([DOMAIN_OUTPUT] if novelty is not None else [])
     program = torch.onnx.export(
         serving, (example,), dynamo=True, opset_version=opset, verbose=False,
-        input_names=[INPUT_NAME], output_names=[OUTPUT_NAMES[task]],
+        input_names=[INPUT_NAME], output_names=outputs,
         dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
     )
     proto = program.model_proto
@@ -158,9 +169,10 @@ def export_self_contained(normalised: Path, path: Path, resize: int, crop: int,
 
 def network_graph(self_contained: onnx.ModelProto) -> onnx.ModelProto:
     """The network inside a self-contained graph (fp32, int8 or fp16), without the
-    preprocessing in front: input `image`, the normalised crop, as in the normalised graph."""
-    output = self_contained.graph.output[0].name
-    return onnx.utils.Extractor(self_contained).extract_model([INPUT_NAME], [output])
+    preprocessing in front: input `image`, the normalised crop, as in the normalised graph;
+    every output (the prediction and, where present, `domain_score`)."""
+    outputs = [output.name for output in self_contained.graph.output]
+    return onnx.utils.Extractor(self_contained).extract_model([INPUT_NAME], outputs)
 
 
 def _save_checked(proto: onnx.ModelProto, path: Path, metadata: dict[str, str]) -> None:
@@ -222,15 +234,22 @@ def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_ind
                       "bright = dense",
         "normalised_input_name": INPUT_NAME,
         "input_size": json.dumps([3, crop, crop]),
-        "preprocess": json.dumps({"resize_short_side": resize, "interpolation": "bilinear",
-                                  "antialias": True, "center_crop": crop, "quantise": "uint8",
-                                  "channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
-        "decode": json.dumps({"voi_window": voi_window, "frame": serving_frame(frames).value}),
+        **preprocessing_metadata(resize, crop, voi_window, frames),
         "metrics": json.dumps({k: round(float(v), 6) for k, v in metrics.items()}),
         "training_data_sha256": training_data,
         "weights_name": weights_name,
         "weights_sha256": weights_sha256,
         "model_name": model_name,
+    }
+
+
+def preprocessing_metadata(resize: int, crop: int, voi_window: int, frames: FramePolicy) -> dict[str, str]:
+    """The `preprocess` and `decode` metadata properties (see serving_metadata)."""
+    return {
+        "preprocess": json.dumps({"resize_short_side": resize, "interpolation": "bilinear",
+                                  "antialias": True, "center_crop": crop, "quantise": "uint8",
+                                  "channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
+        "decode": json.dumps({"voi_window": voi_window, "frame": serving_frame(frames).value}),
     }
 
 
@@ -251,6 +270,13 @@ class ServedDecode:
         resize = json.loads(metadata["preprocess"])["resize_short_side"]
         return cls(frame=FramePolicy(decode.get("frame", FramePolicy.MIDDLE.value)),
                    voi_window=int(decode.get("voi_window", 0)), min_short_side=reduced_decode_floor(resize))
+
+    @classmethod
+    def for_training(cls, preprocess: PreprocessConfig) -> ServedDecode:
+        """What `from_metadata` will read back once `serving_metadata` has recorded this config
+        (for evaluations that run before the export)."""
+        return cls.from_metadata(preprocessing_metadata(preprocess.resize, preprocess.crop,
+                                                        preprocess.voi_window, preprocess.frames))
 
     def __call__(self, path: Path, data: bytes | None = None) -> np.ndarray:
         """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read)."""
@@ -294,6 +320,17 @@ def parity_providers() -> list[list[str]]:
 
 
 @dataclass(frozen=True)
+class DomainParity:
+    """What the gate compares a graph's `domain_score` with: the PyTorch novelty module on the
+    same features, within `tolerance` x the threshold (the score's own scale, whatever the
+    method), and the same in-domain decisions at the threshold."""
+
+    novelty: nn.Module
+    threshold: float
+    tolerance: float
+
+
+@dataclass(frozen=True)
 class ParityReport:
     graph: str
     provider: str
@@ -301,14 +338,27 @@ class ParityReport:
     max_abs_diff: float
     tolerance: float
     decisions_match: bool
+    domain_max_rel_diff: float | None = None  # None: the graph has no domain_score
+    domain_tolerance: float | None = None
+    domain_decisions_match: bool = True
+    gates_prediction: bool = True  # False: the prediction's difference is recorded, not gated (int8)
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.decisions_match
+        domain_ok = self.domain_max_rel_diff is None or (
+            self.domain_max_rel_diff <= self.domain_tolerance and self.domain_decisions_match)
+        prediction_ok = self.max_abs_diff <= self.tolerance and self.decisions_match
+        return (prediction_ok or not self.gates_prediction) and domain_ok
 
     def verdict(self) -> str:
-        return (f"max |diff| {self.max_abs_diff:.3g} vs PyTorch (tolerance {self.tolerance:.0e}), "
+        text = (f"max |diff| {self.max_abs_diff:.3g} vs PyTorch (tolerance {self.tolerance:.0e}"
+                f"{'' if self.gates_prediction else ', not gated'}), "
                 f"decisions {'match' if self.decisions_match else 'DIFFER'}")
+        if self.domain_max_rel_diff is not None:
+            text += (f"; domain_score max |diff| {self.domain_max_rel_diff:.3g} of its threshold "
+                     f"(tolerance {self.domain_tolerance:.0e}), in-domain decisions "
+                     f"{'match' if self.domain_decisions_match else 'DIFFER'}")
+        return text
 
     def as_dict(self) -> dict:
         return asdict(self) | {"passed": self.passed}
@@ -317,51 +367,74 @@ class ParityReport:
         return json.dumps(self.as_dict(), indent=2)
 
 
-def _compare(graph: str, provider: str, model: TransferResNet, actual: np.ndarray, expected: np.ndarray,
-             tolerance: float, threshold: float, positive_index: int) -> ParityReport:
+def _compare(graph: str, provider: str, model: TransferResNet, actual: dict[str, np.ndarray], crops: np.ndarray,
+             tolerance: float, threshold: float, positive_index: int,
+             domain: DomainParity | None) -> ParityReport:
     """Classification compares probabilities and decisions at the operating threshold.
     Regression compares ages divided by the training-set age spread (the head's own
-    scale), so the tolerance means the same whatever the age range; it has no decision."""
+    scale), so the tolerance means the same whatever the age range; it has no decision.
+    A graph with `domain_score` is compared with `domain` (and must have it when given)."""
+    expected = predict(model.cpu(), crops, batch_size=32)
+    output = actual[OUTPUT_NAMES[model.task]]
     if model.task is TaskKind.CLASSIFICATION:
-        diff = np.abs(actual - expected)
-        decisions_match = bool((decisions(actual, threshold, positive_index)
+        diff = np.abs(output - expected)
+        decisions_match = bool((decisions(output, threshold, positive_index)
                                 == decisions(expected, threshold, positive_index)).all())
     else:
-        diff = np.abs(actual - expected) / float(model.target_std)
+        diff = np.abs(output - expected) / float(model.target_std)
         decisions_match = True
-    return ParityReport(graph, provider, len(expected), float(diff.max()), tolerance, decisions_match)
+    report = ParityReport(graph, provider, len(expected), float(diff.max()), tolerance, decisions_match)
+    if domain is None:
+        return report
+    if DOMAIN_OUTPUT not in actual:
+        return dataclasses.replace(report, domain_max_rel_diff=float("inf"), domain_tolerance=domain.tolerance,
+                                   domain_decisions_match=False)
+    reference = novelty_scores(domain.novelty, image_features(model, crops))
+    score = actual[DOMAIN_OUTPUT]
+    relative = np.abs(score - reference) / domain.threshold
+    return dataclasses.replace(
+        report, domain_max_rel_diff=float(relative.max()), domain_tolerance=domain.tolerance,
+        domain_decisions_match=bool(((score > domain.threshold) == (reference > domain.threshold)).all()))
 
 
 def check_parity(path: Path, model: TransferResNet, images: np.ndarray, tolerance: float, *,
                  providers: Sequence[str] | None = None, threshold: float = DEFAULT_THRESHOLD,
-                 positive_index: int = 1) -> ParityReport:
+                 positive_index: int = 1, domain: DomainParity | None = None) -> ParityReport:
     """The normalised graph vs PyTorch on the same uint8 crops."""
-    expected = predict(model.cpu(), images, batch_size=32)
     session = open_session(path, providers)
     inputs = to_model_input(torch.from_numpy(np.asarray(images))).numpy()
-    actual = session.run(None, {INPUT_NAME: inputs})[0]
-    return _compare("normalised", session.get_providers()[0], model, actual, expected, tolerance,
-                    threshold, positive_index)
+    names = [output.name for output in session.get_outputs()]
+    actual = dict(zip(names, session.run(None, {INPUT_NAME: inputs})))
+    return _compare("normalised", session.get_providers()[0], model, actual, np.asarray(images), tolerance,
+                    threshold, positive_index, domain)
 
 
 def check_self_contained_parity(path: Path, model: TransferResNet, greys: Sequence[np.ndarray],
                                 resize: int, crop: int, tolerance: float, *,
                                 providers: Sequence[str] | None = None,
-                                threshold: float = DEFAULT_THRESHOLD, positive_index: int = 1) -> ParityReport:
+                                threshold: float = DEFAULT_THRESHOLD, positive_index: int = 1,
+                                domain: DomainParity | None = None) -> ParityReport:
     """The self-contained graph on decoded grey images (their own sizes) vs PyTorch on the
     same images through tasks.transforms, i.e. exactly what was evaluated."""
     crops = np.stack([resize_and_crop(grey, resize, crop) for grey in greys])
-    expected = predict(model.cpu(), crops, batch_size=32)
     session = open_session(path, providers)
-    actual = run_self_contained(session, greys)
-    return _compare("self-contained", session.get_providers()[0], model, actual, expected, tolerance,
-                    threshold, positive_index)
+    actual = run_self_contained_outputs(session, greys)
+    return _compare("self-contained", session.get_providers()[0], model, actual, crops, tolerance,
+                    threshold, positive_index, domain)
 
 
 def run_self_contained(session: ort.InferenceSession, greys: Sequence[np.ndarray],
                        batch_size: int = 32) -> np.ndarray:
-    """Outputs for grey images of any sizes, in order; same-sized images share a batch."""
-    outputs: list[np.ndarray | None] = [None] * len(greys)
+    """The first output (probabilities or ages) for grey images of any sizes, in order."""
+    first = session.get_outputs()[0].name
+    return run_self_contained_outputs(session, greys, batch_size)[first]
+
+
+def run_self_contained_outputs(session: ort.InferenceSession, greys: Sequence[np.ndarray],
+                               batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Every output by name for grey images of any sizes, in order; same-sized images share a batch."""
+    names = [output.name for output in session.get_outputs()]
+    outputs: dict[str, list] = {name: [None] * len(greys) for name in names}
     by_shape: dict[tuple[int, int], list[int]] = {}
     for index, grey in enumerate(greys):
         by_shape.setdefault(grey.shape, []).append(index)
@@ -369,6 +442,7 @@ def run_self_contained(session: ort.InferenceSession, greys: Sequence[np.ndarray
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             batch = np.stack([greys[i] for i in chunk])[:, None].astype(np.float32, copy=False)
-            for i, out in zip(chunk, session.run(None, {GREY_INPUT_NAME: batch})[0]):
-                outputs[i] = out
-    return np.stack(outputs)
+            for name, values in zip(names, session.run(None, {GREY_INPUT_NAME: batch})):
+                for i, value in zip(chunk, values):
+                    outputs[name][i] = value
+    return {name: np.stack(values) for name, values in outputs.items()}

@@ -38,7 +38,7 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 # instances appear only as salted hashes, and the rest is what the QC report counts.
 MANIFEST_COLUMNS = ["path", "format", "patient_key", "study_key", "instance_key", "split", "target",
                     "label", "sha256", "pixel_sha256", "modality", "photometric", "transfer_syntax",
-                    "image_size", "frames"]
+                    "image_size", "frames", "sop_class", "body_part"]
 REJECT_COLUMNS = ["path", "reason"]
 DUPLICATE_COLUMNS = ["path", "duplicate_of", "same"]
 # Samples that share any of these must share a split (the QC report names the last two).
@@ -126,32 +126,45 @@ def read_dicom_header(source: Path | bytes) -> pydicom.Dataset | None:
 
 
 def image_facts(data: bytes, header: pydicom.Dataset | None) -> dict[str, object]:
-    """What the QC report counts (no patient data): modality, photometric interpretation,
-    transfer syntax, size, frames, and a hash of the stored pixels."""
+    """What the QC report counts and the domain check compares (no patient data): modality,
+    photometric interpretation, transfer syntax, size, frames, SOP class, body part, and a
+    hash of the stored pixels."""
+    facts = header_facts(data, header)
+    if header is None:
+        return facts | {"pixel_sha256": hashlib.sha256(data).hexdigest()}
+    pixels = header.get("PixelData")
+    # Stored pixels plus their geometry: a re-exported copy with edited tags still matches.
+    geometry = f"{header.get('Rows')}x{header.get('Columns')}x{header.get('NumberOfFrames', 1)}"
+    pixel_hash = hashlib.sha256(geometry.encode() + bytes(pixels)).hexdigest() if pixels else ""
+    return facts | {"pixel_sha256": pixel_hash}
+
+
+def header_facts(data: bytes, header: pydicom.Dataset | None) -> dict[str, object]:
+    """`image_facts` without the pixel hash: what a single request is checked on."""
     if header is None:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 size, mode, kind = img.size, img.mode, img.format or ""
         except (UnidentifiedImageError, OSError, ValueError):
             size, mode, kind = (0, 0), "", ""
-        return {"modality": "", "photometric": mode, "transfer_syntax": kind,
-                "image_size": f"{size[1]}x{size[0]}", "frames": 1,
-                "pixel_sha256": hashlib.sha256(data).hexdigest()}
+        return {"format": "image", "modality": "", "photometric": mode, "transfer_syntax": kind,
+                "image_size": f"{size[1]}x{size[0]}", "frames": 1, "sop_class": "", "body_part": ""}
     syntax = getattr(header, "file_meta", pydicom.Dataset()).get("TransferSyntaxUID")
     if syntax:
         syntax_name = syntax.name
     else:  # what preprocess will decode it as, marked as a guess
         inferred = inferred_transfer_syntax(header)
         syntax_name = f"{inferred.name} (inferred)" if inferred else "none in file"
-    pixels = header.get("PixelData")
-    # Stored pixels plus their geometry: a re-exported copy with edited tags still matches.
-    geometry = f"{header.get('Rows')}x{header.get('Columns')}x{header.get('NumberOfFrames', 1)}"
-    pixel_hash = hashlib.sha256(geometry.encode() + bytes(pixels)).hexdigest() if pixels else ""
-    return {"modality": str(header.get("Modality", "")),
+    sop_class = header.get("SOPClassUID")
+    return {"format": "dicom",
+            "modality": str(header.get("Modality", "")),
             "photometric": str(header.get("PhotometricInterpretation", "")),
             "transfer_syntax": syntax_name,
             "image_size": f"{header.get('Rows', 0)}x{header.get('Columns', 0)}",
-            "frames": int(header.get("NumberOfFrames") or 1), "pixel_sha256": pixel_hash}
+            "frames": int(header.get("NumberOfFrames") or 1),
+            # The standard's name of the class (a public constant, not an instance UID).
+            "sop_class": str(getattr(sop_class, "name", sop_class or "")),
+            "body_part": str(header.get("BodyPartExamined", "")).strip()}
 
 
 def discover_files(root: Path, manifest_path: Path) -> list[str]:
@@ -456,7 +469,6 @@ def ingest_dataset(data: DataConfig, seed: int, salt: str) -> IngestResult:
         instance_uid = str(header.get("SOPInstanceUID", "")).strip() if header is not None else ""
         rows.append({
             "path": rel,
-            "format": "dicom" if header is not None else "image",
             "patient_key": patient_key(patient_id, salt),
             "study_key": patient_key(f"study:{study_uid}", salt) if study_uid else "",
             "instance_key": patient_key(f"instance:{instance_uid}", salt) if instance_uid else "",

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from configs import PipelineConfig, TaskKind
+from configs import DomainPolicy, PipelineConfig, TaskKind
+from tasks.domain_eval import DomainEvaluation
 from tasks.evaluate import Evaluation
 from tasks.ingest import SPLITS
 from tasks.train import TrainResult
@@ -21,6 +22,7 @@ class CardContext:
     rejected: int
     model_version: str
     plots: list[str]  # artifact paths, relative to the MLflow run's artifact root
+    domain: DomainEvaluation | None = None  # the input-domain check's evaluation
 
 
 def data_table(manifest: pd.DataFrame, config: PipelineConfig) -> list[str]:
@@ -41,7 +43,8 @@ def data_table(manifest: pd.DataFrame, config: PipelineConfig) -> list[str]:
     return lines
 
 
-def limits(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, n_test: int) -> list[str]:
+def limits(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, n_test: int,
+           domain: DomainEvaluation | None = None) -> list[str]:
     items = [
         f"Tested on {n_test} held-out images from the same source as the training data; the intervals above "
         "show how uncertain that is. Performance on another scanner, site or population is unknown until "
@@ -58,6 +61,11 @@ def limits(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation,
     if evaluation.operating_point is not None:
         items.append("The operating threshold was chosen on the validation split; re-check it on local data "
                      "before relying on its sensitivity.")
+    if domain is not None:
+        items.append(f"Every answer says whether its input is in the training domain (`in_domain`, "
+                     f"`domain_score`, `domain_reasons`); {domain.false_rejection:.1%} of in-domain test images "
+                     "were called out of domain. The check knows only what the training data covered: an input "
+                     "it passes can still be outside the intended use.")
     if evaluation.calibration is not None and evaluation.calibration.ece > 0.05:
         items.append(f"Probabilities are not well calibrated (ECE {evaluation.calibration.ece:.3f}): read them "
                      "as scores, not as risks.")
@@ -69,6 +77,15 @@ def _best_step(trained: TrainResult) -> str:
     if trained.cached_features and trained.history:
         return f"linear head fitted on cached features, L2 {trained.history[trained.best_epoch - 1].head_l2:g}"
     return f"best epoch {trained.best_epoch}"
+
+
+def _domain_section(config: PipelineConfig, domain: DomainEvaluation | None) -> list[str]:
+    if domain is None:
+        return []
+    policy = ("answered with `in_domain: false` and the reasons" if config.domain.policy is DomainPolicy.FLAG
+              else "refused (HTTP 422; a reject in batch scoring) with the reasons")
+    return ["", "## Input domain", "", domain.body(), "",
+            f"Inputs outside the domain are {policy} (`domain.policy: {config.domain.policy.value}`)."]
 
 
 def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, context: CardContext) -> str:
@@ -96,6 +113,7 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
         *data_table(manifest, config),
         "", "## Performance on the held-out test split", "",
         evaluation.body(data.label_names),
+        *_domain_section(config, context.domain),
         "", "## Plots", "",
         *[f"- `{plot}`" for plot in context.plots],
         "", "## Intended use", "",
@@ -104,6 +122,6 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
         "- Not for standalone diagnosis, screening without a reader, or patient groups and devices absent from "
         "the training data.",
         "", "## Limits", "",
-        *limits(config, trained, evaluation, n_test),
+        *limits(config, trained, evaluation, n_test, context.domain),
     ]
     return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """The per-run data QC report: what went in, what was rejected and why, duplicates, split sizes.
 
 Built only from manifest columns that hold no patient data (modality, photometric
-interpretation, transfer syntax, size, label, split) and from file paths.
+interpretation, transfer syntax, size, SOP class, body part, label, split) and from file paths.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ COUNTED_COLUMNS = {
     "photometric": "Photometric interpretation (PNG/JPEG: image mode)",
     "transfer_syntax": "Transfer syntax (PNG/JPEG: file format)",
     "image_size": "Image size (rows x columns)",
+    "sop_class": "SOP class",
+    "body_part": "Body part examined",
     "label": "Label",
 }
 _ROW_PREFIX = re.compile(r"^rows? [\d, ]+: |^rows [\d, ]+ ")

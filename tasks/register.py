@@ -27,6 +27,7 @@ TEST_METRIC_PREFIX = "test_"
 # Never leaves the machine: hashes made with a known salt could be reversed.
 SECRET_FIELDS = {"data": {"patient_salt"}}
 MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
+FLOW_RUN_TAG = "prefect_flow_run_id"  # on the MLflow run: the Prefect flow run it belongs to
 
 
 def redacted_params(config: ModelRunConfig) -> dict[str, str]:
@@ -45,15 +46,37 @@ def redacted_params(config: ModelRunConfig) -> dict[str, str]:
 
 
 @contextmanager
-def tracking_run(config: ModelRunConfig, run_name: str) -> Iterator[str]:
-    """An MLflow run for the pipeline (or pretraining); yields its id, marks it FAILED if the block raises."""
+def tracking_run(config: ModelRunConfig, run_name: str, flow_run_id: str | None = None) -> Iterator[str]:
+    """An MLflow run for the pipeline (or pretraining); yields its id, marks it FAILED if the block raises.
+
+    With `flow_run_id` (the Prefect flow run this is part of), the run tagged with it is
+    continued if there is one: a retried flow run keeps its MLflow run, its run id and so its
+    output folder, and the stages it does not repeat stay logged there. Otherwise a new run
+    is tagged with it."""
     mlflow.set_tracking_uri(config.registry.tracking_uri)
     if mlflow.get_experiment_by_name(config.registry.experiment) is None:
         mlflow.create_experiment(config.registry.experiment, artifact_location=config.artifact_location())
-    mlflow.set_experiment(config.registry.experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params(redacted_params(config))
+    experiment = mlflow.set_experiment(config.registry.experiment)
+    resumed = _run_of_flow_run(experiment.experiment_id, flow_run_id) if flow_run_id else None
+    run = mlflow.start_run(run_id=resumed, run_name=None if resumed else run_name,
+                           tags={FLOW_RUN_TAG: flow_run_id} if flow_run_id and not resumed else None)
+    try:
+        if resumed is None:
+            mlflow.log_params(redacted_params(config))
         yield run.info.run_id
+    except BaseException:
+        try:
+            mlflow.end_run("FAILED")
+        except MlflowException as exc:  # the registry may be what failed: keep the first error
+            log.warning("could not mark MLflow run %s FAILED: %s", run.info.run_id, exc)
+        raise
+    mlflow.end_run()
+
+
+def _run_of_flow_run(experiment_id: str, flow_run_id: str) -> str | None:
+    runs = mlflow.search_runs([experiment_id], filter_string=f"tags.{FLOW_RUN_TAG} = '{flow_run_id}'",
+                              max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,8 @@ class Registration:
     is_champion: bool
     reason: str
     onnx_uri: str
+    metric: str  # the primary test metric promotion compares
+    metric_value: float
 
 
 def champion_metric(client: MlflowClient, name: str, metric: str) -> tuple[str, float] | None:
@@ -102,11 +127,13 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
     `onnx_path` is the main ONNX file (tag `onnx_uri`); each of `onnx_variants`
     (e.g. normalised, int8, fp16) is logged beside it and tagged `onnx_<name>_uri`.
     The version is deleted again if any later step fails, so a failed run leaves
-    no version behind.
+    no version behind; one that an interrupted attempt of this run could not delete (the
+    registry was down) is deleted when the attempt is retried.
     """
     client = MlflowClient(config.registry.tracking_uri)
     name = config.registry.model_name
     new_value = client.get_run(run_id).data.metrics[TEST_METRIC_PREFIX + metric]
+    _delete_unfinished_versions(client, name, run_id)
     active = mlflow.active_run()
     in_run = nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
     with in_run:
@@ -139,4 +166,13 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
         raise
     log.info("registered %s v%s; %s: %s", name, version.version,
              "champion" if promote else "challenger only", reason)
-    return Registration(name, str(version.version), run_id, promote, reason, onnx_uri)
+    return Registration(name, str(version.version), run_id, promote, reason, onnx_uri, metric, new_value)
+
+
+def _delete_unfinished_versions(client: MlflowClient, name: str, run_id: str) -> None:
+    """Versions of `name` made from `run_id` that hold no alias: left by an attempt that
+    failed before moving the aliases, so never served. A version with an alias is kept."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if not version.aliases:
+            log.info("deleting %s v%s, left unfinished by an earlier attempt", name, version.version)
+            client.delete_model_version(name, version.version)

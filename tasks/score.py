@@ -2,12 +2,14 @@
 
 Files are named in the outputs only by the sha256 of their content: folder and
 file names often hold patient names or ids, and a site can find a file again by
-hashing its own copy.
+hashing its own copy. Every score carries the domain check's verdict; under
+`domain.policy: refuse` an out-of-domain study is a reject instead, with the reasons.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -15,21 +17,27 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
+from configs import DomainPolicy
 from tasks.champion import Prediction, ServedModel
+from tasks.domain import request_facts
 from tasks.rejects import UnreadableImage
 
 REJECT_COLUMNS = ["file_sha256", "reason"]
+OUT_OF_DOMAIN = "outside the training domain"  # the reject reason's start under the refuse policy
+LISTED_OUT_OF_DOMAIN = 50  # the summary lists this many out-of-domain studies; the CSVs hold all
 CHUNK = 32  # files decoded and run together; bounds memory on large folders
 
 
 @dataclass
 class ScoreResult:
-    scores: pd.DataFrame  # file_sha256, the prediction's fields, model_name, model_version
+    scores: pd.DataFrame  # file_sha256, the prediction's fields (in_domain, domain_score, ...), model
     rejects: pd.DataFrame  # file_sha256, reason
     discovered: int
+    out_of_domain: pd.DataFrame  # file_sha256, domain_score, reasons: scored or refused, either way
 
     def summary(self) -> dict[str, int]:
-        return {"discovered": self.discovered, "scored": len(self.scores), "rejected": len(self.rejects)}
+        return {"discovered": self.discovered, "scored": len(self.scores), "rejected": len(self.rejects),
+                "out_of_domain": len(self.out_of_domain)}
 
 
 def study_files(root: Path) -> list[Path]:
@@ -49,34 +57,44 @@ def _row(prediction: Prediction) -> dict:
     probabilities = body.pop("probabilities", None)
     if probabilities:
         body |= {f"p_{label}": p for label, p in probabilities.items()}
+    body["domain_reasons"] = json.dumps(body["domain_reasons"])  # the reasons as data, in one CSV cell
     return body
 
 
-def score_files(files: Sequence[Path], model: ServedModel,
+def score_files(files: Sequence[Path], model: ServedModel, policy: DomainPolicy = DomainPolicy.FLAG,
                 on_chunk: Callable[[int], None] | None = None,
                 on_prediction: Callable[[str, Prediction], None] | None = None) -> ScoreResult:
-    """Decode and score each file; unreadable files become rejects with the reason.
-    `on_prediction(file_sha256, prediction)` gets each answer (the PACS mode makes its DICOM result)."""
-    rows, rejects = [], []
+    """Decode and score each file; unreadable files become rejects with the reason, and so do
+    out-of-domain files under the refuse policy. `on_prediction(file_sha256, prediction)` gets
+    each answer that is scored (the PACS mode makes its DICOM result)."""
+    rows, rejects, outside = [], [], []
     for chunk in _chunks(list(files), CHUNK):
-        greys, keys = [], []
+        greys, facts, keys = [], [], []
         for path in chunk:
             data = path.read_bytes()
             key = hashlib.sha256(data).hexdigest()
             try:
                 greys.append(model.decode(path, data))
+                facts.append(request_facts(data))
                 keys.append(key)
             except UnreadableImage as exc:
                 rejects.append((key, exc.reason))
         if greys:
-            for key, prediction in zip(keys, model.predict(greys)):
+            for key, prediction in zip(keys, model.predict(greys, facts)):
+                verdict = prediction.domain
+                if verdict.in_domain is False:
+                    outside.append((key, verdict.score, "; ".join(verdict.messages())))
+                    if policy is DomainPolicy.REFUSE:
+                        rejects.append((key, f"{OUT_OF_DOMAIN}: {'; '.join(verdict.messages())}"))
+                        continue
                 rows.append({"file_sha256": key, **_row(prediction),
                              "model_name": model.name, "model_version": model.version})
                 if on_prediction:
                     on_prediction(key, prediction)
         if on_chunk:
             on_chunk(len(chunk))
-    return ScoreResult(pd.DataFrame(rows), pd.DataFrame(rejects, columns=REJECT_COLUMNS), len(files))
+    return ScoreResult(pd.DataFrame(rows), pd.DataFrame(rejects, columns=REJECT_COLUMNS), len(files),
+                       pd.DataFrame(outside, columns=["file_sha256", "domain_score", "reasons"]))
 
 
 def summary_markdown(result: ScoreResult, model: ServedModel) -> str:
@@ -93,4 +111,20 @@ def summary_markdown(result: ScoreResult, model: ServedModel) -> str:
     if not result.rejects.empty:
         lines += ["", "| reason | files |", "|---|---|"]
         lines += [f"| {reason} | {n} |" for reason, n in result.rejects["reason"].value_counts().items()]
+    lines += ["", _domain_summary(result.out_of_domain, model)]
+    return "\n".join(lines)
+
+
+def _domain_summary(outside: pd.DataFrame, model: ServedModel) -> str:
+    """How many studies were outside the training domain, and which (by content hash), with why."""
+    if model.domain_check is None:
+        return f"{model.name} v{model.version} has no domain check: no study was checked against its training domain."
+    if outside.empty:
+        return "Out of domain: none (every decoded study is like the training data)."
+    listed = outside.head(LISTED_OUT_OF_DOMAIN)
+    lines = [f"Out of domain: **{len(outside)}** studies (threshold {model.domain_check.threshold:.4g}).", "",
+             "| file_sha256 | domain_score | reasons |", "|---|---|---|"]
+    lines += [f"| {row.file_sha256} | {row.domain_score:.4g} | {row.reasons} |" for row in listed.itertuples()]
+    if len(outside) > len(listed):
+        lines += ["", f"... and {len(outside) - len(listed)} more (scores.csv / score_rejects.csv)."]
     return "\n".join(lines)

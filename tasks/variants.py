@@ -7,7 +7,10 @@ and smaller, faster variants with what they cost in accuracy.
   for GPUs.
 
 Both transform the normalised network and put the same float32 preprocessing
-graph in front, so every variant takes the same `grey` input as model.onnx.
+graph in front, so every variant takes the same `grey` input as model.onnx. The
+domain-score nodes stay float32 in both (tasks.domain: a distance that sums
+hundreds of squares overflows fp16 and loses its ranking in 8 bits); they read
+the variant's own features, and the gate checks the score like every output.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
+import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from onnxruntime.transformers.onnx_model import OnnxModel
@@ -28,23 +32,70 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 from configs import ExportConfig, TaskKind
 from models.resnet import TransferResNet
 from tasks.evaluate import compute_metrics
+from tasks.domain import DOMAIN_OUTPUT
 from tasks.export import (CPU_PROVIDER, FP16_FILE, INPUT_NAME, INT8_FILE, NORMALISED_FILE, SELF_CONTAINED_FILE,
-                          ParityReport, check_parity, check_self_contained_parity, export_onnx,
+                          DomainParity, ParityReport, check_parity, check_self_contained_parity, export_onnx,
                           export_self_contained, open_session, parity_providers, run_self_contained)
 
 
+def split_domain(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]] | None:
+    """(the network up to its prediction and the features the domain score reads, the domain
+    head from those features to `domain_score`, the features' names); None without a domain score.
+
+    A variant transforms the network alone and the head is put back unchanged in float32:
+    onnxruntime's fp16 converter would round a blocked node's every input and output through
+    fp16, and a distance summing hundreds of squares overflows there."""
+    outputs = [o.name for o in proto.graph.output]
+    if DOMAIN_OUTPUT not in outputs:
+        return None
+    producers = {out: node for node in proto.graph.node for out in node.output}
+
+    def ancestors(output: str) -> set[int]:
+        found, todo = set(), [output]
+        while todo:
+            node = producers.get(todo.pop())
+            if node is not None and id(node) not in found:
+                found.add(id(node))
+                todo += list(node.input)
+        return found
+
+    prediction = set().union(*(ancestors(o) for o in outputs if o != DOMAIN_OUTPUT))
+    head = [node for node in proto.graph.node if id(node) in ancestors(DOMAIN_OUTPUT) - prediction]
+    features = sorted({name for node in head for name in node.input
+                       if name in producers and id(producers[name]) in prediction})
+    predicted = [o for o in outputs if o != DOMAIN_OUTPUT]
+    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto))  # it needs the cut's shapes
+    return (extractor.extract_model([INPUT_NAME], predicted + features),
+            extractor.extract_model(features, [DOMAIN_OUTPUT]), features)
+
+
+def _rejoin_domain(network: onnx.ModelProto, head: onnx.ModelProto, features: list[str]) -> onnx.ModelProto:
+    """The transformed network with the float32 domain head after it again."""
+    head.ir_version = network.ir_version
+    del head.graph.value_info[:]  # the network's annotations of the shared features stand
+    del head.opset_import[:]
+    head.opset_import.extend(network.opset_import)
+    predicted = [o.name for o in network.graph.output if o.name not in features]
+    return onnx.compose.merge_models(network, head, io_map=[(name, name) for name in features],
+                                     outputs=predicted + [DOMAIN_OUTPUT])
+
+
 def quantise_network(normalised: Path, path: Path) -> Path:
-    """Dynamic int8 quantisation of the normalised network (input `image`)."""
-    proto = onnx.load(normalised)
+    """Dynamic int8 quantisation of the normalised network (input `image`); a domain head
+    stays float32."""
+    split = split_domain(onnx.load(normalised))
+    proto = split[0] if split else onnx.load(normalised)
     # The exporter's intermediate shape annotations trip the quantiser's own shape
     # inference (it infers (512,) where the exporter wrote a 2-D shape); it re-infers them.
     del proto.graph.value_info[:]
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
-        plain = Path(work) / "network.onnx"
+        plain, quantised = Path(work) / "network.onnx", Path(work) / "network_int8.onnx"
         onnx.save_model(proto, plain)
         # Unsigned 8-bit weights: ONNX Runtime's x86 ConvInteger kernels ran about 3x
         # faster with them than with signed ones here (ResNet-18, batch 1).
-        quantize_dynamic(plain, path, weight_type=QuantType.QUInt8)
+        quantize_dynamic(plain, quantised, weight_type=QuantType.QUInt8)
+        result = onnx.load(quantised)
+    onnx.save_model(_rejoin_domain(result, split[1], split[2]) if split else result, path)
     return Path(path)
 
 
@@ -57,9 +108,11 @@ def quantise_int8(normalised: Path, path: Path, resize: int, crop: int, metadata
 
 def half_precision(normalised: Path) -> onnx.ModelProto:
     """The network in fp16, with float32 inputs and outputs."""
-    half = OnnxModel(convert_float_to_float16(onnx.load(normalised), keep_io_types=True))
+    network = onnx.load(normalised)
+    split = split_domain(network)
+    half = OnnxModel(convert_float_to_float16(split[0] if split else network, keep_io_types=True))
     half.topological_sort()  # the converter appends its input casts at the end of the graph
-    return half.model
+    return _rejoin_domain(half.model, split[1], split[2]) if split else half.model
 
 
 def convert_fp16(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
@@ -140,26 +193,34 @@ class ServingModels:
 def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[str, str],
                           export: ExportConfig, resize: int, crop: int, *, test_crops: np.ndarray,
                           test_greys: Sequence[np.ndarray], test_targets: np.ndarray,
-                          threshold: float, positive_index: int) -> ServingModels:
+                          threshold: float, positive_index: int, novelty: torch.nn.Module | None = None,
+                          domain_threshold: float | None = None) -> ServingModels:
     """Export both float32 graphs and the enabled variants, and check each against PyTorch
     on held-out test images, on CPU and (where a GPU is present) CUDA.
 
     The float32 checks gate registration; a variant that fails its own check is dropped
-    with the reason. Variant accuracy is measured on every test image given.
+    with the reason. Variant accuracy is measured on every test image given. With `novelty`
+    (tasks.domain) every graph also outputs `domain_score`, checked at `domain_threshold`:
+    fp32 graphs within export.domain_max_rel_diff, int8 and fp16 within
+    export.variant_domain_max_rel_diff (int8's probabilities are measured, not gated).
     """
     normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, crop, export.opset,
-                             metadata | {"variant": "normalised", "input_name": INPUT_NAME})
+                             metadata | {"variant": "normalised", "input_name": INPUT_NAME}, novelty)
     full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, resize, crop,
                                  metadata | {"variant": "fp32"})
     samples = export.parity_samples
+    domain = variant_domain = None
+    if novelty is not None:
+        domain = DomainParity(novelty, domain_threshold, export.domain_max_rel_diff)
+        variant_domain = dataclasses.replace(domain, tolerance=export.variant_domain_max_rel_diff)
     decide = {"threshold": threshold, "positive_index": positive_index}
     parity: list[ParityReport] = []
     for providers in parity_providers():
         parity.append(check_parity(normalised, model, test_crops[:samples], export.max_abs_diff,
-                                   providers=providers, **decide))
+                                   providers=providers, domain=domain, **decide))
         parity.append(check_self_contained_parity(full, model, test_greys[:samples], resize, crop,
                                                   export.self_contained_max_abs_diff,
-                                                  providers=providers, **decide))
+                                                  providers=providers, domain=domain, **decide))
     result = ServingModels(full, normalised, {}, parity, [], {})
     if not result.passed:
         return result
@@ -171,10 +232,12 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
         if not enabled:
             continue
         path = make(normalised, run_dir / filename, resize, crop, metadata | {"variant": name})
-        if name == "fp16":
+        if name == "fp16" or variant_domain is not None:
             report = check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
-                                                 export.fp16_max_abs_diff, providers=providers, **decide)
-            report = dataclasses.replace(report, graph="fp16")
+                                                 export.fp16_max_abs_diff, providers=providers,
+                                                 domain=variant_domain, **decide)
+            # int8's outputs are measured (accuracy below), not gated; its domain score is.
+            report = dataclasses.replace(report, graph=name, gates_prediction=name == "fp16")
             parity.append(report)
             if not report.passed:
                 result.dropped[name] = report.verdict()

@@ -10,17 +10,21 @@ import mlflow
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
+import pydicom
 import pytest
 import torch
 import yaml
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 from pydicom.data import get_testdata_file
 
-from configs import ModelConfig, PipelineConfig, TaskKind, load_config
+from configs import DomainConfig, ModelConfig, PipelineConfig, TaskKind, load_config
 from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
+from tasks.domain import DomainFit, fit_domain, image_features
 from tasks.export import INPUT_NAME, NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
 from tasks.decode import load_grey
+from tasks.ingest import header_facts, read_dicom_header
 from tasks.j2k import reduced_decode_floor
 from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import Registration, register_model, tracking_run
@@ -35,9 +39,11 @@ def _testdata(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect server (real API, SQLite) for every flow-run test."""
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(tmp_path_factory):
+    """One temporary Prefect server (real API, SQLite) for every flow-run test; the stages'
+    persisted results go to a temporary folder too."""
+    results = tmp_path_factory.mktemp("prefect-results")
+    with prefect_test_harness(server_startup_timeout=120), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: results}):
         yield
 
 
@@ -72,6 +78,8 @@ def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:
     raw["data"]["manifest"] = str(data_root / "manifest.csv")
     raw["preprocess"]["cache_dir"] = str(tmp_path / "cache")
     raw["registry"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # A few real held-out images keep the domain evaluation real and the tests quick.
+    raw["domain"]["out_of_domain"] = [{"group": "other_modality", "pydicom": ["CT", "RTDOSE"]}]
     for section, values in overrides.items():
         if isinstance(values, dict):
             raw.setdefault(section, {}).update(values)
@@ -89,6 +97,18 @@ def qc_section(report: str, heading: str) -> list[list[str]]:
     return [[cell.strip() for cell in row] for row in rows[1:]]  # rows[0] is the header
 
 
+def phi_strings(data_root: Path) -> set[str]:
+    """Every identifying value in the input DICOMs' headers, as it might be written out."""
+    found = set()
+    for path in data_root.rglob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
+            value = str(ds.get(keyword, "")).strip()
+            if value:
+                found |= {value, value.replace("^", " ")}
+    return found
+
+
 @pytest.fixture
 def breast_config(tmp_path, breast_dicom_dir) -> PipelineConfig:
     return load_config(write_config(tmp_path, breast_dicom_dir))
@@ -101,11 +121,32 @@ def register_version(config: PipelineConfig, model, onnx_path: Path, auc: float)
         return register_model(config, run_id, model, onnx_path, "roc_auc", True, torch.zeros(1, 3, 224, 224))
 
 
+@pytest.fixture(scope="module")
+def classifier():
+    """A seeded random-weights ResNet-18 classifier: real graphs, predictions that mean nothing."""
+    torch.manual_seed(0)
+    return build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
+
+
+def fit_breast_domain(model, dicom_dir: Path) -> DomainFit:
+    """The domain check of `model` fitted on the BreastMNIST ultrasound DICOMs' train split and
+    thresholded on their val split, as the pipeline fits it (header facts from ingest's columns)."""
+    manifest = pd.read_csv(dicom_dir / "manifest.csv")
+    splits = {}
+    for split in ("train", "val"):
+        paths = [dicom_dir / rel for rel in manifest.loc[manifest["split"] == split, "path"]]
+        crops = np.stack([resize_and_crop(load_grey(path)[0], RESIZE, CROP) for path in paths])
+        facts = pd.DataFrame([header_facts(data, read_dicom_header(data)) for data in map(Path.read_bytes, paths)])
+        splits[split] = image_features(model, crops), facts
+    return fit_domain(splits["train"][0], splits["val"][0], splits["train"][1], DomainConfig())
+
+
 @pytest.fixture(scope="session")
-def champion_registry(tmp_path_factory):
+def champion_registry(tmp_path_factory, breast_dicom_dir):
     """A real MLflow SQLite registry whose champion (v1) is a self-contained ONNX export of a
-    random-weights ResNet-18 classifier: serving and scoring paths are real, the predictions
-    mean nothing. Returns (config, model, onnx path)."""
+    random-weights ResNet-18 classifier, with a domain check fitted on real breast ultrasound
+    DICOMs: serving and scoring paths are real, the predictions mean nothing (the domain check's
+    header facts do). Returns (config, model, onnx path)."""
     tmp_path = tmp_path_factory.mktemp("champion-registry")
     config = PipelineConfig.model_validate({
         "name": "champion-test", "output_dir": str(tmp_path / "out"),
@@ -119,7 +160,10 @@ def champion_registry(tmp_path_factory):
                                 positive_index=1, operating_threshold=None, resize=RESIZE, crop=CROP,
                                 metrics={"roc_auc": 0.7}, training_data="0" * 64, weights_name="none",
                                 weights_sha256="none", model_name="serve-test")
-    normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata)
+    domain = fit_breast_domain(model, breast_dicom_dir)
+    metadata |= domain.check.to_metadata()
+    normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata,
+                             domain.novelty)
     full = export_self_contained(normalised, tmp_path / "model.onnx", RESIZE, CROP, metadata)
     register_version(config, model, full, auc=0.70)
     return config, model, full

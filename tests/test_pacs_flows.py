@@ -26,22 +26,23 @@ from sample_data.breastmnist import write_breastmnist_dicom
 from sample_data.orthanc import free_port
 from sample_data.pacs_demo import _as_new_study, read_back_results, run_demo
 from tasks.dicom_results import SERIES_DESCRIPTION, read_result
-from tests.conftest import REPO
+from tests.conftest import REPO, phi_strings
 from tests.pacs_fixtures import PacsSample, pacs_section, start_orthanc
-from tests.test_pipeline import _all_prefect_logs, _artifacts, _phi_strings, _prefect_read
+from tests.test_pipeline import _all_prefect_logs, _artifacts, _prefect_read
 
 SALT = "pacs-flow-salt-81f2"
 NEW_STUDIES = 4
 # A quick model: the flow's every stage runs, on 56 px crops (the backbone is fully convolutional).
 QUICK = {"model": {"weights": "none"}, "train": {"epochs": 1, "batch_size": 16},
          "preprocess": {"resize": 64, "crop": 56, "workers": 1},
-         "evaluate": {"bootstrap_samples": 100, "gradcam_images": 2}, "export": {"int8": False, "fp16": False}}
+         "evaluate": {"bootstrap_samples": 100, "gradcam_images": 2}, "export": {"int8": False, "fp16": False},
+         "domain": {"out_of_domain": [{"group": "other_modality", "pydicom": ["CT", "RTDOSE"]}]}}
 
 
 def _identifiers(folder: Path) -> set[str]:
     """What a leak would look like: names, IDs, birth dates and accession numbers (as the pipeline's
     PHI scan has them) and every study, series and instance UID."""
-    found = _phi_strings(folder)
+    found = phi_strings(folder)
     for path in folder.rglob("*.dcm"):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         found |= {str(ds[k].value) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
@@ -90,18 +91,19 @@ def test_the_demo_trains_from_the_pacs_and_scores_new_studies_into_srs(demo):
     assert len(pd.read_csv(result.trained.run_dir / "manifest.csv")) == 56
 
     # The new studies scored, one SR each back in its study; the second scan scores nothing.
+    scores = pd.read_csv(result.scored.scores_csv).set_index("file_sha256")
     assert result.scored.counts == {"new": NEW_STUDIES, "seen_before": 0, "scored": NEW_STUDIES, "rejected": 0,
-                                    "failed": 0, "results_sent": NEW_STUDIES}
+                                    "failed": 0, "out_of_domain": int((~scores["in_domain"]).sum()),
+                                    "results_sent": NEW_STUDIES}
     assert result.scored.watermark == date.today().isoformat()
     assert again.counts | {"seen_before": 0} == {"new": 0, "seen_before": 0, "scored": 0, "rejected": 0,
-                                                 "failed": 0, "results_sent": 0}
+                                                 "failed": 0, "out_of_domain": 0, "results_sent": 0}
     assert again.counts["seen_before"] == NEW_STUDIES
 
     # What the tests read back from Orthanc: the SRs reference the new images and say what scoring said.
     manifest = pd.read_csv(out / "sample" / "manifest.csv")
     new = {pydicom.dcmread(out / "sample" / rel).SOPInstanceUID: rel
            for rel in manifest[manifest["split"] == "test"].tail(NEW_STUDIES)["path"]}
-    scores = pd.read_csv(result.scored.scores_csv).set_index("file_sha256")
     results = read_back_results(result.orthanc.start())
     try:
         assert len(results) == NEW_STUDIES
@@ -116,6 +118,11 @@ def test_the_demo_trains_from_the_pacs_and_scores_new_studies_into_srs(demo):
             row = scores.loc[hashlib.sha256(stored).hexdigest()]
             assert said["measurements"]["Probability of malignant"] == pytest.approx(row["p_malignant"], abs=1e-9)
             assert said["evaluations"]["Class at the operating threshold"] == row["label"]
+            # The domain check's verdict on this image, as scoring recorded it (the model's own check).
+            assert said["evaluations"]["Input within the training domain"] == ("Yes" if row["in_domain"] else "No")
+            assert said["measurements"]["Input novelty score"] == pytest.approx(row["domain_score"], rel=1e-6)
+            assert [t for name, t in said["texts"] if name == "Input domain reason"] == [
+                reason["message"] for reason in json.loads(row["domain_reasons"])]
     finally:
         result.orthanc.stop()
 

@@ -11,12 +11,15 @@ import httpx
 import pydicom
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom.data import get_testdata_file
 from pydicom.errors import InvalidDicomError
 
 from configs import PacsConfig, PacsProtocol, ServeConfig
 from serve.app import Settings, create_app
+from tasks.champion import Prediction
 from tasks.dicom_results import (NOT_FOR_DIAGNOSTIC_USE, SERIES_DESCRIPTION, AiResult, ModelIdentity, read_result,
                                  result_sr)
+from tasks.domain import NOT_CHECKED, DomainReason, DomainVerdict, Fact, ReasonKind
 from tasks.pacs.client import connect
 from tests.live_server import LiveServer
 from sample_data.orthanc import free_port
@@ -25,9 +28,14 @@ from tests.pacs_fixtures import pacs_section, start_orthanc
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 PREDICTION = {"task": "classification", "label": "malignant", "probabilities": {"benign": 0.27, "malignant": 0.73},
               "positive_label": "malignant", "positive_probability": 0.73, "threshold": 0.41}
-IN_DOMAIN = {"in_domain": False, "domain_score": 8.3,
-             "domain_reasons": ["Modality CR not seen in training (US)", "image novelty 8.3 above threshold 3.1"]}
+OUTSIDE = DomainVerdict(False, 8.3, 3.1, (DomainReason(ReasonKind.UNSEEN_VALUE, Fact.MODALITY, "CR", ("US",)),
+                                           DomainReason(ReasonKind.NOVELTY_ABOVE_THRESHOLD, value=8.3, expected=(3.1,))))
 MODEL = ModelIdentity("breast-ultrasound-resnet18", "7")
+
+
+def _result(verdict: DomainVerdict) -> AiResult:
+    """What the service or scoring answers: the body (which carries the verdict too) and the verdict."""
+    return AiResult.of(Prediction(PREDICTION | verdict.as_json(), verdict))
 
 
 def _source(pacs, config):
@@ -61,9 +69,9 @@ def test_an_sr_goes_into_the_record_and_reads_back_with_highdicom(tmp_path, resu
     source = _source(web, config)
     sender = connect(config, PacsProtocol.DICOMWEB if transport == "stow-rs" else PacsProtocol.DIMSE)
     model = replace(MODEL, version=transport)  # each transport its own SR
-    sr = result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), model)
+    sr = result_sr(source, _result(OUTSIDE), model)
     sender.send([sr])
-    sender.send([result_sr(source, AiResult.from_body(PREDICTION | IN_DOMAIN), model)])  # again: the same SR
+    sender.send([result_sr(source, _result(OUTSIDE), model)])  # again: the same SR
     sender.close()
     web.close()
 
@@ -85,21 +93,26 @@ def test_an_sr_goes_into_the_record_and_reads_back_with_highdicom(tmp_path, resu
     assert result["source"] == (source.SOPClassUID, source.SOPInstanceUID)
     assert result["measurements"] == {"Probability of malignant": pytest.approx(0.73),
                                       "Operating threshold": pytest.approx(0.41),
-                                      "Input novelty score": pytest.approx(8.3)}
+                                      "Input novelty score": pytest.approx(8.3),
+                                      "Input novelty threshold": pytest.approx(3.1)}
     assert result["evaluations"] == {"Class at the operating threshold": "malignant",
                                      "Input within the training domain": "No"}
-    texts = dict.fromkeys(t for t, _ in result["texts"])
-    assert ("Comment", NOT_FOR_DIAGNOSTIC_USE) in result["texts"] and "Out-of-domain reason" in texts
-    assert [v for t, v in result["texts"] if t == "Out-of-domain reason"] == IN_DOMAIN["domain_reasons"]
+    assert ("Comment", NOT_FOR_DIAGNOSTIC_USE) in result["texts"]
+    assert _reasons(result) == ["Modality CR not seen in training (US)", "image novelty 8.3 above threshold 3.1"]
 
 
-def test_without_in_domain_fields_the_sr_leaves_them_out(results_pacs, tmp_path):
+def _reasons(result: dict) -> list[str]:
+    return [text for name, text in result["texts"] if name == "Input domain reason"]
+
+
+def test_a_model_without_a_domain_check_gets_an_sr_without_the_flag_that_says_why(results_pacs, tmp_path):
     config = PacsConfig.model_validate(pacs_section(results_pacs, tmp_path))
     web = connect(config)
-    result = read_result(result_sr(_source(web, config), AiResult.from_body(PREDICTION), MODEL))
+    result = read_result(result_sr(_source(web, config), _result(NOT_CHECKED), MODEL))
     web.close()
     assert set(result["evaluations"]) == {"Class at the operating threshold"}
-    assert "Input novelty score" not in result["measurements"]
+    assert set(result["measurements"]) == {"Probability of malignant", "Operating threshold"}
+    assert _reasons(result) == ["this model version carries no domain check"]
 
 
 def test_the_preamble_trap_medxfer_stows_what_plain_dicomweb_client_stores_unreadable(tmp_path, results_pacs):
@@ -107,7 +120,7 @@ def test_the_preamble_trap_medxfer_stows_what_plain_dicomweb_client_stores_unrea
     it over STOW-RS, and the file it then serves does not read as DICOM."""
     config = PacsConfig.model_validate(pacs_section(results_pacs, tmp_path))
     web = connect(config)
-    sr = result_sr(_source(web, config), AiResult.from_body(PREDICTION), replace(MODEL, version="trap"))
+    sr = result_sr(_source(web, config), _result(NOT_CHECKED), replace(MODEL, version="trap"))
     in_memory = []
     for suffix in ("1", "2"):  # two plain data sets, as code that builds one with pydicom has
         ds = pydicom.Dataset(copy.deepcopy(sr))  # a plain Dataset (no preamble) with elements of its own
@@ -153,3 +166,35 @@ def test_the_service_answers_accept_application_dicom_with_the_sr(service_url, p
     assert result["evaluations"]["Class at the operating threshold"] == as_json["label"]
     assert sr.PatientID == source.PatientID and sr.StudyInstanceUID == source.StudyInstanceUID
     assert png.status_code == 406 and "answers a DICOM request only" in png.json()["detail"]
+    # The domain check's verdict, as the JSON answer gives it: this is one of the champion's own images.
+    assert as_json["in_domain"] is True and result["evaluations"]["Input within the training domain"] == "Yes"
+    assert result["measurements"]["Input novelty score"] == pytest.approx(as_json["domain_score"])
+    assert _reasons(result) == []
+
+
+def test_the_service_sr_of_an_out_of_domain_image_says_so_with_the_reasons(service_url):
+    """A real chest CR (pydicom-data) sent to the breast ultrasound champion: the SR carries the same
+    verdict and reasons as the JSON answer."""
+    body = open(get_testdata_file("RG1_UNCR.dcm"), "rb").read()
+    with httpx.Client(base_url=service_url, timeout=60) as client:
+        as_json = client.post("/v1/predict", content=body, headers={"Content-Type": "application/dicom"}).json()
+        answer = client.post("/v1/predict", content=body, headers={"Content-Type": "application/dicom",
+                                                                   "Accept": "application/dicom"})
+    assert answer.status_code == 200 and as_json["in_domain"] is False
+    result = read_result(pydicom.dcmread(io.BytesIO(answer.content)))
+    assert result["evaluations"]["Input within the training domain"] == "No"
+    assert result["measurements"]["Input novelty score"] == pytest.approx(as_json["domain_score"])
+    assert _reasons(result) == [reason["message"] for reason in as_json["domain_reasons"]]
+    assert _reasons(result)[0] == "Modality CR not seen in training (US)"
+
+
+def test_the_service_answers_422_where_no_sr_can_reference_the_image(service_url):
+    """An RT dose (pydicom-data) is scored as JSON, but DICOM does not let a measurement reference it."""
+    body = open(get_testdata_file("rtdose.dcm"), "rb").read()
+    with httpx.Client(base_url=service_url, timeout=60) as client:
+        as_json = client.post("/v1/predict", content=body, headers={"Content-Type": "application/dicom"})
+        answer = client.post("/v1/predict", content=body, headers={"Content-Type": "application/dicom",
+                                                                   "Accept": "application/dicom"})
+    assert as_json.status_code == 200 and as_json.json()["in_domain"] is False
+    assert answer.status_code == 422 and answer.json()["detail"].startswith("cannot answer with a DICOM result: ")
+    assert "RTDOSE" in answer.json()["detail"]

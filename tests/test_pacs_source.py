@@ -18,7 +18,7 @@ from tests.pacs_fixtures import write_pacs_config
 
 SALT, SEED = "pacs-test-salt", 42
 COMPARED = ["sha256", "pixel_sha256", "patient_key", "study_key", "instance_key", "split", "target", "label",
-            "modality", "photometric", "transfer_syntax", "image_size", "frames"]
+            "modality", "photometric", "transfer_syntax", "image_size", "frames", "sop_class", "body_part"]
 
 
 def _expected_rejects(no_image_row: int, missing_row: int) -> dict[str, str]:

@@ -29,6 +29,8 @@ from pydicom.uid import MPEG2MPML, generate_uid
 
 from configs import SALT_ENV_VAR, load_config
 from flows.pipeline import train_pipeline
+from tasks.champion import open_served_model
+from tasks.domain import ReasonKind, request_facts
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
 from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_key
 from tasks.cache import CACHE_SUFFIX
@@ -37,7 +39,7 @@ from tasks.preprocess import preprocess_file
 from tasks.transforms import to_model_input
 from tasks.register import CHALLENGER, CHAMPION
 
-from tests.conftest import qc_section, write_config
+from tests.conftest import phi_strings, qc_section, write_config
 
 T = TypeVar("T")
 # The Prefect artifacts the flow publishes for configs/breast_ultrasound.yaml.
@@ -241,12 +243,18 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     assert meta["training_data_sha256"] == training_data_sha256(usable)
     assert json.loads(meta["decode"]) == {"voi_window": 0, "frame": "middle"}  # the config's defaults
     parity = json.loads((run_dir / "onnx_parity.json").read_text())
-    assert parity["passed"] and {r["graph"] for r in parity["parity"]} == {"normalised", "self-contained", "fp16"}
-    assert all(r["passed"] for r in parity["parity"])
-    assert sorted(parity["variants"]) == ["fp16", "int8"]
-    assert {a["variant"] for a in parity["accuracy"]} == {"int8", "fp16"}
-    for tag in ("onnx_uri", "onnx_normalised_uri", "onnx_int8_uri", "onnx_fp16_uri"):
-        assert tag in client.get_model_version(name, "1").tags
+    assert parity["passed"] and {r["graph"] for r in parity["parity"]} == {"normalised", "self-contained", "int8",
+                                                                          "fp16"}
+    assert all(r["domain_max_rel_diff"] is not None for r in parity["parity"])  # every graph checks domain_score
+    assert all(r["passed"] for r in parity["parity"] if r["graph"] != "int8")
+    # int8 is kept only when its domain score agrees with PyTorch's (its own outputs are not gated).
+    int8 = next(r for r in parity["parity"] if r["graph"] == "int8")
+    kept = ["fp16", "int8"] if int8["passed"] else ["fp16"]
+    assert sorted(parity["variants"]) == kept and ("int8" in parity["dropped"]) != int8["passed"]
+    assert {a["variant"] for a in parity["accuracy"]} == set(kept)
+    tags = client.get_model_version(name, "1").tags
+    assert {"onnx_uri", "onnx_normalised_uri", "onnx_fp16_uri"} <= set(tags)
+    assert ("onnx_int8_uri" in tags) == int8["passed"]
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     test_paths = usable.loc[usable["split"] == "test", "path"][:5]
@@ -257,6 +265,33 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     crops = np.stack([preprocess_file(data_root / p, config.preprocess).image for p in test_paths])
     expected = normalised.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crops)).numpy()})[0]
     np.testing.assert_allclose(probabilities, expected, atol=1e-3)
+    _check_domain(summary, config, run, meta, usable, data_root)
+
+
+def _check_domain(summary, config, run, meta, usable: pd.DataFrame, data_root: Path) -> None:
+    """The domain check was fitted, evaluated, recorded and shipped: a chest CR sent to this breast
+    ultrasound model is flagged; its own test images pass the header facts, and the served
+    model flags exactly the share of them that the evaluation reported."""
+    metrics, params = run.data.metrics, run.data.params
+    domain = json.loads(meta["domain"])
+    assert domain["threshold"] == pytest.approx(metrics["domain_threshold"]) and domain["quantile"] == 0.99
+    assert domain["header_facts"]["seen"]["modality"] == ["US"] and params["domain_seen_modality"] == "US"
+    assert params["domain_method"] == "mahalanobis"
+    assert 0.0 <= metrics["domain_auroc_other_modality"] <= 1.0  # the tests' CT and RT dose images
+    for report in (summary.run_dir / "evaluation.md", summary.run_dir / "model_card.md"):
+        text = report.read_text()
+        assert "## Input domain" in text and "| other modality |" in text
+
+    served = open_served_model(config.registry.model_name, "1", "fp32", summary.onnx_path)
+    cr = Path(get_testdata_file("RG1_UNCR.dcm")).read_bytes()
+    (answer,) = served.predict([served.decode(Path("cr"), cr)], [request_facts(cr)])
+    assert answer.domain.in_domain is False and answer.domain.messages()[0] == "Modality CR not seen in training (US)"
+    test = [(data_root / p).read_bytes() for p in usable.loc[usable["split"] == "test", "path"]]
+    answers = served.predict([served.decode(Path("t"), data) for data in test], [request_facts(d) for d in test])
+    kinds = {r.kind for a in answers for r in a.domain.reasons}
+    assert kinds <= {ReasonKind.NOVELTY_ABOVE_THRESHOLD}  # no header fact of its own images is unseen
+    flagged = np.mean([a.domain.in_domain is False for a in answers])
+    assert flagged == pytest.approx(metrics["domain_test_false_rejection_rate"])
 
 
 # Files in dataset_with_bad_files that ingest accepts and only decoding rejects.
@@ -302,18 +337,6 @@ def test_unusable_splits_fail_the_flow_after_reporting_the_rejects_found_so_far(
     assert description == f"Ingest stopped: {data_root / 'manifest.csv'}: the 'test' split is empty"
 
 
-def _phi_strings(data_root: Path) -> set[str]:
-    """Every identifying value in the input DICOMs' headers, as it might be written out."""
-    found = set()
-    for path in data_root.rglob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "InstitutionName"):
-            value = str(ds.get(keyword, "")).strip()
-            if value:
-                found |= {value, value.replace("^", " ")}
-    return found
-
-
 def _all_prefect_logs() -> list[Log]:
     """Every log line the Prefect server holds."""
     APILogHandler().flush()
@@ -338,7 +361,7 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     shutil.copyfile(root / manifest.loc[0, "path"], root / "train" / "copy.dcm")  # a same-split duplicate
     extra = pd.DataFrame({"path": ["train/copy.dcm"], "label": [manifest.loc[0, "label"]], "split": "train"})
     pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
-    phi = _phi_strings(root)
+    phi = phi_strings(root)
     assert len(phi) >= 4 * 120  # name (two spellings), id, birth date and accession per image
     salt = "known-salt-5e1d7c"  # from the environment, so no salt file is written to exclude
     monkeypatch.setenv(SALT_ENV_VAR, salt)
@@ -372,6 +395,7 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     assert "121 files discovered = 121 usable + 0 rejected" in qc
     assert f"| train/copy.dcm | {manifest.loc[0, 'path']} | SOPInstanceUID |" in qc
     assert "| US | 121 |" in qc and "| Explicit VR Little Endian | 121 |" in qc and "| 28x28 | 121 |" in qc
+    assert qc_section(qc, "SOP class") == [["Ultrasound Image Storage", "121"]]  # a fact the domain check compares
     usable = pd.read_csv(summary.run_dir / "manifest.csv")
     assert (usable["split"] == "train").sum() == 41  # the copy went with its original
     # The known salt is the one used: the scan above looked for the real secret.

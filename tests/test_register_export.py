@@ -25,12 +25,6 @@ def real_images(breast_dicom_dir):
 
 
 @pytest.fixture(scope="module")
-def classifier():
-    torch.manual_seed(0)
-    return build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
-
-
-@pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory, classifier):
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     return export_onnx(classifier, TaskKind.CLASSIFICATION, path, crop=224, opset=18,

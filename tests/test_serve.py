@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import onnx
+import pandas as pd
 import pydicom
 import pytest
 from PIL import Image
@@ -20,7 +21,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML
 
-from configs import ServeConfig
+from configs import DomainPolicy, ServeConfig
 from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
 from serve.app import API_KEY_HEADER, REQUEST_NAME, Settings, create_app
 from serve.batching import MicroBatcher
@@ -93,6 +94,49 @@ def test_real_dicom_gets_the_models_own_prediction(service, champion_registry, n
     assert body["label"] == ("malignant" if expected[1] >= 0.5 else "benign")
     assert body["threshold"] == 0.5 and body["positive_label"] == "malignant"
     assert body["model"]["name"] == "serve-test" and body["model"]["provider"] == "CPUExecutionProvider"
+
+
+def _breast_train_image(breast_dicom_dir) -> bytes:
+    """One of the champion's own training images (its domain check was fitted on them)."""
+    manifest = pd.read_csv(breast_dicom_dir / "manifest.csv")
+    return (breast_dicom_dir / manifest.loc[manifest["split"] == "train", "path"].iloc[0]).read_bytes()
+
+
+def test_every_answer_says_whether_its_input_is_in_the_training_domain(service, breast_dicom_dir):
+    """The champion was trained on breast ultrasound: a chest CR is answered, flagged, with the
+    reasons as data; its own kind of image is answered in domain."""
+    server, _ = service
+    body = post(server, dicom_bytes("RG1_UNCR.dcm")).json()
+    assert body["in_domain"] is False and body["label"] in ("benign", "malignant")
+    reasons = body["domain_reasons"]
+    assert reasons[0] == {"kind": "unseen_value", "fact": "modality", "value": "CR", "expected": ["US"],
+                          "message": "Modality CR not seen in training (US)"}
+    assert {r["kind"] for r in reasons} >= {"unseen_value", "size_out_of_range"}
+    assert isinstance(body["domain_score"], float)
+
+    own = post(server, _breast_train_image(breast_dicom_dir)).json()
+    assert own["in_domain"] is True and own["domain_reasons"] == []
+
+
+def test_refuse_policy_answers_422_with_the_reasons(champion_registry, breast_dicom_dir):
+    config, _, _ = champion_registry
+    settings = Settings(config.registry.tracking_uri, config.registry.model_name, ServeConfig(), api_key=API_KEY,
+                        domain_policy=DomainPolicy.REFUSE)
+    server = LiveServer(create_app(settings))
+    try:
+        refused = post(server, dicom_bytes("RG1_UNCR.dcm"))
+        assert refused.status_code == 422
+        detail = refused.json()["detail"]
+        assert detail["message"] == "the input is outside the model's training domain"
+        assert detail["in_domain"] is False and "label" not in detail and detail["model"]["name"] == "serve-test"
+        assert [r["message"] for r in detail["domain_reasons"]][:3] == [
+            "Modality CR not seen in training (US)",
+            "PhotometricInterpretation MONOCHROME1 not seen in training (MONOCHROME2)",
+            "SOP class Computed Radiography Image Storage not seen in training (Ultrasound Image Storage)"]
+        answered = post(server, _breast_train_image(breast_dicom_dir))
+        assert answered.status_code == 200 and answered.json()["in_domain"] is True
+    finally:
+        server.stop()
 
 
 def test_png_and_jpeg_bodies(service):
