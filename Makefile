@@ -1,6 +1,11 @@
 # Fresh machine: `make run` (full pipeline on the bundled sample) and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
+PREFECT := $(VENV)/bin/prefect
+# The interpreter the venv is made from: CPython 3.11, as requirements.lock is resolved for
+# (the Dockerfile passes a uv-managed 3.11; Ubuntu 24.04's python3 is 3.12).
+PYTHON ?= python3
+WORK_POOL ?= medxfer
 SAMPLE_DIR := outputs/sample/breastmnist-dicom
 CONFIG ?= configs/breast_ultrasound.yaml
 # Air-gapped sites: the embedded Prefect server sends no usage telemetry.
@@ -8,14 +13,14 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # A busy 2-core machine can take longer than Prefect's default to start the ephemeral server.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install lock run sample test serve score pacs-demo clean stack stack-status stack-down automations
+.PHONY: install lock run sample test serve score pacs-demo deploy worker clean stack stack-status stack-down automations
 
 # --no-cache-dir: where pip downloads over HTTP, its cache would keep a second copy of the
 # ~3 GB of CUDA torch wheels beside the 7 GB venv, on CI disks that have little to spare.
 # requirements.lock pins every package, direct and transitive; --no-deps keeps pip from
 # resolving anything of its own, so every install is the set the tests ran on.
 $(VENV)/.installed: pyproject.toml requirements.lock
-	python3 -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-cache-dir pip==26.3  # the installer itself, pinned too
 	$(PY) -m pip install --quiet --no-cache-dir --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --no-cache-dir --no-deps --no-build-isolation -e .
@@ -55,6 +60,17 @@ score: install
 # leaves their SRs in Orthanc (outputs/pacs-demo/orthanc). Needs Debian's orthanc and orthanc-dicomweb.
 pacs-demo: install
 	$(PY) -m sample_data.pacs_demo outputs/pacs-demo
+
+# Every deployment in prefect.yaml on the server at $$PREFECT_API_URL, run from this checkout:
+# the process work pool first (once per server), then `prefect deploy --all`, which also
+# creates the `gpu` concurrency limit. Then start a worker (`make worker`). See README.
+deploy:
+	$(PREFECT) work-pool inspect $(WORK_POOL) > /dev/null 2>&1 \
+		|| $(PREFECT) work-pool create $(WORK_POOL) --type process
+	$(PREFECT) --no-prompt deploy --all
+
+worker:
+	$(PREFECT) worker start --pool $(WORK_POOL)
 
 # The production stack on one host (README, "Production stack on one host"): PostgreSQL, the
 # object store, the MLflow and Prefect servers, a worker and the service, as processes with pid

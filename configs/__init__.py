@@ -239,6 +239,14 @@ class RegistryConfig(Strict):
     # restarts costs a wait, not the run. (MLflow's client first retries each request itself.)
     io_retries: Annotated[int, Field(ge=0)] = 3
     io_retry_delay_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # The MLflow UI's address, for the links on Prefect flow runs and model versions; None:
+    # the tracking URI when it is an MLflow server (http/https), else no links.
+    ui_url: str | None = None
+
+    def mlflow_ui_url(self) -> str | None:
+        if self.ui_url:
+            return self.ui_url.rstrip("/")
+        return self.tracking_uri.rstrip("/") if self.tracking_uri.startswith(("http://", "https://")) else None
 
 
 class ExportConfig(Strict):

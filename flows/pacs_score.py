@@ -28,7 +28,9 @@ from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments.runner import RunnerDeployment
 
 from configs import DomainPolicy, PacsProtocol, PipelineConfig, ResultTransport, load_config
+from flows.run_links import artifact_key
 from flows.score import load_model
+from flows.stages import with_io_retries
 from tasks.champion import Prediction, ServedModel
 from tasks.dicom_results import AiResult, ModelIdentity, result_sr
 from tasks.io import write_csv_atomic
@@ -137,8 +139,9 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
         retrieval = retrieve_new(config, refs, salt)
         by_hash = {path.stem: (ref, path) for ref, path in retrieval.held + retrieval.retrieved}
         with tempfile.TemporaryDirectory(prefix="medxfer-pacs-score-") as download_dir:
-            model = load_model(config.registry.tracking_uri, config.registry.model_name, config.serve.variant,
-                               Path(download_dir))
+            model = with_io_retries(load_model, config.registry)(config.registry.tracking_uri,
+                                                                 config.registry.model_name, config.serve.variant,
+                                                                 Path(download_dir))
             result, predictions = score([path for _, path in by_hash.values()], model, config.domain.policy)
         ledger.record([by_hash[key][0] for key in result.rejects["file_sha256"]], REJECTED, model.version)
         sent = send_results(config, [(*by_hash[key], prediction) for key, prediction in predictions.items()],
@@ -153,7 +156,7 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
     rejects_csv = write_csv_atomic(rejects, out_dir / "score_rejects.csv")
     counts = {"new": len(refs), "seen_before": seen, "scored": len(result.scores), "rejected": len(result.rejects),
               "failed": len(retrieval.failed), "out_of_domain": len(result.out_of_domain), "results_sent": sent}
-    create_markdown_artifact(key=f"{config.name.replace('_', '-').lower()}-pacs-scores",
+    create_markdown_artifact(key=artifact_key(config.name, "pacs-scores"),
                              markdown=_report(counts, window, watermark, model, config.pacs.scoring.send_results),
                              description="PACS scoring summary")
     return PacsScoreSummary(counts, watermark.isoformat() if watermark else "", scores_csv, rejects_csv,

@@ -11,6 +11,7 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from configs import PipelineConfig
+from flows.run_links import artifact_key
 from flows.stages import stage
 from tasks.io import write_text_atomic
 from tasks.pacs.query import describe
@@ -46,6 +47,6 @@ def retrieve_training_data(config: PipelineConfig, run_dir: Path) -> pd.DataFram
                       json.dumps(counts | {"server": selection.server, "seconds": selection.retrieval.seconds}, indent=2))
     mlflow.log_artifact(str(run_dir / "pacs_retrieval.json"), "data")
     mlflow.log_metrics({f"pacs_{key}": value for key, value in counts.items()})
-    create_markdown_artifact(key=f"{config.name.replace('_', '-').lower()}-pacs-retrieval",
+    create_markdown_artifact(key=artifact_key(config.name, "pacs-retrieval"),
                              markdown=retrieval_report(selection), description="PACS retrieval: found = held + retrieved + failed")
     return selection.rejects_frame()

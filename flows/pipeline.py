@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
@@ -25,7 +26,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from configs import ModelRunConfig, PipelineConfig, load_config
 from flows.dask_preprocess import preprocess_on_dask
 from flows.events import emit_promoted
+from flows.gpu_slot import gpu_slot
 from flows.pacs_source import retrieve_training_data
+from flows.run_links import (LATEST, artifact_key, flow_run_links, link_runs, model_version_url, rename_runs,
+                             run_name)
 from flows.stages import discard_results, stage, with_io_retries
 from tasks.domain import DomainFit
 from tasks.domain_eval import DomainEvaluation, fit_and_evaluate
@@ -39,19 +43,17 @@ from tasks.model_card import CardContext, model_card
 from tasks.pacs.source import ingest_retrieved
 from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.qc import qc_report
-from tasks.register import SECRET_FIELDS, Registration, register_model, tracking_run
+from tasks.register import CHAMPION, SECRET_FIELDS, Provenance, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
 from tasks.variants import ServingModels, export_serving_models
 
-def _slug(name: str) -> str:
-    return name.replace("_", "-").lower()
 
 
 def _report_rejects(config: PipelineConfig, run_dir: Path, rejects: pd.DataFrame, description: str) -> None:
     """rejects.csv (a file and an MLflow data/ artifact) and the Prefect rejects table."""
     write_csv_atomic(rejects, run_dir / "rejects.csv")
     mlflow.log_artifact(str(run_dir / "rejects.csv"), "data")
-    create_table_artifact(key=f"{_slug(config.name)}-rejects", description=description,
+    create_table_artifact(key=artifact_key(config.name, "rejects"), description=description,
                           table=rejects.to_dict(orient="records") or [{"path": "-", "reason": "no rejects"}])
 
 
@@ -92,7 +94,7 @@ def preprocess(config: PipelineConfig, ingested: IngestResult, run_dir: Path) ->
     write_text_atomic(run_dir / "qc_report.md", qc)
     for name in ("manifest.csv", "qc_report.md"):
         mlflow.log_artifact(str(run_dir / name), "data")
-    create_markdown_artifact(key=f"{_slug(config.name)}-qc", markdown=qc,
+    create_markdown_artifact(key=artifact_key(config.name, "qc"), markdown=qc,
                              description="Data QC: header facts, rejects, duplicates, split sizes")
     mlflow.log_metrics({"usable": len(prepared.manifest), "rejected": len(rejects),
                         "cache_hits": prepared.cache_hits})
@@ -116,15 +118,15 @@ def train(config: ModelRunConfig, prepared: PreparedData, run_id: str) -> TrainR
 
     # Checkpoints live outside the MLflow run's folder: a re-run of a killed flow gets a new
     # run id but the same config and data, and resumes from there.
-    result = train_model(config.model, config.train, config.task_spec, config.seed, prepared.split("train"),
-                         prepared.split("val"), tracking_uri=config.registry.tracking_uri, on_epoch_end=report,
-                         checkpoint_dir=config.run_dir / "checkpoints")
+    with gpu_slot():  # two trainings never share the device
+        result = train_model(config.model, config.train, config.task_spec, config.seed, prepared.split("train"),
+                             prepared.split("val"), tracking_uri=config.registry.tracking_uri, on_epoch_end=report,
+                             checkpoint_dir=config.run_dir / "checkpoints")
     if result.resumed_from_epoch:
         logger.info("resumed from a checkpoint at epoch %d", result.resumed_from_epoch)
     logger.info("backbone: %s; strategy %s (%s)", result.weights.describe(),
                 result.strategy.value, result.strategy_reason)
-    if not result.weights.pretrained:
-        logger.warning("trained from random initialisation: no pretrained weights were used")
+    _report_weights(config, result)
     mlflow.log_params({"weights_name": result.weights.name,
                        "weights_sha256": result.weights.sha256 or "none",
                        "weights_pretrained": result.weights.pretrained,
@@ -135,6 +137,25 @@ def train(config: ModelRunConfig, prepared: PreparedData, run_id: str) -> TrainR
     mlflow.log_metrics({"best_epoch": result.best_epoch, f"val_{result.metric_name}": result.best_metric,
                         "feature_cache_seconds": result.feature_seconds})
     return result
+
+
+def _report_weights(config: ModelRunConfig, trained: TrainResult) -> None:
+    """What the backbone started from, as an artifact every run; a warning (log, artifact and
+    MLflow tag) when the configured weights could not be loaded."""
+    weights, logger = trained.weights, get_run_logger()
+    lines = [f"# Backbone weights: {config.name}", "", f"- Configured: `{config.model.weights}`",
+             f"- Used: {weights.describe()}"]
+    if weights.fallback_reason:
+        logger.warning("%s: trained from random initialisation instead", weights.fallback_reason)
+        mlflow.set_tag("weights_warning", weights.fallback_reason)
+        lines += ["", f"**Warning:** {weights.fallback_reason}. This run trained from random initialisation, "
+                  "which usually needs more data. Copy the weights file into `$TORCH_HOME/hub/checkpoints`, or "
+                  "set `model.weights` to a local file with its `weights_sha256` (README, \"ImageNet weights\")."]
+    elif not weights.pretrained:
+        logger.warning("trained from random initialisation: no pretrained weights were used")
+    create_markdown_artifact(key=artifact_key(config.name, LATEST, "weights"), markdown="\n".join(lines) + "\n",
+                             description="Warning: configured weights not loaded" if weights.fallback_reason
+                             else "Backbone weights used")
 
 
 @dataclass(frozen=True)
@@ -178,8 +199,8 @@ def evaluate(config: ModelRunConfig, trained: TrainResult, prepared: PreparedDat
         report += f"\n\n## Input domain\n\n{domain_evaluation.body()}\n"
     write_text_atomic(run_dir / "evaluation.md", report)
     mlflow.log_artifact(str(run_dir / "evaluation.md"))
-    create_markdown_artifact(key=f"{_slug(config.name)}-evaluation", markdown=report,
-                             description="Held-out test metrics")
+    create_markdown_artifact(key=artifact_key(config.name, LATEST, "evaluation"), markdown=report,
+                             description="Held-out test metrics of the latest run")
     return evaluation
 
 
@@ -201,13 +222,20 @@ def publish_model_card(config: PipelineConfig, trained: TrainResult, evaluation:
                        ingested: IngestResult, prepared: PreparedData, registration: Registration,
                        explained: list[str], run_dir: Path, domain_evaluation: DomainEvaluation) -> Path:
     rejected = ingested.discovered - prepared.manifest["path"].nunique()  # files, not frames
-    context = CardContext(prepared.manifest, ingested.discovered, rejected, registration.version,
+    context = CardContext(prepared.manifest, ingested.discovered, rejected, registration,
                           [f"plots/{plot.name}" for plot in evaluation.plots] + explained, domain_evaluation)
     card = model_card(config, trained, evaluation, context)
     path = write_text_atomic(run_dir / "model_card.md", card)
     mlflow.log_artifact(str(path))
-    create_markdown_artifact(key=f"{_slug(config.name)}-model-card", markdown=card,
-                             description=f"Model card, {registration.model_name} v{registration.version}")
+    described = f"{registration.model_name} v{registration.version} ({registration.role})"
+    create_markdown_artifact(key=artifact_key(config.name, LATEST, "model-card"), markdown=card,
+                             description=f"Model card of the latest run: {described}")
+    if registration.is_champion:  # the champion's keys change only when the champion does
+        create_markdown_artifact(key=artifact_key(config.name, CHAMPION, "model-card"), markdown=card,
+                                 description=f"Model card of the champion: {described}")
+        create_markdown_artifact(key=artifact_key(config.name, CHAMPION, "evaluation"),
+                                 markdown=(run_dir / "evaluation.md").read_text(),
+                                 description=f"Held-out test metrics of the champion: {described}")
     return path
 
 
@@ -260,11 +288,15 @@ def register(config: PipelineConfig, trained: TrainResult, models: ServingModels
              prepared: PreparedData) -> Registration:
     example = prepared.example_input()
     metric, higher_is_better = primary_metric(config.data.task)
+    flow_run_id, flow_run_url = flow_run_links()
+    provenance = Provenance(training_data_sha256(prepared.manifest), flow_run_id, flow_run_url)
     registration = register_model(config, run_id, trained.model.cpu(), models.self_contained, metric,
                                   higher_is_better, example,
-                                  onnx_variants={"normalised": models.normalised, **models.variants})
-    get_run_logger().info("registered %s version %s (%s)", registration.model_name,
-                          registration.version, registration.reason)
+                                  onnx_variants={"normalised": models.normalised, **models.variants},
+                                  provenance=provenance)
+    url = model_version_url(config.registry, registration.model_name, registration.version)
+    get_run_logger().info("registered %s version %s as %s (%s)%s", registration.model_name, registration.version,
+                          registration.role, registration.reason, f": {url}" if url else "")
     if registration.is_champion:
         emit_promoted(registration)
     return registration
@@ -291,7 +323,9 @@ class PipelineSummary:
 def train_pipeline(config_path: str) -> PipelineSummary:
     """Ingest, preprocess, fine-tune, evaluate, export and register one dataset."""
     config = load_config(config_path)
-    with tracking_run(config, run_name=config.name, flow_run_id=runtime.flow_run.id) as run_id:
+    started = datetime.now(timezone.utc)
+    with tracking_run(config, run_name=run_name(config.name, started), flow_run_id=runtime.flow_run.id) as run_id:
+        link_runs(config.name, config.registry, run_id, run_name(config.name, started))
         run_dir = config.run_dir / run_id
         mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json", exclude=SECRET_FIELDS)),
                         "config/config.yaml")
@@ -304,6 +338,7 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         explained = explain(config, trained, prepared, run_dir)
         models = export(config, trained, prepared, evaluation, run_dir, checked.fit)
         registration = with_io_retries(register, config.registry)(config, trained, models, run_id, prepared)
+        rename_runs(run_id, run_name(config.name, started, registration.version))
         with_io_retries(publish_model_card, config.registry)(config, trained, evaluation, ingested, prepared,
                                                              registration, explained, run_dir, checked.evaluation)
     summary = PipelineSummary(run_dir, models.self_contained, registration, evaluation.metrics,

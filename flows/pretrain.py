@@ -8,6 +8,7 @@ or from the printed file with `model.weights: <path>` and `model.weights_sha256:
 from __future__ import annotations
 
 import argparse
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
@@ -15,6 +16,7 @@ from prefect import flow, get_run_logger
 
 from configs import PretrainConfig, load_pretrain_config
 from flows.pipeline import evaluate, stage, train
+from flows.run_links import link_runs, rename_runs, run_name
 from tasks.preprocess import PreparedData
 from tasks.pretrain import SourceModel, load_source_data, register_source_model, save_backbone
 from tasks.register import tracking_run
@@ -44,12 +46,16 @@ def register_source(config: PretrainConfig, trained: TrainResult, run_id: str, r
 def pretrain_source_model(config_path: str) -> SourceModel:
     """Train a ResNet from random init on the source dataset, evaluate it, register its backbone."""
     config = load_pretrain_config(config_path)
-    with tracking_run(config, run_name=config.name) as run_id:
+    started = datetime.now(timezone.utc)
+    with tracking_run(config, run_name=run_name(config.name, started)) as run_id:
+        link_runs(config.name, config.registry, run_id, run_name(config.name, started))
         run_dir = config.run_dir / run_id
         prepared = load_source(config)
         trained = train(config, prepared, run_id)
         evaluate(config, trained, prepared, run_dir)
-        return register_source(config, trained, run_id, run_dir)
+        source = register_source(config, trained, run_id, run_dir)
+        rename_runs(run_id, run_name(config.name, started, source.version))
+        return source
 
 
 def main() -> None:

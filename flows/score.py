@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from configs import DomainPolicy, load_config
+from flows.run_links import artifact_key
 from flows.stages import with_io_retries
 from tasks.champion import ServedModel, load_champion
 from tasks.io import write_csv_atomic
@@ -61,7 +62,7 @@ def score_studies(config_path: str, input_dir: str) -> ScoreSummary:
         result = score(files, model, config.domain.policy)
     scores_csv = write_csv_atomic(result.scores, out_dir / "scores.csv")
     rejects_csv = write_csv_atomic(result.rejects, out_dir / "score_rejects.csv")
-    create_markdown_artifact(key=f"{config.name.replace('_', '-').lower()}-scores",
+    create_markdown_artifact(key=artifact_key(config.name, "scores"),
                              markdown=summary_markdown(result, model), description="Batch scoring summary")
     return ScoreSummary(scores_csv, rejects_csv, result.summary(), f"{model.name} v{model.version}")
 

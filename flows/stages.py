@@ -30,6 +30,7 @@ from prefect.results import get_result_store
 from prefect.tasks import exponential_backoff
 
 from configs import RegistryConfig
+from flows.run_links import record_failed_stage
 
 STAGE_LABEL = "medxfer.stage"  # the stage running now, or the one a failed or crashed run stopped in
 # Inputs of these types are hashed into a stage's key: the config, folders, run ids, names.
@@ -65,9 +66,10 @@ def _label_stage(task: Task, task_run: TaskRun, state: State) -> None:
 
 
 def stage(name: str, **options: Any):
-    """A pipeline stage: a named Prefect task whose result a retry of its flow run reuses."""
+    """A pipeline stage: a named Prefect task whose result a retry of its flow run reuses, and
+    whose failure is recorded on the MLflow run (stage and reason)."""
     return task(name=name, cache_policy=ResumeInFlowRun(), persist_result=True, on_running=[_label_stage],
-                **options)
+                on_failure=[record_failed_stage], **options)
 
 
 def is_transient(error: BaseException | None) -> bool:

@@ -40,6 +40,9 @@ class WeightsInfo:
     name: str  # e.g. "ResNet18_Weights.IMAGENET1K_V1", "none", or a file name
     sha256: str | None
     pretrained: bool
+    # Why the configured weights were not loaded (ImageNet weights neither cached nor
+    # downloadable), so the run can say so where the ops team looks; None when they were.
+    fallback_reason: str | None = None
 
     def describe(self) -> str:
         if not self.pretrained:
@@ -81,8 +84,9 @@ class TransferResNet(nn.Module):
         return self.from_features(self.backbone(x))
 
 
-def _imagenet_state(arch: str) -> tuple[dict, WeightsInfo] | None:
-    """torchvision's IMAGENET1K_V1 weights from the TORCH_HOME cache, if present.
+def _imagenet_state(arch: str) -> tuple[dict, WeightsInfo] | str:
+    """torchvision's IMAGENET1K_V1 weights from the TORCH_HOME cache, if present; else
+    downloaded; else the reason they could not be had.
 
     Looks in the cache before downloading, so an offline machine with the file in
     `$TORCH_HOME/hub/checkpoints` works, and one without it does not hang.
@@ -93,9 +97,9 @@ def _imagenet_state(arch: str) -> tuple[dict, WeightsInfo] | None:
         try:
             state = weights.get_state_dict(progress=False, check_hash=True)
         except OSError as exc:  # URLError, timeouts, refused connections
-            log.warning("ImageNet weights %s are not in %s and could not be downloaded (%s)",
-                        weights, cached.parent, exc)
-            return None
+            reason = f"ImageNet weights {weights} are not in {cached.parent} and could not be downloaded ({exc})"
+            log.warning(reason)
+            return reason
     else:
         state = torch.load(cached, map_location="cpu", weights_only=True)
     return state, WeightsInfo(name=str(weights), sha256=sha256_file(cached), pretrained=True)
@@ -154,8 +158,8 @@ def load_backbone_weights(model: TransferResNet, config: ModelConfig,
         return WeightsInfo(name=NO_WEIGHTS, sha256=None, pretrained=False)
     if config.weights == IMAGENET:
         found = _imagenet_state(config.arch)
-        if found is None:
-            return WeightsInfo(name=NO_WEIGHTS, sha256=None, pretrained=False)
+        if isinstance(found, str):
+            return WeightsInfo(name=NO_WEIGHTS, sha256=None, pretrained=False, fallback_reason=found)
         state, info = found
     elif registered := MLFLOW_WEIGHTS.match(config.weights):
         state, info = _mlflow_state(registered["name"], registered["alias"], tracking_uri,

@@ -18,8 +18,10 @@ and the training header facts in their metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -43,6 +45,8 @@ from tasks.decode import load_grey
 from tasks.j2k import reduced_decode_floor
 from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
 
+log = logging.getLogger(__name__)
+
 INPUT_NAME = "image"  # normalised variant: float32 (batch, 3, crop, crop), ImageNet-normalised
 GREY_INPUT_NAME = "grey"  # self-contained variant: float32 (batch, 1, H, W) in [0, 1]
 OUTPUT_NAMES = {TaskKind.CLASSIFICATION: "probabilities", TaskKind.REGRESSION: "age_years"}
@@ -50,6 +54,7 @@ SELF_CONTAINED_FILE, NORMALISED_FILE = "model.onnx", "model_normalised.onnx"
 INT8_FILE, FP16_FILE = "model_int8.onnx", "model_fp16.onnx"
 TRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER = (
     "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = (TRT_PROVIDER, CUDA_PROVIDER)
 # Binary classification without a threshold chosen on validation: positive when
 # p(positive) >= 0.5, which for two classes is the argmax decision.
 DEFAULT_THRESHOLD = 0.5
@@ -305,10 +310,29 @@ def choose_providers() -> list[str]:
     return [p for p in wanted if p in available] + [CPU_PROVIDER]
 
 
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia pip wheels into this process, once.
+
+    onnxruntime-gpu's CUDA provider links libcublas.so.13, libcublasLt.so.13 and cuDNN, which
+    the wheels keep under site-packages/nvidia, off the library path (`ldd` on the provider
+    shows them "not found"): unless torch happened to load them first, the provider fails to
+    load and the session silently falls back to the CPU."""
+    ort.preload_dlls()
+
+
 def open_session(model: Path | onnx.ModelProto, providers: Sequence[str] | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session on a file or an in-memory graph."""
+    """An ONNX Runtime session on a file or an in-memory graph. The provider it really runs
+    on is `session.get_providers()[0]`; a fallback from the one asked for is logged."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, providers=list(providers or choose_providers()))
+    providers = list(providers or choose_providers())
+    if any(provider in GPU_PROVIDERS for provider in providers):
+        preload_cuda_libraries()
+    session = ort.InferenceSession(source, providers=providers)
+    if session.get_providers()[0] != providers[0]:
+        log.warning("ONNX Runtime could not use %s; the session runs on %s", providers[0],
+                    session.get_providers()[0])
+    return session
 
 
 def parity_providers() -> list[list[str]]:

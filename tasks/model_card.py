@@ -10,17 +10,18 @@ from configs import DomainPolicy, PipelineConfig, TaskKind
 from tasks.domain_eval import DomainEvaluation
 from tasks.evaluate import Evaluation
 from tasks.ingest import SPLITS
+from tasks.register import Registration
 from tasks.train import TrainResult
 
 
 @dataclass(frozen=True)
 class CardContext:
-    """Facts known only once the flow has run: counts, registry version, artifact paths."""
+    """Facts known only once the flow has run: counts, the registry's verdict, artifact paths."""
 
     manifest: pd.DataFrame  # usable samples: split, target, label, patient_key
     discovered: int
     rejected: int
-    model_version: str
+    registration: Registration
     plots: list[str]  # artifact paths, relative to the MLflow run's artifact root
     domain: DomainEvaluation | None = None  # the input-domain check's evaluation
 
@@ -79,6 +80,17 @@ def _best_step(trained: TrainResult) -> str:
     return f"best epoch {trained.best_epoch}"
 
 
+def registry_status(registration: Registration) -> list[str]:
+    """Champion or challenger, and why: the card of a challenger is not the model being served."""
+    if registration.is_champion:
+        status = (f"**Champion.** This version is the one served (alias `champion`): {registration.reason}.")
+    else:
+        status = (f"**Challenger, not served.** This version has the alias `challenger` only; the champion "
+                  f"stays: {registration.reason}.")
+    return [status, "", "The aliases in the registry are the live state: an alias moved later by hand is not "
+            "reflected in this card."]
+
+
 def _domain_section(config: PipelineConfig, domain: DomainEvaluation | None) -> list[str]:
     if domain is None:
         return []
@@ -98,7 +110,11 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
     else:
         output = "age in years"
     lines = [
-        f"# Model card: {config.registry.model_name} version {context.model_version}", "",
+        f"# Model card: {config.registry.model_name} version {context.registration.version} "
+        f"({context.registration.role})", "",
+        "## Registry status", "",
+        *registry_status(context.registration),
+        "",
         "## Model", "",
         f"- {config.model.arch}, {data.task.value}; output: {output}.",
         f"- Backbone weights: {trained.weights.describe()}.",

@@ -23,9 +23,9 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_ARTIFACT = "model"
 ONNX_ARTIFACT_DIR = "onnx"
 TEST_METRIC_PREFIX = "test_"
-# Pinned so logging the model does not spend minutes inferring an environment.
 # Never leaves the machine: hashes made with a known salt could be reversed.
 SECRET_FIELDS = {"data": {"patient_salt"}}
+# Pinned so logging the model does not spend minutes inferring an environment.
 MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
 FLOW_RUN_TAG = "prefect_flow_run_id"  # on the MLflow run: the Prefect flow run it belongs to
 
@@ -90,6 +90,49 @@ class Registration:
     metric: str  # the primary test metric promotion compares
     metric_value: float
 
+    @property
+    def role(self) -> str:
+        """What the version became at registration: champion, or challenger only."""
+        return CHAMPION if self.is_champion else CHALLENGER
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a version came from, written on the model version for whoever reads the registry."""
+
+    training_data_sha256: str
+    flow_run_id: str | None = None  # the Prefect flow run that trained it, when there was one
+    flow_run_url: str | None = None
+
+
+def version_tags(metric: str, metrics: dict[str, float], confidence: float, registration: Registration,
+                 provenance: Provenance) -> dict[str, str]:
+    """The model version's tags: the test metric with its interval, the promotion and its
+    reason, the Prefect flow run and the training data's hash."""
+    prefix = TEST_METRIC_PREFIX + metric
+    tags = {"test_metric": metric, prefix: f"{metrics[prefix]:.4f}", "confidence": f"{confidence:g}",
+            "registered_as": registration.role, "promotion_reason": registration.reason,
+            "training_data_sha256": provenance.training_data_sha256,
+            FLOW_RUN_TAG: provenance.flow_run_id or "none",
+            "prefect_flow_run_url": provenance.flow_run_url or "none"}
+    for bound in ("ci_low", "ci_high"):
+        if f"{prefix}_{bound}" in metrics:
+            tags[f"{prefix}_{bound}"] = f"{metrics[f'{prefix}_{bound}']:.4f}"
+    return tags
+
+
+def version_description(tags: dict[str, str]) -> str:
+    """The model version's description (markdown, shown on its MLflow page), from its tags."""
+    metric = tags["test_metric"]
+    value = tags[TEST_METRIC_PREFIX + metric]
+    low, high = tags.get(f"{TEST_METRIC_PREFIX}{metric}_ci_low"), tags.get(f"{TEST_METRIC_PREFIX}{metric}_ci_high")
+    interval = f" ({float(tags['confidence']):.0%} CI {low} to {high})" if low and high else ""
+    run = tags[FLOW_RUN_TAG]
+    trained_by = (f"[{run}]({tags['prefect_flow_run_url']})" if tags["prefect_flow_run_url"] != "none" else run)
+    return (f"Test {metric} {value}{interval} on the held-out, patient-disjoint test split.\n\n"
+            f"Registered as **{tags['registered_as']}**: {tags['promotion_reason']}.\n\n"
+            f"Prefect flow run: {trained_by}. Training data sha256 `{tags['training_data_sha256']}`.")
+
 
 def champion_metric(client: MlflowClient, name: str, metric: str) -> tuple[str, float] | None:
     """(version, test metric) of the current champion, or None if there is none."""
@@ -121,18 +164,22 @@ def onnx_tag(variant: str | None = None) -> str:
 
 def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, onnx_path: Path,
                    metric: str, higher_is_better: bool, example: torch.Tensor,
-                   onnx_variants: dict[str, Path] | None = None) -> Registration:
+                   onnx_variants: dict[str, Path] | None = None,
+                   provenance: Provenance | None = None) -> Registration:
     """Log model and ONNX files to the run, create a registry version, and move the aliases.
 
     `onnx_path` is the main ONNX file (tag `onnx_uri`); each of `onnx_variants`
     (e.g. normalised, int8, fp16) is logged beside it and tagged `onnx_<name>_uri`.
+    With `provenance`, the version gets a description and tags saying how good it is,
+    why it was or was not promoted, and where it came from (`version_tags`).
     The version is deleted again if any later step fails, so a failed run leaves
     no version behind; one that an interrupted attempt of this run could not delete (the
     registry was down) is deleted when the attempt is retried.
     """
     client = MlflowClient(config.registry.tracking_uri)
     name = config.registry.model_name
-    new_value = client.get_run(run_id).data.metrics[TEST_METRIC_PREFIX + metric]
+    run_metrics = client.get_run(run_id).data.metrics
+    new_value = run_metrics[TEST_METRIC_PREFIX + metric]
     _delete_unfinished_versions(client, name, run_id)
     active = mlflow.active_run()
     in_run = nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id)
@@ -159,6 +206,12 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
             verdict = "beats" if promote else "does not beat"
             reason = (f"test {metric} {new_value:.4f} {verdict} champion v{current[0]} "
                       f"({current[1]:.4f})")
+        registration = Registration(name, str(version.version), run_id, promote, reason, onnx_uri, metric, new_value)
+        if provenance is not None:
+            tags = version_tags(metric, run_metrics, config.evaluate.confidence, registration, provenance)
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version.version, key, value)
+            client.update_model_version(name, version.version, description=version_description(tags))
         if promote:
             client.set_registered_model_alias(name, CHAMPION, version.version)
     except Exception:
@@ -166,7 +219,7 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
         raise
     log.info("registered %s v%s; %s: %s", name, version.version,
              "champion" if promote else "challenger only", reason)
-    return Registration(name, str(version.version), run_id, promote, reason, onnx_uri, metric, new_value)
+    return registration
 
 
 def _delete_unfinished_versions(client: MlflowClient, name: str, run_id: str) -> None:

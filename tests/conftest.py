@@ -29,6 +29,10 @@ from tasks.j2k import reduced_decode_floor
 from tasks.transforms import resize_and_crop, to_model_input
 from tasks.register import Registration, register_model, tracking_run
 
+# The operations tests' real Prefect server, worker, MLflow UI and flow runs, shared by
+# test_prefect_server.py and test_ui_browser.py.
+pytest_plugins = ["tests.ops_runs"]
+
 REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.pacs_fixtures"]  # a real Orthanc for the PACS tests
 RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
@@ -183,3 +187,4 @@ def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarra
     crops = [resize_and_crop(grey, RESIZE, CROP) for grey in greys]
     return np.concatenate([session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crop)).numpy()})[0]
                            for crop in crops])
+

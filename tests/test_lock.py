@@ -4,8 +4,11 @@ hand-run `pip install`, a stale venv) fails here instead of at a site's weekend 
 from __future__ import annotations
 
 import re
+import tomllib
 from importlib import metadata
 from pathlib import Path
+
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 # The installer and the project itself are not lock entries.
@@ -45,3 +48,21 @@ def test_lock_holds_the_pins_that_keep_prefect_working():
     assert (major, minor) < (2, 1), "SQLAlchemy 2.1 stops Prefect 3.8.8's scheduler creating runs"
     assert locked["fastapi"].startswith("0.150."), "Prefect 3.8.8's /filter endpoints need fastapi 0.150"
     assert (locked["torch"], locked["torchvision"]) == ("2.14.1", "0.29.1")
+
+
+def _requirements() -> list[Requirement]:
+    """pyproject's dependencies and the extras `make lock` resolves, and constraints.txt's pins."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = project["dependencies"] + [line for extra in ("dev", "dask")
+                                       for line in project["optional-dependencies"][extra]]
+    lines += [line.split("#", 1)[0] for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    return [Requirement(line) for line in map(str.strip, lines) if line]
+
+
+def test_lock_satisfies_pyproject_and_constraints():
+    """An edit to pyproject.toml or constraints.txt without `make lock` fails here."""
+    locked = _locked()
+    unmet = {str(req): locked.get(_normalise(req.name)) for req in _requirements()
+             if not req.specifier.contains(locked.get(_normalise(req.name), "0.dev0"), prereleases=True)
+             or _normalise(req.name) not in locked}
+    assert not unmet, f"requirements.lock does not satisfy (requirement: locked version): {unmet}; run `make lock`"

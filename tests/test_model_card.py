@@ -7,6 +7,7 @@ from configs import EvaluateConfig, FreezeStrategy, PipelineConfig, TaskKind
 from models.resnet import TransferResNet, WeightsInfo
 from tasks.evaluate import evaluate_predictions
 from tasks.model_card import CardContext, model_card
+from tasks.register import Registration
 from tasks.train import TrainResult
 
 
@@ -25,21 +26,26 @@ def trained_with(weights: WeightsInfo) -> TrainResult:
                        "cpu", "roc_auc", best_epoch=2, best_metric=0.81)
 
 
-def card_for(breast_config, tmp_path, weights: WeightsInfo) -> str:
+CHAMPION_V3 = Registration("breast-ultrasound-resnet18", "3", "run3", True,
+                           "test roc_auc 0.8100 beats champion v2 (0.7000)", "runs:/run3/onnx/model.onnx",
+                           "roc_auc", 0.81)
+
+
+def card_for(breast_config, tmp_path, weights: WeightsInfo, registration: Registration = CHAMPION_V3) -> str:
     targets = np.array([0, 1, 1, 0, 1, 0, 1, 1])
     scores = np.array([0.2, 0.7, 0.9, 0.6, 0.4, 0.1, 0.8, 0.55])
     evaluation = evaluate_predictions(
         TaskKind.CLASSIFICATION, targets, np.stack([1 - scores, scores], 1), tmp_path, ["benign", "malignant"], 1,
         EvaluateConfig(bootstrap_samples=200), validation=(np.array([0, 1, 0, 1]), np.array(
             [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])))
-    context = CardContext(manifest(), discovered=10, rejected=2, model_version="3",
+    context = CardContext(manifest(), discovered=10, rejected=2, registration=registration,
                           plots=["plots/roc_curve.png", "gradcam/gradcam_0001.png"])
     return model_card(breast_config, trained_with(weights), evaluation, context)
 
 
 def test_card_of_a_random_init_model_says_so_and_never_claims_imagenet(breast_config, tmp_path):
     card = card_for(breast_config, tmp_path, WeightsInfo("none", None, False))
-    assert card.startswith("# Model card: breast-ultrasound-resnet18 version 3")
+    assert card.startswith("# Model card: breast-ultrasound-resnet18 version 3 (champion)")
     assert "random initialisation (no pretrained weights)" in card and "imagenet" not in card.lower().replace(
         "imagenet mean/std", "")
     assert "10 files found, 8 usable, 2 rejected" in card
@@ -48,6 +54,21 @@ def test_card_of_a_random_init_model_says_so_and_never_claims_imagenet(breast_co
     assert "| roc_auc |" in card and "95% CI (bootstrap)" in card and "Operating threshold" in card
     assert "`gradcam/gradcam_0001.png`" in card and "## Intended use" in card and "## Limits" in card
     assert "p1" not in card.split("## Data")[1]  # patient keys are counted, never listed
+
+
+def test_card_says_champion_or_challenger_and_why(breast_config, tmp_path):
+    champion = card_for(breast_config, tmp_path, WeightsInfo("none", None, False))
+    status = champion.split("## Registry status\n\n", 1)[1].split("\n\n", 1)[0]
+    assert status == ("**Champion.** This version is the one served (alias `champion`): "
+                      "test roc_auc 0.8100 beats champion v2 (0.7000).")
+    challenger = Registration("breast-ultrasound-resnet18", "4", "run4", False,
+                              "test roc_auc 0.6500 does not beat champion v3 (0.8100)", "runs:/run4/onnx/model.onnx",
+                              "roc_auc", 0.65)
+    card = card_for(breast_config, tmp_path, WeightsInfo("none", None, False), challenger)
+    assert card.startswith("# Model card: breast-ultrasound-resnet18 version 4 (challenger)\n")
+    assert ("**Challenger, not served.** This version has the alias `challenger` only; the champion stays: "
+            "test roc_auc 0.6500 does not beat champion v3 (0.8100).") in card
+    assert "**Champion.**" not in card
 
 
 def test_card_names_the_pretrained_weights_file_and_hash(breast_config, tmp_path):
@@ -66,6 +87,6 @@ def test_regression_card_reports_ages_and_mae_interval(tmp_path):
                                       tmp_path, [], settings=EvaluateConfig(bootstrap_samples=200))
     trained = TrainResult(TransferResNet("resnet18", 1, TaskKind.REGRESSION), WeightsInfo("none", None, False),
                           FreezeStrategy.FULL, "set in config", "cpu", "mae", best_epoch=1, best_metric=9.5)
-    card = model_card(config, trained, evaluation, CardContext(frame, 5, 0, "1", ["plots/predicted_vs_true.png"]))
+    card = model_card(config, trained, evaluation, CardContext(frame, 5, 0, CHAMPION_V3, ["plots/predicted_vs_true.png"]))
     assert "output: age in years" in card and "| train | 2 | 2 | 40.0 (30-50) |" in card
     assert "| mae | 6.0000 | 3.000 to 9.000 |" in card and "Operating threshold" not in card

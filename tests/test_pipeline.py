@@ -384,7 +384,9 @@ def test_no_patient_data_in_any_output_and_qc_report_written(prefect_server, tmp
     # Prefect's copy of the reports and logs: read for real, or the scan below proves nothing.
     artifacts, logs = _artifacts(), _all_prefect_logs()
     this_run = {a.key for a in artifacts if a.flow_run_id == state.state_details.flow_run_id}
-    assert {QC_KEY, REJECTS_KEY, "breast-ultrasound-evaluation", "breast-ultrasound-model-card"} <= this_run
+    assert {QC_KEY, REJECTS_KEY, "breast-ultrasound-latest-evaluation", "breast-ultrasound-latest-model-card",
+            "breast-ultrasound-champion-evaluation", "breast-ultrasound-champion-model-card",
+            "breast-ultrasound-latest-weights"} <= this_run
     assert any(log.message.startswith("pipeline finished") for log in logs
                if log.flow_run_id == state.state_details.flow_run_id)
     texts = [json.dumps(a.data) + (a.description or "") for a in artifacts] + [log.message for log in logs]
