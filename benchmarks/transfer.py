@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
@@ -255,20 +256,52 @@ def linear_probe(grid: Grid, workdir: Path, registered_source: str | None, track
 
 
 def summary_tables(frame: pd.DataFrame) -> str:
-    """Markdown: per dataset, size, weights and strategy, the seed mean (sd) and mean CI."""
+    """Markdown: per dataset, size, weights and strategy, the seed mean (sd), the mean bootstrap CI over
+    test cases [..], and the t-interval of the mean over seeds {..}."""
     lines = []
     for key, part in frame.groupby("dataset", sort=False):
         metrics = ["roc_auc", "accuracy"] if key == "busi" else ["mae"]
-        header = " | ".join(f"{m} mean (sd) [mean 95% CI]" for m in metrics)
+        header = " | ".join(f"{m} mean (sd) [mean 95% CI] {{95% t-interval over seeds}}" for m in metrics)
         lines += ["", f"#### {key}", "", f"| n train | weights | strategy (used) | {header} | wall s | train img/s |",
                   "|---|---|---|" + "---|" * len(metrics) + "---|---|"]
         for (size, weights, strategy), cell in part.groupby(["size", "weights", "strategy"], sort=False):
             used = "/".join(sorted(set(cell["strategy_used"])))
             values = " | ".join(
                 f"{cell[m].mean():.3f} ({cell[m].std(ddof=0):.3f}) "
-                f"[{cell[f'{m}_ci_low'].mean():.3f}, {cell[f'{m}_ci_high'].mean():.3f}]" for m in metrics)
+                f"[{cell[f'{m}_ci_low'].mean():.3f}, {cell[f'{m}_ci_high'].mean():.3f}] "
+                "{{{1:.3f}, {2:.3f}}}".format(*mean_interval(cell[m])) for m in metrics)
             lines.append(f"| {cell['n_train'].iloc[0]} | {weights} | {strategy} ({used}) | {values} | "
                          f"{cell['wall_s'].mean():.1f} | {cell['train_images_per_s'].median():.1f} |")
+    return "\n".join(lines)
+
+
+def mean_interval(values: pd.Series, confidence: float = 0.95) -> tuple[float, float, float]:
+    """The mean over seeds and a t-interval for it: how well the seeds pin the mean down."""
+    values = values.dropna()
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def paired_table(frame: pd.DataFrame) -> str:
+    """Pretrained minus random init, seed by seed (the same subset and seed), with a t-interval over seeds."""
+    lines = ["| dataset | n train | pretrained strategy (used) | metric | seeds | mean difference [95% t-interval over seeds] "
+             "| seeds where pretrained is better |", "|---|---|---|---|---|---|---|"]
+    for (key, size), part in frame.groupby(["dataset", "size"], sort=False):
+        metrics = ["roc_auc", "accuracy"] if key == "busi" else ["mae"]
+        scratch = part[part["weights"] == "random init"].drop_duplicates("seed").set_index("seed")
+        for strategy, cell in part[part["weights"] != "random init"].groupby("strategy", sort=False):
+            cell = cell.set_index("seed")
+            seeds = cell.index.intersection(scratch.index)
+            for metric in metrics:
+                difference = cell.loc[seeds, metric] - scratch.loc[seeds, metric]
+                better = (difference > 0) if metric != "mae" else (difference < 0)
+                mean, low, high = mean_interval(difference)
+                used = "/".join(sorted(set(cell["strategy_used"])))
+                lines.append(f"| {key} | {cell['n_train'].iloc[0]} | {strategy} ({used}) | {metric} | {len(seeds)} | "
+                             f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] | {int(better.sum())} of {len(seeds)} |")
     return "\n".join(lines)
 
 
@@ -287,7 +320,7 @@ def machine() -> str:
 
 
 def report(frame: pd.DataFrame, header: str) -> str:
-    return f"{header}\n{summary_tables(frame)}\n\n{throughput_table(frame)}\n"
+    return f"{header}\n{summary_tables(frame)}\n\n{paired_table(frame)}\n\n{throughput_table(frame)}\n"
 
 
 def main() -> None:
@@ -309,6 +342,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help="override the grid's image size (px)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="override train.precision")
     parser.add_argument("--channels-last", action="store_true", help="train.channels_last")
+    parser.add_argument("--sizes", nargs="+", help="override the training-set sizes (numbers, or 'all')")
+    parser.add_argument("--epochs", type=int, help="override the epochs at every size")
     args = parser.parse_args()
     if args.report:
         frame = pd.concat([pd.read_csv(path, dtype={"size": str}) for path in args.report], ignore_index=True)
@@ -321,6 +356,12 @@ def main() -> None:
     overrides = {"seeds": args.seeds, "resolution": args.resolution, "precision": args.precision,
                  "channels_last": args.channels_last or None}
     grid = Grid(**{**asdict(grid), **{k: v for k, v in overrides.items() if v is not None}})
+    if args.sizes:
+        sizes = tuple(ALL if size == ALL else int(size) for size in args.sizes)
+        epochs = {size: args.epochs or grid.epochs.get(size, grid.epochs[ALL]) for size in sizes}
+        grid = Grid(**{**asdict(grid), "sizes": sizes, "epochs": epochs})
+    elif args.epochs:
+        grid = Grid(**{**asdict(grid), "epochs": {size: args.epochs for size in grid.sizes}})
     missing = [p for p in (BUSI, PNEUMONIA, NIH) if not p.exists()]
     if missing:
         raise SystemExit(f"benchmark data not found: {', '.join(map(str, missing))}")

@@ -6,6 +6,7 @@ the file and the dotted key named.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 from datetime import date
@@ -360,6 +361,154 @@ class ScheduleConfig(Strict):
     timezone: str = "UTC"
 
 
+class SearchParam(Strict):
+    """One dimension of a hyperparameter search: a range (`low`, `high`; `log` for a log scale,
+    `step` to discretise; whole-number bounds search integers) or a list of `choices`."""
+
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list[bool | int | float | str] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> "SearchParam":
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("give either low and high, or choices")
+        if self.choices is not None and (not self.choices or self.log or self.step is not None):
+            raise ValueError("choices: a non-empty list, without log or step")
+        if self.choices is None and self.low > self.high:
+            raise ValueError(f"low {self.low} exceeds high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("log: needs low > 0")
+        return self
+
+    @property
+    def integer(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high))
+
+    def values(self) -> list:
+        """The values a grid covers: the choices, or every step of a discretised range."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.step is None:
+            raise ValueError("a grid needs choices, or a range with a step")
+        count = int(round((self.high - self.low) / self.step)) + 1
+        values = [self.low + i * self.step for i in range(count)]
+        return [int(v) for v in values] if self.integer else values
+
+    def extremes(self) -> list:
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+# Search keys that are not one config field: `resolution` sets preprocess.crop (and resize in the
+# config's proportion); `augment_strength` in [0, 1] scales train.augment (0: off). See apply_params.
+RESOLUTION, AUGMENT_STRENGTH = "resolution", "augment_strength"
+SEARCHABLE_SECTIONS = ("train", "model")  # other search keys: train.<field>, model.<field>, dotted
+
+
+def augment_at_strength(strength: float, allow_flip: bool) -> dict:
+    """train.augment at `strength` in [0, 1]; 0.5 is about the AugmentConfig defaults."""
+    return {"enabled": strength > 0, "allow_flip": allow_flip, "rotation_degrees": 20.0 * strength,
+            "translate_fraction": 0.1 * strength, "crop_scale": [1.0 - 0.4 * strength, 1.0],
+            "crop_ratio": [1.0 - 0.2 * strength, 1.0 + 0.2 * strength]}
+
+
+def apply_params(raw: dict, params: dict) -> dict:
+    """A copy of the raw config mapping (YAML, or a model dump) with a trial's search params set.
+
+    The one place search keys become config keys, used for trial configs and for the best
+    config a search writes out, so the pipeline trains exactly what the trial did.
+    """
+    raw = copy.deepcopy(raw)
+    for key, value in params.items():
+        if key == RESOLUTION:
+            pre = raw.setdefault("preprocess", {})
+            defaults = PreprocessConfig(**{k: v for k, v in pre.items() if k in ("resize", "crop")})
+            pre["resize"], pre["crop"] = round(value * defaults.resize / defaults.crop), int(value)
+        elif key == AUGMENT_STRENGTH:
+            train = raw.setdefault("train", {})
+            allow_flip = train.get("augment", {}).get("allow_flip", AugmentConfig().allow_flip)
+            train["augment"] = augment_at_strength(float(value), allow_flip)
+        else:
+            *sections, field = key.split(".")
+            if not sections or sections[0] not in SEARCHABLE_SECTIONS:
+                raise ValueError(f"{key}: searchable keys are {RESOLUTION}, {AUGMENT_STRENGTH}, "
+                                 f"or fields of {' and '.join(SEARCHABLE_SECTIONS)} (e.g. train.lr)")
+            target = raw
+            for section in sections:
+                target = target.setdefault(section, {})
+            target[field] = value
+    return raw
+
+
+class SamplerKind(str, Enum):
+    TPE = "tpe"  # Optuna's tree-structured Parzen estimator
+    GRID = "grid"  # every combination (choices or stepped ranges only): the exhaustive baseline
+
+
+class PrunerKind(str, Enum):
+    MEDIAN = "median"  # stop a trial whose epoch metric is worse than the median of earlier trials there
+    SUCCESSIVE_HALVING = "successive_halving"  # asynchronous successive halving
+    NONE = "none"
+
+
+def _default_space() -> dict[str, SearchParam]:
+    """A space for a CPU that fits either task (classification configs may add train.class_balance)."""
+    return {
+        "train.lr": SearchParam(low=1e-4, high=3e-3, log=True),
+        "train.weight_decay": SearchParam(low=1e-5, high=1e-1, log=True),
+        "train.epochs": SearchParam(choices=[10, 20, 30]),
+        "model.freeze": SearchParam(choices=["head", "partial", "full"]),
+        "model.frozen_stages": SearchParam(low=1, high=3),
+        "train.backbone_lr_factor": SearchParam(low=0.03, high=1.0, log=True),
+        "train.warmup_head_epochs": SearchParam(choices=[0, 1, 2]),
+        AUGMENT_STRENGTH: SearchParam(low=0.0, high=1.0),
+        RESOLUTION: SearchParam(choices=[64, 128]),
+        "train.batch_size": SearchParam(choices=[16, 32]),
+    }
+
+
+class TuneConfig(Strict):
+    """flows/tune.py: the search space and how the search runs."""
+
+    space: dict[str, SearchParam] = Field(default_factory=_default_space)
+    trials: Annotated[int, Field(gt=0)] = 40  # finished (complete or pruned) trials the study should hold
+    timeout_minutes: Annotated[float, Field(gt=0)] | None = 60.0  # per run; running trials stop at it
+    parallel_trials: Annotated[int, Field(gt=0)] = 2  # trials in flight at once on the flow's task runner
+    sampler: SamplerKind = SamplerKind.TPE
+    startup_trials: Annotated[int, Field(ge=0)] = 8  # TPE: random trials before the model takes over
+    pruner: PrunerKind = PrunerKind.MEDIAN
+    warmup_epochs: Annotated[int, Field(ge=0)] = 2  # no pruning before a trial has run this many epochs
+    # Where the study lives (any SQLAlchemy URL: PostgreSQL in the stack); None: SQLite in output_dir.
+    storage: str | None = None
+    study_name: str | None = None  # None: "<name>-tune"
+    train_best: bool = True  # then run flows/pipeline on the best config (train, evaluate on test, register)
+
+    @model_validator(mode="after")
+    def _grid_is_finite(self) -> "TuneConfig":
+        if RESOLUTION in self.space and self.space[RESOLUTION].choices is None:
+            raise ValueError(f"space.{RESOLUTION}: a list of choices (each is one preprocessing pass)")
+        if self.sampler is SamplerKind.GRID:
+            for key, param in self.space.items():
+                if param.choices is None and param.step is None:
+                    raise ValueError(f"space.{key}: a grid needs choices, or a range with a step")
+        return self
+
+
+class LearningCurveConfig(Strict):
+    """flows/learning_curve.py: training-set sizes, repeats, and what counts as flat."""
+
+    sizes: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [25, 50, 100, 200, 400]
+    seeds: Annotated[int, Field(gt=0)] = 3  # nested subsets (and initialisations) per size; all images too
+    bootstrap_samples: Annotated[int, Field(ge=100)] = 1000
+    # The curve counts as flat where doubling the labels gains less than this (units of the primary
+    # metric: AUC, or years of MAE for ages).
+    flat_gain: Annotated[float, Field(gt=0)] = 0.01
+    mark: Annotated[int, Field(gt=0)] | None = 50  # a size to mark on the plot (the "50 images" claim)
+    parallel: Annotated[int, Field(gt=0)] = 2  # models trained at once on the flow's task runner
+
+
 class RunConfig(Strict):
     """What every run config has: a name, a seed and where its outputs go."""
 
@@ -534,6 +683,8 @@ class PipelineConfig(ModelRunConfig):
     serve: ServeConfig = ServeConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     domain: DomainConfig = DomainConfig()
+    tune: TuneConfig = TuneConfig()
+    learning_curve: LearningCurveConfig = LearningCurveConfig()
     pacs: PacsConfig | None = None  # a PACS to train from (data.source: pacs) or to score and report to
 
     @property
@@ -545,6 +696,28 @@ class PipelineConfig(ModelRunConfig):
         if self.data.source == "pacs" and (self.pacs is None or self.pacs.labels is None):
             raise ValueError("pacs.labels: data.source pacs needs a pacs section with a label export")
         return self
+
+    @model_validator(mode="after")
+    def _search_space_fits(self) -> "PipelineConfig":
+        """Every search key, at each end of its range or choice, gives a valid config."""
+        base = self.model_dump(mode="json")
+        base["tune"]["space"] = {}  # the check itself must not recurse into the space
+        for key, param in self.tune.space.items():
+            for value in param.extremes():
+                try:
+                    PipelineConfig.model_validate(apply_params(base, {key: value}))
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+                    where = ".".join(str(part) for part in first["loc"])
+                    raise ValueError(f"tune.space.{key}: {value!r} does not fit: {where}: {problem}") from None
+                except ValueError as exc:
+                    raise ValueError(f"tune.space.{key}: {value!r} does not fit: {exc}") from None
+        return self
+
+    def with_params(self, params: dict) -> "PipelineConfig":
+        """This config with a trial's search params set (see apply_params)."""
+        return PipelineConfig.model_validate(apply_params(self.model_dump(mode="json"), params))
 
     def patient_salt(self) -> str:
         """Salt for patient-id hashes: config, else $MEDXFER_PATIENT_SALT, else a random

@@ -24,7 +24,7 @@ MODEL_ARTIFACT = "model"
 ONNX_ARTIFACT_DIR = "onnx"
 TEST_METRIC_PREFIX = "test_"
 # Never leaves the machine: hashes made with a known salt could be reversed.
-SECRET_FIELDS = {"data": {"patient_salt"}}
+SECRET_FIELDS = {"data": {"patient_salt"}, "tune": {"storage"}}  # a storage URL may hold a password
 # Pinned so logging the model does not spend minutes inferring an environment.
 MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
 FLOW_RUN_TAG = "prefect_flow_run_id"  # on the MLflow run: the Prefect flow run it belongs to
