@@ -38,6 +38,7 @@ from tasks.export import CPU_PROVIDER, INPUT_NAME, export_onnx, export_self_cont
 from tasks.ingest import ingest_dataset
 from tasks.preprocess import preprocess_dataset
 from tasks.train import train_model
+from tasks.transforms import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -154,7 +155,8 @@ def latency(rounds: int, seconds: float, bank: int) -> None:
             novelty, _ = fit_novelty(features, method)
             graphs[method.value] = export_onnx(model, TaskKind.CLASSIFICATION, work / f"{method.value}.onnx",
                                                224, 18, {}, novelty)
-        graphs |= {f"{name}, self-contained": export_self_contained(path, work / f"{name}_full.onnx", 256, 224, {})
+        spec_metadata = {"preprocess": PreprocessSpec().to_metadata()}  # short side 256, centre crop 224
+        graphs |= {f"{name}, self-contained": export_self_contained(path, work / f"{name}_full.onnx", spec_metadata)
                    for name, path in list(graphs.items())}
         image = np.random.default_rng(1).normal(size=(1, 3, 224, 224)).astype(np.float32)
         grey = np.random.default_rng(2).uniform(size=(1, 1, 224, 224)).astype(np.float32)

@@ -52,7 +52,7 @@ from sample_data.breastmnist import BUNDLED_NPZ
 from tasks.export import (CPU_PROVIDER, CUDA_PROVIDER, INPUT_NAME, TRT_PROVIDER, ServingHead, export_onnx,
                           export_self_contained, gpu_available, serving_metadata)
 from tasks.decode import load_grey
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.transforms import PreprocessSpec
 from tasks.register import register_model, tracking_run
 from tasks.variants import half_precision, quantise_network
 
@@ -114,18 +114,26 @@ def gpu_capacity_images_per_s() -> float:
     return tflops * 1e3 / RESNET18_GFLOP
 
 
-def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torch.nn.Module]:
+def random_champion(work: Path) -> tuple[torch.nn.Module, Path, Path]:
+    """A seeded random-weights ResNet-18 classifier exported as the pipeline exports it (speed,
+    memory and fault handling do not depend on the weights): the model, its normalised graph
+    and its self-contained file, in `work`."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
-                                positive_index=1, operating_threshold=None, resize=256, crop=224, metrics={},
+                                positive_index=1, operating_threshold=None, spec=PreprocessSpec(), metrics={},
                                 training_data="none", weights_name="none", weights_sha256="none",
                                 model_name="bench")
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, work / "model_normalised.onnx", 224, 18, metadata)
-    full = export_self_contained(normalised, work / "model.onnx", 256, 224, metadata)
+    return model, normalised, export_self_contained(normalised, work / "model.onnx", metadata)
+
+
+def model_benchmarks(work: Path, budget_s: float) -> tuple[list[str], Path, torch.nn.Module]:
+    model, normalised, full = random_champion(work)
     int8 = quantise_network(normalised, work / "model_int8_normalised.onnx")
     grey = load_grey(get_testdata_file("CT_small.dcm"))[0]
-    image = to_model_input(torch.from_numpy(resize_and_crop(grey, 256, 224))).numpy()
+    spec = PreprocessSpec()
+    image = spec.normalise(torch.from_numpy(spec.to_uint8(grey)[0])).numpy()
     serving = ServingHead(model, TaskKind.CLASSIFICATION).eval()
 
     lines = ["| path | batch | p50 ms | p99 ms | images/s | vs PyTorch eager CPU (p50) | calls |",

@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from configs import AugmentConfig, FreezeStrategy, ModelConfig, Precision, TaskKind, TrainConfig
 from models.resnet import apply_freeze, build_model, set_train_mode
 from tasks.preprocess import SplitData
-from tasks.transforms import resize_and_crop
+from tasks.transforms import PreprocessSpec
 from tasks.train import (ImageDataset, autocast, build_augmentation, extract_features, fit_linear_head,
                          make_criterion, make_loader, model_input, param_groups, run_epoch, select_device,
                          standardise_features)
@@ -38,8 +38,8 @@ def load_busi(n_images: int, resolution: int) -> SplitData:
     """The first `n_images` of the official BreastMNIST train split, 256 px BUSI, centre crop `resolution`."""
     with np.load(BUSI) as data:
         images, labels = data["train_images"][:n_images], data["train_labels"].reshape(-1)[:n_images]
-    resize = round(resolution * 256 / 224)
-    crops = np.stack([resize_and_crop(image / 255.0, resize, resolution) for image in images])
+    spec = PreprocessSpec(resize=round(resolution * 256 / 224), crop=resolution)
+    crops = np.stack([spec.to_uint8(image / 255.0)[0] for image in images])
     return SplitData(crops, (labels == 0).astype(np.float32))  # 0 = malignant in BreastMNIST
 
 

@@ -44,7 +44,7 @@ from tasks.evaluate import bootstrap_intervals, compute_metrics, predict
 from tasks.ingest import ingest_dataset
 from tasks.io import sha256_file
 from tasks.preprocess import SplitData, preprocess_dataset
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.transforms import PreprocessSpec, to_model_input
 from tasks.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,8 @@ class Dataset:
 
 
 def _resized(images: np.ndarray, size: int) -> np.ndarray:
-    return np.stack([resize_and_crop(image / 255.0, size, size) for image in images])
+    spec = PreprocessSpec(resize=size, crop=size)
+    return np.stack([spec.to_uint8(image / 255.0)[0] for image in images])
 
 
 def load_busi(size: int) -> Dataset:

@@ -147,9 +147,17 @@ class FramePolicy(str, Enum):
     ALL = "all"  # every frame its own sample, all sharing the file's patient and split
 
 
+class Fit(str, Enum):
+    """How an image of any shape becomes the model's square input."""
+
+    CROP = "crop"  # short side to `resize`, centre crop `crop`: the edges of a long image are cut off
+    PAD = "pad"  # long side to `crop`, padded to a square with air: the whole image, smaller
+
+
 class PreprocessConfig(Strict):
-    resize: Annotated[int, Field(gt=0)] = 256  # short side, before the centre crop
-    crop: Annotated[int, Field(gt=0)] = 224
+    resize: Annotated[int, Field(gt=0)] = 256  # fit crop: short side, before the centre crop
+    crop: Annotated[int, Field(gt=0)] = 224  # the model's input side
+    fit: Fit = Fit.CROP
     cache_dir: Path = Path(".cache/medxfer/preprocessed")
     workers: Annotated[int, Field(ge=1)] | None = None  # decode processes; None: all cores
     # Preprocess on a Dask cluster instead (Prefect tasks on prefect-dask's DaskTaskRunner):
@@ -158,10 +166,15 @@ class PreprocessConfig(Strict):
     dask_address: str | None = None
     frames: FramePolicy = FramePolicy.MIDDLE
     voi_window: Annotated[int, Field(ge=0)] = 0  # which header window / VOI LUT; the first if absent
+    # Checked from the header before decoding (the service and scoring too): rows x columns x
+    # the frames decoded (all under `frames: all`, else one), and frames in a file. 50 million
+    # is a 7000 x 7000 film scan, twice the largest mammogram; decoding one takes about 1 GB.
+    max_pixels: Annotated[int, Field(gt=0)] = 50_000_000
+    max_frames: Annotated[int, Field(gt=0)] = 5_000
 
     @model_validator(mode="after")
     def _crop_fits(self) -> "PreprocessConfig":
-        if self.crop > self.resize:
+        if self.fit is Fit.CROP and self.crop > self.resize:
             raise ValueError("crop: must not exceed resize")
         return self
 
@@ -272,6 +285,9 @@ class ServeConfig(Strict):
     port: Annotated[int, Field(gt=0, lt=65536)] = 8000
     max_body_bytes: Annotated[int, Field(gt=0)] = 64 * 1024 * 1024  # larger bodies get 413
     max_batch: Annotated[int, Field(gt=0)] = 16  # micro-batch size limit
+    # Request bodies decoded at once (None: one per core). A decode of preprocess.max_pixels
+    # takes about a gigabyte; waiting requests hold only their bodies, batches only crops.
+    decode_slots: Annotated[int, Field(ge=1)] | None = None
     batch_window_ms: Annotated[float, Field(ge=0)] = 5.0  # how long a batch waits to fill
     reload_seconds: Annotated[float, Field(gt=0)] = 30.0  # how often the champion alias is polled
     variant: Literal["fp32", "int8", "fp16"] = "fp32"  # which registered ONNX file to serve

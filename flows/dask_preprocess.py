@@ -19,13 +19,14 @@ from prefect.cache_policies import NO_CACHE
 
 from configs import PreprocessConfig
 from tasks.preprocess import PreparedData, Preprocessed, preprocess_dataset, preprocess_files, resolve_workers
+from tasks.rejects import Reject
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
 
 
 @task(name="preprocess-chunk", cache_policy=NO_CACHE)
-def preprocess_chunk(paths: list[Path], config: PreprocessConfig) -> list[Preprocessed | str]:
+def preprocess_chunk(paths: list[Path], config: PreprocessConfig) -> list[Preprocessed | Reject]:
     return preprocess_files(paths, config)
 
 

@@ -40,6 +40,7 @@ from tasks.pacs.query import InstanceRef
 from tasks.pacs.retrieve import Retrieval, retrieve
 from tasks.pacs.scoring import REJECTED, SCORED, ScoringLedger, Window, new_instances, scan_window
 from tasks.pacs.store import InstanceStore, instance_key
+from tasks.rejects import REJECT_COLUMNS
 from tasks.score import ScoreResult, score_files
 
 RESULT_BATCH = 32  # SRs per STOW-RS request / C-STORE association
@@ -143,7 +144,9 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
                                                                  config.registry.model_name, config.serve.variant,
                                                                  Path(download_dir))
             result, predictions = score([path for _, path in by_hash.values()], model, config.domain.policy)
-        ledger.record([by_hash[key][0] for key in result.rejects["file_sha256"]], REJECTED, model.version)
+        # A file the store cannot give back has no content hash (""): it stays unrecorded, so it is tried again.
+        ledger.record([by_hash[key][0] for key in result.rejects["file_sha256"] if key in by_hash], REJECTED,
+                      model.version)
         sent = send_results(config, [(*by_hash[key], prediction) for key, prediction in predictions.items()],
                             model, ledger)
         watermark = ledger.advance([ref.study_date for ref in refs], today)
@@ -151,7 +154,7 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
         ledger.close()
     failures = [SourceReject(f"pacs:{instance_key(ref.sop_uid, salt)}", failure, ()) for ref, failure in retrieval.failed]
     rejects = pd.concat([result.rejects.rename(columns={"file_sha256": "path"}), rejects_frame(failures)],
-                        ignore_index=True)
+                        ignore_index=True).reindex(columns=REJECT_COLUMNS)
     scores_csv = write_csv_atomic(result.scores, out_dir / "scores.csv")
     rejects_csv = write_csv_atomic(rejects, out_dir / "score_rejects.csv")
     counts = {"new": len(refs), "seen_before": seen, "scored": len(result.scores), "rejected": len(result.rejects),

@@ -37,7 +37,7 @@ from tasks.evaluate import Evaluation, evaluate_predictions, predict, primary_me
 from tasks.export import (CPU_PROVIDER, DEFAULT_THRESHOLD, ParityError, ServedDecode, serving_metadata,
                           training_data_sha256)
 from tasks.gradcam import explain_test_cases
-from tasks.ingest import IngestResult, ManifestError, check_enough_samples, ingest_dataset
+from tasks.ingest import IngestResult, ManifestError, NotEnoughData, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.model_card import CardContext, model_card
 from tasks.pacs.source import ingest_retrieved
@@ -45,6 +45,7 @@ from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.qc import qc_report
 from tasks.register import CHAMPION, SECRET_FIELDS, Provenance, Registration, register_model, tracking_run
 from tasks.train import EpochResult, TrainResult, train_model
+from tasks.transforms import PreprocessSpec
 from tasks.variants import ServingModels, export_serving_models
 
 
@@ -54,7 +55,8 @@ def _report_rejects(config: PipelineConfig, run_dir: Path, rejects: pd.DataFrame
     write_csv_atomic(rejects, run_dir / "rejects.csv")
     mlflow.log_artifact(str(run_dir / "rejects.csv"), "data")
     create_table_artifact(key=artifact_key(config.name, "rejects"), description=description,
-                          table=rejects.to_dict(orient="records") or [{"path": "-", "reason": "no rejects"}])
+                          table=rejects.to_dict(orient="records")
+                          or [{"path": "-", "kind": "-", "rows": "", "reason": "no rejects"}])
 
 
 @stage(name="ingest")
@@ -65,7 +67,7 @@ def ingest(config: PipelineConfig, run_dir: Path, source_rejects: pd.DataFrame |
             result = ingest_dataset(config.data, config.seed, config.patient_salt())
         else:
             result = ingest_retrieved(config.data, config.seed, config.patient_salt(), source_rejects)
-    except ManifestError as exc:
+    except (ManifestError, NotEnoughData) as exc:
         if exc.rejects is not None:  # files were examined: say which were dropped before stopping
             _report_rejects(config, run_dir, exc.rejects, f"Ingest stopped: {exc}")
         raise
@@ -223,7 +225,8 @@ def publish_model_card(config: PipelineConfig, trained: TrainResult, evaluation:
                        explained: list[str], run_dir: Path, domain_evaluation: DomainEvaluation) -> Path:
     rejected = ingested.discovered - prepared.manifest["path"].nunique()  # files, not frames
     context = CardContext(prepared.manifest, ingested.discovered, rejected, registration,
-                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained, domain_evaluation)
+                          [f"plots/{plot.name}" for plot in evaluation.plots] + explained,
+                          PreprocessSpec.from_config(config.preprocess), domain_evaluation)
     card = model_card(config, trained, evaluation, context)
     path = write_text_atomic(run_dir / "model_card.md", card)
     mlflow.log_artifact(str(path))
@@ -249,7 +252,7 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     threshold = point.threshold if point else None
     metadata = serving_metadata(
         task=spec.kind, label_names=data.label_names, positive_index=spec.positive_index,
-        operating_threshold=threshold, resize=pre.resize, crop=pre.crop, metrics=evaluation.metrics,
+        operating_threshold=threshold, spec=PreprocessSpec.from_config(pre), metrics=evaluation.metrics,
         training_data=training_data_sha256(prepared.manifest), weights_name=trained.weights.name,
         weights_sha256=trained.weights.sha256 or "none", model_name=config.registry.model_name,
         voi_window=pre.voi_window, frames=pre.frames) | domain_fit.check.to_metadata()
@@ -258,7 +261,7 @@ def export(config: PipelineConfig, trained: TrainResult, prepared: PreparedData,
     decode = ServedDecode.from_metadata(metadata)  # as the service will: checks what the metadata says
     greys = [decode(Path(data.root) / rel) for rel in test_paths]
     models = export_serving_models(
-        trained.model.cpu(), run_dir, metadata, config.export, pre.resize, pre.crop,
+        trained.model.cpu(), run_dir, metadata, config.export,
         test_crops=test.images, test_greys=greys, test_targets=test.targets,
         threshold=DEFAULT_THRESHOLD if threshold is None else threshold, positive_index=spec.positive_index,
         novelty=domain_fit.novelty, domain_threshold=domain_fit.check.threshold)

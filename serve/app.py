@@ -3,6 +3,12 @@
 The champion is polled every `serve.reload_seconds`; a new version is loaded
 beside the old one and swapped in with one assignment, so requests already in
 a batch finish on the model they started with and none is dropped.
+
+A request body is one file's fault boundary: whatever decoding it raises is
+answered with the 4xx its reject kind maps to (`STATUS_FOR_KIND`), never a 5xx,
+and logged as one line (a traceback only at DEBUG). Decodes run at most
+`serve.decode_slots` at a time and a batch holds crops, not decoded images,
+which bounds memory under concurrent maximum-size requests.
 """
 
 from __future__ import annotations
@@ -22,15 +28,17 @@ from typing import Sequence
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
 
 from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import ModelUnavailable, Prediction, ServedModel, champion_version, load_champion
+from tasks.decode import DEFAULT_LIMITS, DecodeLimits
 from tasks.dicom_results import ModelIdentity, NotReferenceable, result_sr_for
-from tasks.domain import ImageFacts, request_facts
+from tasks.domain import ImageFacts
+from tasks.formats import detect_format
 from tasks.ingest import read_dicom_header
-from tasks.rejects import UnreadableImage
+from tasks.preprocess import resolve_workers
+from tasks.rejects import RejectKind, UnreadableImage, exception_detail
 
 log = logging.getLogger("medxfer.serve")
 
@@ -39,7 +47,16 @@ DICOM_TYPE = "application/dicom"
 ACCEPTED_TYPES = (DICOM_TYPE, "image/png", "image/jpeg")
 MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
-MAX_ASPECT = 8  # longest side / shortest side
+# The status a request gets for its body's reject kind; any other kind 422. Never a 5xx:
+# a body that cannot be read is the caller's to fix, and one bad body must not end the
+# keep-alive connection it came on (uvicorn closes it after a 500).
+STATUS_FOR_KIND = {
+    RejectKind.EMPTY: 400, RejectKind.NOT_AN_IMAGE: 400, RejectKind.CORRUPT: 400, RejectKind.TRUNCATED: 400,
+    RejectKind.TOO_LARGE: 413,
+    RejectKind.UNSUPPORTED_SYNTAX: 415, RejectKind.DECODER_LIMITATION: 415,
+    RejectKind.NO_PIXEL_DATA: 422, RejectKind.BAD_GEOMETRY: 422, RejectKind.UNEXPECTED: 422,
+    RejectKind.OUT_OF_DOMAIN: 422,  # under domain.policy: refuse
+}
 
 
 @dataclass(frozen=True)
@@ -48,17 +65,19 @@ class Settings:
     model_name: str
     serve: ServeConfig
     api_key: str | None  # None: no key required
+    limits: DecodeLimits = DEFAULT_LIMITS  # preprocess.max_pixels / max_frames, checked before decoding
     domain_policy: DomainPolicy = DomainPolicy.FLAG  # out-of-domain inputs: answered with the flag, or 422
 
     @classmethod
     def from_config(cls, config: PipelineConfig) -> "Settings":
-        """The config's registry and serve sections (configs.TRACKING_URI_ENV names another
-        registry); the environment can name another model, and holds the API key."""
+        """The config's registry, serve, decode limits and domain policy (configs.TRACKING_URI_ENV
+        names another registry); the environment can name another model, and holds the API key."""
         return cls(
             tracking_uri=config.registry.tracking_uri,
             model_name=os.environ.get(MODEL_NAME_ENV) or config.registry.model_name,
             serve=config.serve,
             api_key=os.environ.get(config.serve.api_key_env) or None,
+            limits=DecodeLimits.from_config(config.preprocess),
             domain_policy=config.domain.policy,
         )
 
@@ -69,13 +88,16 @@ def wants_dicom_result(accept: str) -> bool:
     return DICOM_TYPE in types and "application/json" not in types
 
 
-def _status_for(reason: str) -> int:
-    """HTTP status for a decode failure: unsupported encodings 415, no pixels 422, else 400."""
-    if reason.startswith("no decoder for transfer syntax"):
-        return 415
-    if reason == "DICOM has no pixel data":
-        return 422
-    return 400
+def _rejected(kind: RejectKind, detail: str, content_type: str, **fields) -> JSONResponse:
+    """The answer to a body that is not used: its kind's status, the kind, one line, and
+    `fields` (the domain verdict of a refused image), which the one log line leaves out."""
+    status = STATUS_FOR_KIND.get(kind, 422)
+    log.info("rejected a %s body (%s, %d): %s", content_type, kind.value, status, detail)
+    return JSONResponse({"detail": detail, "kind": kind.value, **fields}, status_code=status)
+
+
+def _unreadable(exc: UnreadableImage, content_type: str) -> JSONResponse:
+    return _rejected(exc.kind, f"cannot read the {content_type} body: {exc.detail}", content_type)
 
 
 class Service:
@@ -89,17 +111,18 @@ class Service:
         self._download_dir = Path(tempfile.mkdtemp(prefix="medxfer-serve-"))
         self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
                                     settings.serve.batch_window_ms / 1000)
+        self.decode_slots = asyncio.Semaphore(resolve_workers(settings.serve.decode_slots))
 
     def _predict(self, requests: Sequence[tuple[np.ndarray, ImageFacts]]) -> list[tuple[Prediction, ServedModel]]:
         model = self.model  # one reference per batch: a swap mid-batch cannot mix models
         if model is None:
             raise ModelUnavailable(self.load_error or "no model loaded")
-        greys, facts = zip(*requests)
-        return [(prediction, model) for prediction in model.predict(greys, facts)]
+        crops, facts = zip(*requests)
+        return [(prediction, model) for prediction in model.predict(crops, facts)]
 
     def _load(self) -> None:
         s = self.settings
-        self.model = load_champion(s.tracking_uri, s.model_name, s.serve.variant, self._download_dir)
+        self.model = load_champion(s.tracking_uri, s.model_name, s.serve.variant, self._download_dir, s.limits)
         self.load_error = None
 
     async def reload_if_moved(self) -> bool:
@@ -197,31 +220,28 @@ def create_app(settings: Settings) -> FastAPI:
         if model is None:
             raise HTTPException(503, f"no model loaded: {service.load_error}")
         try:
-            grey = await asyncio.to_thread(model.decode, REQUEST_NAME, body)
-            facts = await asyncio.to_thread(request_facts, body)
+            async with service.decode_slots:
+                prepared = await asyncio.to_thread(model.prepare, REQUEST_NAME, body)
         except UnreadableImage as exc:
-            raise HTTPException(_status_for(exc.reason),
-                                f"cannot read the {content_type} body: {exc.reason}") from None
-        except Image.DecompressionBombError:
-            raise HTTPException(413, f"the {content_type} image has too many pixels") from None
-        if max(grey.shape) > MAX_ASPECT * min(grey.shape):
-            # The short side is scaled up to the model's size: a sliver would become enormous.
-            raise HTTPException(422, f"image of {grey.shape[0]}x{grey.shape[1]} pixels: aspect ratio "
-                                     f"over {MAX_ASPECT}:1 is not supported")
+            return _unreadable(exc, content_type)
+        except Exception as exc:  # load_grey bounds decoding; this is the resize, or a bug: still the body's
+            log.debug("unexpected error preparing a request body", exc_info=True)
+            return _unreadable(UnreadableImage(RejectKind.UNEXPECTED, exception_detail(exc)), content_type)
         try:
-            prediction, model = await service.batcher.submit((grey, facts))
+            prediction, model = await service.batcher.submit((prepared.crop, prepared.facts))
         except ModelUnavailable as exc:
             raise HTTPException(503, str(exc)) from None
         # Only sizes, timings and the domain flag: nothing from the image or its header is logged.
-        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *grey.shape,
+        log.info("predict %s v%s %dx%d in_domain=%s %.1f ms", model.name, model.version, *prepared.size[:2],
                  prediction.domain.in_domain, 1000 * (time.perf_counter() - started))
         if settings.domain_policy is DomainPolicy.REFUSE and prediction.domain.in_domain is False:
-            raise HTTPException(422, {"message": "the input is outside the model's training domain",
-                                      **prediction.domain.as_json(), "model": model.describe()})
+            return _rejected(RejectKind.OUT_OF_DOMAIN, "the input is outside the model's training domain",
+                             content_type, **prediction.domain.as_json(), model=model.describe())
         if as_dicom:  # a Comprehensive SR in the request's study (tasks/dicom_results.py)
             identity = ModelIdentity(model.name, model.version, model.variant)
             try:
-                sr = await asyncio.to_thread(lambda: result_sr_for(read_dicom_header(body), prediction, identity))
+                sr = await asyncio.to_thread(lambda: result_sr_for(
+                    read_dicom_header(body, detect_format(body), pixels=False), prediction, identity))
             except NotReferenceable as exc:
                 raise HTTPException(422, f"cannot answer with a DICOM result: {exc}") from None
             return Response(sr, media_type=DICOM_TYPE)

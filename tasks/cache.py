@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from configs import PreprocessConfig
+from configs import FramePolicy
 from tasks.io import write_bytes_atomic
 
 # Part of every cache key: bump whenever the pixels preprocessing produces for
 # the same file and settings could change, so old cache entries stop matching.
-PIPELINE_VERSION = 3  # 2: JPEG 2000 decoded at reduced resolution when the resize allows;
+PIPELINE_VERSION = 4  # 2: JPEG 2000 decoded at reduced resolution when the resize allows;
 # 3: HTJ2K decoded at reduced resolution too; provenance records a transfer syntax
-# inferred from the encoding
+# inferred from the encoding; 4: a tolerance band around lossy padding, frames numbered
+# from 1, provenance of only the steps that changed something
 
 # A cache entry is this line, a JSON line {"shape": [...], "provenance": [...]},
 # then the uint8 pixels in C order. An .npz (a zip of two .npy files) cost
@@ -27,10 +28,10 @@ CACHE_SUFFIX = ".u8img"
 CACHE_MAGIC = b"medxfer-cache 1\n"
 
 
-def cache_key(digest: str, config: PreprocessConfig) -> str:
-    """The key of a file whose content has sha256 `digest`, preprocessed with `config`."""
-    settings = (f"v{PIPELINE_VERSION}:resize={config.resize}:crop={config.crop}"
-                f":frames={config.frames.value}:voi_window={config.voi_window}")
+def cache_key(digest: str, spec_token: str, frames: FramePolicy, voi_window: int) -> str:
+    """The key of a file whose content has sha256 `digest`, decoded with `frames` and `voi_window`
+    and transformed by the spec whose `PreprocessSpec.cache_token()` is `spec_token`."""
+    settings = f"v{PIPELINE_VERSION}:{spec_token}:frames={frames.value}:voi_window={voi_window}"
     return hashlib.sha256(f"{digest}:{settings}".encode()).hexdigest()
 
 

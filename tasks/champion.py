@@ -6,9 +6,10 @@ traffic (DICOMs of many sizes) would then run one image per call. So the served 
 is the network inside that file (`tasks.export.network_graph`; taken from the file
 itself rather than from model_normalised.onnx so that the int8 and fp16 variants work
 the same way and the sha256-checked file is the one served), fed by the project's
-own `resize_and_crop`, the code training and evaluation used: every image becomes the
-same normalised crop, images of any sizes share a batch, and each answer is the one
-the parity gate compared with PyTorch (normalised graph, export.max_abs_diff).
+own transform of the preprocessing spec the file records (`PreprocessSpec.from_metadata`),
+the code training and evaluation used: every image becomes the same normalised crop,
+images of any sizes share a batch, and each answer is the one the parity gate compared
+with PyTorch (normalised graph, export.max_abs_diff).
 Every answer carries the domain check's verdict (tasks.domain): the graph's own
 `domain_score` judged with the threshold and header facts in the file's metadata.
 """
@@ -21,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import mlflow
 import numpy as np
@@ -30,10 +31,11 @@ import torch
 from mlflow import MlflowClient
 
 from configs import TaskKind
-from tasks.domain import DOMAIN_OUTPUT, NOT_CHECKED, DomainCheck, DomainVerdict, ImageFacts, judge
+from tasks.decode import DEFAULT_LIMITS, DecodeLimits
+from tasks.domain import DOMAIN_OUTPUT, NOT_CHECKED, DomainCheck, DomainVerdict, ImageFacts, judge, request_facts
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
 from tasks.io import sha256_file
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.transforms import PreprocessSpec
 from tasks.register import CHAMPION, onnx_tag
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class ServedModel:
     # (4e-3 in probability for a random-weights ResNet-18, measured): such a network
     # runs one image per call.
     per_image: bool
+    limits: DecodeLimits = DEFAULT_LIMITS  # what a request may ask to have decoded
     network_calls: int = 0  # session runs so far: how many images shared a call shows here
 
     @property
@@ -104,8 +107,10 @@ class ServedModel:
                 "provider": self.provider}
 
     @cached_property  # read per request: parse the metadata once
-    def preprocess_spec(self) -> dict:
-        return json.loads(self.metadata["preprocess"])
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing the model was trained, evaluated and exported with, every field
+        read back from the registered file."""
+        return PreprocessSpec.from_metadata(self.metadata["preprocess"])
 
     @cached_property
     def domain_check(self) -> DomainCheck | None:
@@ -115,26 +120,30 @@ class ServedModel:
     @cached_property
     def decode(self) -> ServedDecode:
         """decode(path, data): a request's bytes as grey [0, 1], decoded as training decoded them."""
-        return ServedDecode.from_metadata(self.metadata)
+        return ServedDecode.from_metadata(self.metadata, self.limits)
 
-    def predict(self, greys: Sequence[np.ndarray],
+    def prepare(self, path: Path, data: bytes) -> PreparedImage:
+        """A request's bytes as the uint8 crop the network takes (decoded as training decoded
+        them, resized and cropped as in evaluation) and its header facts for the domain check.
+        The full-size grey image lives only here, so a batch holds crops. Raises
+        UnreadableImage; this is one file's fault boundary, header facts included."""
+        grey = self.decode(path, data)
+        return PreparedImage(self.spec.to_uint8(grey)[0], grey.shape, request_facts(data))
+
+    def predict(self, crops: Sequence[np.ndarray],
                 facts: Sequence[ImageFacts | None] | None = None) -> list[Prediction]:
-        """Answers for decoded grey images (float [0, 1], any sizes), in order: each is
-        resized and cropped as in evaluation, then all run in one network call (one call
+        """Answers for prepared crops (`prepare`), in order, all in one network call (one call
         per image for a per_image network). `facts`: each image's header facts for the
         domain check (None: not known)."""
-        spec = self.preprocess_spec
-        crops = np.stack([resize_and_crop(grey, spec["resize_short_side"], spec["center_crop"])
-                          for grey in greys])
-        images = to_model_input(torch.from_numpy(crops)).numpy()
+        images = self.spec.normalise(torch.from_numpy(np.stack(crops))).numpy()
         batches = [image[None] for image in images] if self.per_image else [images]
         names = [output.name for output in self.session.get_outputs()]
         runs = [dict(zip(names, self.session.run(None, {INPUT_NAME: batch}))) for batch in batches]
         self.network_calls += len(batches)
         outputs = np.concatenate([run[names[0]] for run in runs])
         check = self.domain_check if DOMAIN_OUTPUT in names else None
-        scores = np.concatenate([run[DOMAIN_OUTPUT] for run in runs]) if check else np.zeros(len(greys))
-        facts = list(facts) if facts is not None else [None] * len(greys)
+        scores = np.concatenate([run[DOMAIN_OUTPUT] for run in runs]) if check else np.zeros(len(crops))
+        facts = list(facts) if facts is not None else [None] * len(crops)
         verdicts = [judge(f, float(score), check) for f, score in zip(facts, scores)]
         if self.task is TaskKind.REGRESSION:
             return [Prediction.regression(age, v) for age, v in zip(outputs.reshape(-1), verdicts)]
@@ -145,6 +154,12 @@ class ServedModel:
                 for p, c, v in zip(outputs, chosen, verdicts)]
 
 
+class PreparedImage(NamedTuple):
+    crop: np.ndarray  # uint8 (crop, crop)
+    size: tuple[int, ...]  # the decoded image's (rows, columns), for logs
+    facts: ImageFacts  # its header facts, for the domain check
+
+
 def champion_version(tracking_uri: str, name: str) -> str:
     """The version the `champion` alias points at now."""
     try:
@@ -153,7 +168,8 @@ def champion_version(tracking_uri: str, name: str) -> str:
         raise ModelUnavailable(f"model {name!r} has no {CHAMPION} version in the registry") from exc
 
 
-def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path) -> ServedModel:
+def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path,
+                  limits: DecodeLimits = DEFAULT_LIMITS) -> ServedModel:
     """Fetch the champion's ONNX file (main or a variant), check its sha256, open a session."""
     client = MlflowClient(tracking_uri)
     version = champion_version(tracking_uri, name)
@@ -166,16 +182,17 @@ def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path
                                                     tracking_uri=tracking_uri))
     if variant == FP32 and tags.get("onnx_sha256") and sha256_file(path) != tags["onnx_sha256"]:
         raise ModelUnavailable(f"{name} v{version}: ONNX file does not match its registered sha256")
-    model = open_served_model(name, version, variant, path)
+    model = open_served_model(name, version, variant, path, limits)
     log.info("loaded %s v%s (%s) on %s", name, version, variant, model.provider)
     return model
 
 
-def open_served_model(name: str, version: str, variant: str, path: Path) -> ServedModel:
+def open_served_model(name: str, version: str, variant: str, path: Path,
+                      limits: DecodeLimits = DEFAULT_LIMITS) -> ServedModel:
     """The network inside the self-contained ONNX file at `path`, open in a session,
     with the file's metadata (the extracted graph carries none)."""
     proto = onnx.load(path)
     network = network_graph(proto)
     per_image = any(node.op_type == "DynamicQuantizeLinear" for node in network.graph.node)
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
-    return ServedModel(name, version, variant, path, metadata, open_session(network), per_image)
+    return ServedModel(name, version, variant, path, metadata, open_session(network), per_image, limits)

@@ -32,6 +32,7 @@ from torch import nn
 
 from configs import DomainConfig, NoveltyMethod, Precision
 from models.resnet import TransferResNet
+from tasks.formats import detect_format
 from tasks.ingest import header_facts, read_dicom_header
 from tasks.train import extract_features
 
@@ -81,8 +82,10 @@ class ImageFacts:
 
 
 def request_facts(data: bytes) -> ImageFacts:
-    """A request's header facts, read as ingest reads a training file's."""
-    return ImageFacts.from_record(header_facts(data, read_dicom_header(data)))
+    """A request's header facts, read as ingest reads a training file's (the pixel data left
+    unread: a request's decode has read it already). Raises UnreadableImage."""
+    fmt = detect_format(data)
+    return ImageFacts.from_record(header_facts(data, fmt, read_dicom_header(data, fmt, pixels=False)))
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ from sklearn import metrics as skm
 
 from configs import OutOfDomainGroup, OutOfDomainSource, PipelineConfig
 from models.resnet import TransferResNet
-from tasks.domain import DomainCheck, DomainFit, ImageFacts, fit_domain, image_features, novelty_scores, \
+from tasks.domain import DomainCheck, DomainFit, Fact, ImageFacts, fit_domain, image_features, novelty_scores, \
     request_facts, verdicts
 from tasks.export import ServedDecode
-from tasks.ingest import SPLITS, read_dicom_header
+from tasks.ingest import SPLITS
 from tasks.io import markdown_table
 from tasks.preprocess import PreparedData
 from tasks.rejects import UnreadableImage
-from tasks.transforms import resize_and_crop
+from tasks.transforms import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,8 @@ def held_out_images(sources: Sequence[OutOfDomainSource], seed: int) -> tuple[li
                     skipped.append(f"{source.group.value}: pydicom-data file {name} is absent")
                     continue
                 data = Path(path).read_bytes()
-                header = read_dicom_header(data)
-                modality = str(header.get("Modality", ""))
-                body_part = str(header.get("BodyPartExamined", "")).strip()
+                facts = request_facts(data).values
+                modality, body_part = facts[Fact.MODALITY], facts[Fact.BODY_PART]
                 if modality in source.pydicom and (source.body_parts is None or body_part in source.body_parts):
                     found.append(HeldOutImage(modality, source.group, data))
             images += _subset(found, source.limit, seed)
@@ -125,20 +124,22 @@ class Prepared:
     undecodable: int
 
 
-def prepare_held_out(images: Sequence[HeldOutImage], decode: ServedDecode, resize: int, crop: int) -> Prepared:
-    """Each image's header facts and its crop, decoded as a request is; an image that cannot be
-    decoded is left out and counted (it would be a reject, not an answer)."""
+def prepare_held_out(images: Sequence[HeldOutImage], decode: ServedDecode, spec: PreprocessSpec) -> Prepared:
+    """Each image's header facts and its crop, decoded as a request is and preprocessed by
+    training's `spec`; an image that cannot be used is left out and counted (it would be a
+    reject, not an answer)."""
     kept, facts, crops, undecodable = [], [], [], 0
     for image in images:
         try:
-            grey = decode(Path(image.kind), image.data)
+            crop = spec.to_uint8(decode(Path(image.kind), image.data))[0]
+            image_facts = request_facts(image.data)
         except UnreadableImage:
             undecodable += 1
             continue
         kept.append(image)
-        facts.append(request_facts(image.data))
-        crops.append(resize_and_crop(grey, resize, crop))
-    empty = np.zeros((0, crop, crop), dtype=np.uint8)
+        facts.append(image_facts)
+        crops.append(crop)
+    empty = np.zeros((0, spec.crop, spec.crop), dtype=np.uint8)
     return Prepared(kept, facts, np.stack(crops) if crops else empty, undecodable)
 
 
@@ -254,7 +255,7 @@ def fit_and_evaluate(config: PipelineConfig, model: TransferResNet,
     images, skipped = held_out_images(config.domain.out_of_domain, config.seed)
     for line in skipped:
         log.warning("domain evaluation: skipped %s", line)
-    held_out = prepare_held_out(images, ServedDecode.for_training(pre), pre.resize, pre.crop)
+    held_out = prepare_held_out(images, ServedDecode.for_training(pre), PreprocessSpec.from_config(pre))
     test_facts = [ImageFacts.from_record(row) for row in manifest[manifest["split"] == "test"].to_dict("records")]
     evaluation = evaluate_domain(
         fit.check, novelty_scores(fit.novelty, features["test"]), test_facts, held_out,

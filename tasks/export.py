@@ -3,10 +3,11 @@
 Two graphs are written for every model:
 
 - the *self-contained* model (`model.onnx`): input `grey`, float32 (batch, 1, H, W)
-  in [0, 1] after DICOM decoding and windowing, any H and W. The graph itself
-  resizes the short side (bilinear, antialiased), centre-crops, rounds to the
-  8-bit levels the model was trained and evaluated on, repeats the grey channel
-  and applies the ImageNet mean/std, so a caller cannot get preprocessing wrong;
+  in [0, 1] after DICOM decoding and windowing, any H and W. The graph itself does
+  the preprocessing its metadata's spec (tasks.transforms.PreprocessSpec) says:
+  resize, centre crop or pad, rounding to the 8-bit levels the model was trained
+  and evaluated on, the grey channel repeated, mean/std, so a caller cannot get
+  preprocessing wrong;
 - the *normalised* model (`model_normalised.onnx`): input `image`, float32
   (batch, 3, crop, crop), already normalised, for callers with their own tensors.
 
@@ -36,14 +37,14 @@ from onnx import helper as oh
 from onnx import numpy_helper
 from torch import nn
 
-from configs import FramePolicy, PreprocessConfig, TaskKind
+from configs import Fit, FramePolicy, PreprocessConfig, TaskKind
 from models.resnet import TransferResNet
 from tasks.domain import DOMAIN_OUTPUT, image_features, novelty_scores
 from tasks.evaluate import predict
 from tasks.io import atomic_path
-from tasks.decode import load_grey
-from tasks.j2k import reduced_decode_floor
-from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
+from tasks.decode import DEFAULT_LIMITS, DecodeLimits, load_grey
+from tasks.j2k import ReducedDecodeFloor
+from tasks.transforms import PreprocessSpec, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -99,45 +100,65 @@ def export_onnx(model: TransferResNet, task: TaskKind, path: Path, crop: int, op
     return Path(path)
 
 
-def preprocessing_graph(resize: int, crop: int, opset: int) -> onnx.ModelProto:
-    """grey (N, 1, H, W) in [0, 1] -> normalised image (N, 3, crop, crop), as ONNX ops.
+def preprocessing_graph(spec: PreprocessSpec, opset: int) -> onnx.ModelProto:
+    """grey (N, 1, H, W) in [0, 1] -> normalised image (N, channels, crop, crop), as ONNX ops.
 
-    Mirrors tasks.transforms.resize_and_crop and to_model_input: short side to `resize` with the long side
-    floor(resize * long / short) (torchvision's rule, computed in float64),
-    antialiased bilinear with half-pixel centres, centre crop with
-    round-half-even offsets (Python's round), 8-bit rounding, 3 channels, mean/std.
+    `spec` in ONNX ops, as tasks.transforms does it: the resize target side (the short
+    side to `resize` for fit crop, the long side to `crop` for fit pad) with the other
+    side floor(target * side / reference) (torchvision's rule, computed in float64),
+    bilinear with half-pixel centres (antialiased if the spec says so), then a centre
+    crop with round-half-even offsets (Python's round) or a centre pad with air (0)
+    (torchvision's split: the odd pixel after), 8-bit rounding, channels, mean/std.
     """
     def const(name: str, value, dtype) -> TensorProto:
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
+    crop, shape = spec.crop, (1, spec.channels, 1, 1)
+    target, reference = (spec.resize, "ReduceMin") if spec.fit is Fit.CROP else (spec.crop, "ReduceMax")
     initializers = [
-        const("pre_resize", resize, np.float64), const("pre_crop", [crop, crop], np.int64),
-        const("pre_two", 2.0, np.float64), const("pre_hw_index", [2, 3], np.int64),
+        const("pre_target", target, np.float64), const("pre_crop", [crop, crop], np.int64),
+        const("pre_two", 2.0, np.float64), const("pre_two_int", 2, np.int64), const("pre_hw_index", [2, 3], np.int64),
         const("pre_levels", 255.0, np.float32), const("pre_zero", 0.0, np.float32),
-        const("pre_one", 1.0, np.float32), const("pre_channels", [1, 3, 1, 1], np.int64),
-        const("pre_mean", np.reshape(IMAGENET_MEAN, (1, 3, 1, 1)), np.float32),
-        const("pre_std", np.reshape(IMAGENET_STD, (1, 3, 1, 1)), np.float32),
+        const("pre_one", 1.0, np.float32), const("pre_channels", shape, np.int64),
+        const("pre_mean", np.reshape(spec.mean, shape), np.float32),
+        const("pre_std", np.reshape(spec.std, shape), np.float32),
     ]
     node = oh.make_node
     nodes = [
         node("Shape", [GREY_INPUT_NAME], ["pre_shape"]),
         node("Gather", ["pre_shape", "pre_hw_index"], ["pre_hw"]),
         node("Cast", ["pre_hw"], ["pre_hw_f"], to=TensorProto.DOUBLE),
-        node("ReduceMin", ["pre_hw_f"], ["pre_short"], keepdims=0),
-        node("Mul", ["pre_hw_f", "pre_resize"], ["pre_hw_scaled"]),
-        node("Div", ["pre_hw_scaled", "pre_short"], ["pre_new_hw_f"]),
+        node(reference, ["pre_hw_f"], ["pre_reference"], keepdims=0),
+        node("Mul", ["pre_hw_f", "pre_target"], ["pre_hw_scaled"]),
+        node("Div", ["pre_hw_scaled", "pre_reference"], ["pre_new_hw_f"]),
         node("Floor", ["pre_new_hw_f"], ["pre_new_hw_floor"]),
         node("Cast", ["pre_new_hw_floor"], ["pre_new_hw"], to=TensorProto.INT64),
         node("Resize", [GREY_INPUT_NAME, "", "", "pre_new_hw"], ["pre_resized"], mode="linear",
-             antialias=1, coordinate_transformation_mode="half_pixel", axes=[2, 3]),
-        node("Sub", ["pre_new_hw", "pre_crop"], ["pre_margin"]),
-        node("Cast", ["pre_margin"], ["pre_margin_f"], to=TensorProto.DOUBLE),
-        node("Div", ["pre_margin_f", "pre_two"], ["pre_half_margin"]),
-        node("Round", ["pre_half_margin"], ["pre_start_f"]),
-        node("Cast", ["pre_start_f"], ["pre_start"], to=TensorProto.INT64),
-        node("Add", ["pre_start", "pre_crop"], ["pre_end"]),
-        node("Slice", ["pre_resized", "pre_start", "pre_end", "pre_hw_index"], ["pre_cropped"]),
-        node("Clip", ["pre_cropped", "pre_zero", "pre_one"], ["pre_clipped"]),
+             antialias=int(spec.antialias), coordinate_transformation_mode="half_pixel", axes=[2, 3],
+             # torchvision's antialiased filter renormalises its weights at the image's border, which
+             # a pad keeps in view (a crop cuts it away); ONNX Runtime allows it with antialias only.
+             exclude_outside=int(spec.antialias)),
+    ]
+    if spec.fit is Fit.CROP:
+        nodes += [
+            node("Sub", ["pre_new_hw", "pre_crop"], ["pre_margin"]),
+            node("Cast", ["pre_margin"], ["pre_margin_f"], to=TensorProto.DOUBLE),
+            node("Div", ["pre_margin_f", "pre_two"], ["pre_half_margin"]),
+            node("Round", ["pre_half_margin"], ["pre_start_f"]),
+            node("Cast", ["pre_start_f"], ["pre_start"], to=TensorProto.INT64),
+            node("Add", ["pre_start", "pre_crop"], ["pre_end"]),
+            node("Slice", ["pre_resized", "pre_start", "pre_end", "pre_hw_index"], ["pre_fitted"]),
+        ]
+    else:  # the long side is `crop` already: pad the short one, the odd pixel after, as torchvision does
+        nodes += [
+            node("Sub", ["pre_crop", "pre_new_hw"], ["pre_missing"]),
+            node("Div", ["pre_missing", "pre_two_int"], ["pre_before"]),
+            node("Sub", ["pre_missing", "pre_before"], ["pre_after"]),
+            node("Concat", ["pre_before", "pre_after"], ["pre_pads"], axis=0),
+            node("Pad", ["pre_resized", "pre_pads", "pre_zero", "pre_hw_index"], ["pre_fitted"], mode="constant"),
+        ]
+    nodes += [
+        node("Clip", ["pre_fitted", "pre_zero", "pre_one"], ["pre_clipped"]),
         node("Mul", ["pre_clipped", "pre_levels"], ["pre_scaled"]),
         node("Round", ["pre_scaled"], ["pre_rounded"]),
         node("Div", ["pre_rounded", "pre_levels"], ["pre_quantised"]),
@@ -148,7 +169,7 @@ def preprocessing_graph(resize: int, crop: int, opset: int) -> onnx.ModelProto:
     graph = oh.make_graph(
         nodes, "preprocess",
         [oh.make_tensor_value_info(GREY_INPUT_NAME, TensorProto.FLOAT, ["batch", 1, "height", "width"])],
-        [oh.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3, crop, crop])],
+        [oh.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", spec.channels, crop, crop])],
         initializers,
     )
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ONNX_IR_VERSION)
@@ -156,12 +177,12 @@ def preprocessing_graph(resize: int, crop: int, opset: int) -> onnx.ModelProto:
     return model
 
 
-def export_self_contained(normalised: Path, path: Path, resize: int, crop: int,
-                          metadata: dict[str, str]) -> Path:
-    """Prefix the normalised graph at `normalised` with the preprocessing graph."""
+def export_self_contained(normalised: Path, path: Path, metadata: dict[str, str]) -> Path:
+    """Prefix the normalised graph at `normalised` with the preprocessing graph of the spec the
+    metadata records (`preprocess`): the file's graph and its metadata cannot disagree."""
     network = onnx.load(normalised)
     opset = next(o.version for o in network.opset_import if o.domain in ("", "ai.onnx"))
-    pre = preprocessing_graph(resize, crop, opset)
+    pre = preprocessing_graph(PreprocessSpec.from_metadata(metadata["preprocess"]), opset)
     # onnx.compose needs both graphs to import the same opsets at the same IR version.
     pre.ir_version = network.ir_version
     for extra in network.opset_import:
@@ -211,7 +232,7 @@ def serving_frame(frames: FramePolicy) -> FramePolicy:
 
 
 def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_index: int,
-                     operating_threshold: float | None, resize: int, crop: int,
+                     operating_threshold: float | None, spec: PreprocessSpec,
                      metrics: dict[str, float], training_data: str, weights_name: str,
                      weights_sha256: str, model_name: str, voi_window: int = 0,
                      frames: FramePolicy = FramePolicy.MIDDLE) -> dict[str, str]:
@@ -238,8 +259,8 @@ def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_ind
         "input_spec": "float32 (batch, 1, H, W), grey in [0, 1] after DICOM decoding and windowing, "
                       "bright = dense",
         "normalised_input_name": INPUT_NAME,
-        "input_size": json.dumps([3, crop, crop]),
-        **preprocessing_metadata(resize, crop, voi_window, frames),
+        "input_size": json.dumps([spec.channels, spec.crop, spec.crop]),
+        **preprocessing_metadata(spec, voi_window, frames),
         "metrics": json.dumps({k: round(float(v), 6) for k, v in metrics.items()}),
         "training_data_sha256": training_data,
         "weights_name": weights_name,
@@ -248,45 +269,42 @@ def serving_metadata(*, task: TaskKind, label_names: Sequence[str], positive_ind
     }
 
 
-def preprocessing_metadata(resize: int, crop: int, voi_window: int, frames: FramePolicy) -> dict[str, str]:
+def preprocessing_metadata(spec: PreprocessSpec, voi_window: int, frames: FramePolicy) -> dict[str, str]:
     """The `preprocess` and `decode` metadata properties (see serving_metadata)."""
-    return {
-        "preprocess": json.dumps({"resize_short_side": resize, "interpolation": "bilinear",
-                                  "antialias": True, "center_crop": crop, "quantise": "uint8",
-                                  "channels": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
-        "decode": json.dumps({"voi_window": voi_window, "frame": serving_frame(frames).value}),
-    }
+    return {"preprocess": spec.to_metadata(),
+            "decode": json.dumps({"voi_window": voi_window, "frame": serving_frame(frames).value})}
 
 
 @dataclass(frozen=True)
 class ServedDecode:
     """How a request is decoded, read back from the model's metadata: training's VOI window and
-    served frame (`decode`), and the reduced-resolution JPEG 2000 floor for its resize. The
-    service, batch scoring and the export check all decode through this, so what they check is
-    what the metadata says."""
+    served frame (`decode`), and the reduced-resolution JPEG 2000 floor of its preprocessing
+    spec. The service, batch scoring and the export check all decode through this, so what
+    they check is what the metadata says."""
 
     frame: FramePolicy
     voi_window: int
-    min_short_side: int
+    floor: ReducedDecodeFloor
+    limits: DecodeLimits = DEFAULT_LIMITS  # the site's, not the model's: where it is served
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str]) -> ServedDecode:
+    def from_metadata(cls, metadata: Mapping[str, str], limits: DecodeLimits = DEFAULT_LIMITS) -> ServedDecode:
         decode = json.loads(metadata.get("decode", "{}"))  # models exported before `decode` had the defaults
-        resize = json.loads(metadata["preprocess"])["resize_short_side"]
         return cls(frame=FramePolicy(decode.get("frame", FramePolicy.MIDDLE.value)),
-                   voi_window=int(decode.get("voi_window", 0)), min_short_side=reduced_decode_floor(resize))
+                   voi_window=int(decode.get("voi_window", 0)),
+                   floor=PreprocessSpec.from_metadata(metadata["preprocess"]).decode_floor, limits=limits)
 
     @classmethod
     def for_training(cls, preprocess: PreprocessConfig) -> ServedDecode:
         """What `from_metadata` will read back once `serving_metadata` has recorded this config
-        (for evaluations that run before the export)."""
-        return cls.from_metadata(preprocessing_metadata(preprocess.resize, preprocess.crop,
-                                                        preprocess.voi_window, preprocess.frames))
+        (for evaluations that run before the export), with training's decode limits."""
+        return cls.from_metadata(preprocessing_metadata(PreprocessSpec.from_config(preprocess), preprocess.voi_window,
+                                                        preprocess.frames), DecodeLimits.from_config(preprocess))
 
     def __call__(self, path: Path, data: bytes | None = None) -> np.ndarray:
-        """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read)."""
+        """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read). Raises UnreadableImage."""
         return load_grey(path, data=data, frames=self.frame, voi_window=self.voi_window,
-                         min_short_side=self.min_short_side)[0]
+                         floor=self.floor, limits=self.limits)[0]
 
 
 def decisions(outputs: np.ndarray, threshold: float, positive_index: int) -> np.ndarray:
@@ -434,13 +452,13 @@ def check_parity(path: Path, model: TransferResNet, images: np.ndarray, toleranc
 
 
 def check_self_contained_parity(path: Path, model: TransferResNet, greys: Sequence[np.ndarray],
-                                resize: int, crop: int, tolerance: float, *,
+                                spec: PreprocessSpec, tolerance: float, *,
                                 providers: Sequence[str] | None = None,
                                 threshold: float = DEFAULT_THRESHOLD, positive_index: int = 1,
                                 domain: DomainParity | None = None) -> ParityReport:
     """The self-contained graph on decoded grey images (their own sizes) vs PyTorch on the
-    same images through tasks.transforms, i.e. exactly what was evaluated."""
-    crops = np.stack([resize_and_crop(grey, resize, crop) for grey in greys])
+    same images through `spec`'s transform, i.e. exactly what was evaluated."""
+    crops = np.stack([spec.to_uint8(grey)[0] for grey in greys])
     session = open_session(path, providers)
     actual = run_self_contained_outputs(session, greys)
     return _compare("self-contained", session.get_providers()[0], model, actual, crops, tolerance,

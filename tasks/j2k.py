@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -19,21 +20,26 @@ from pydicom.uid import HTJ2K, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000, JPEG2
 
 # HTJ2K (Part 15) keeps Part 1's wavelet pyramid and main header; only the block coder differs.
 _J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K)
-# load_grey lets JPEG 2000 decode at reduced resolution down to this many
-# times the resize, not down to the resize itself: the resize then still halves
-# the image at least, so its antialiasing filter, not the wavelet's coarser
-# low-pass, shapes the output. On RG3_J2KR the crop differs from the full
-# decode's by 0.35 8-bit levels on average at 1/2 resolution, 1.0 at 1/4.
+# A reduced decode keeps the side the resize targets at this many times its target, not at
+# the target itself: the resize then still halves the image at least, so its antialiasing
+# filter, not the wavelet's coarser low-pass, shapes the output. On RG3_J2KR the crop
+# differs from the full decode's by 0.35 8-bit levels on average at 1/2 resolution, 1.0 at 1/4.
 REDUCED_DECODE_MARGIN = 2
 
 
-def reduced_decode_floor(resize: int) -> int:
-    """The short side a JPEG 2000 may be decoded down to for a model that resizes to `resize`.
+@dataclass(frozen=True)
+class ReducedDecodeFloor:
+    """How small a reduced-resolution decode may go: its short side at least `short_side`
+    and its long side at least `long_side` pixels (0: no floor on that side).
+    `tasks.transforms.PreprocessSpec.decode_floor` gives the one a model needs; training,
+    evaluation, export checks, scoring and serving all decode with it, so every one of them
+    sees the same pixels for the same file."""
 
-    Training, evaluation, export checks, scoring and serving all pass it to `load_grey`,
-    so every one of them sees the same pixels for the same file.
-    """
-    return REDUCED_DECODE_MARGIN * resize
+    short_side: int = 0
+    long_side: int = 0
+
+    def allows(self, height: int, width: int) -> bool:
+        return min(height, width) >= self.short_side and max(height, width) >= self.long_side
 
 
 class _J2kHeader(NamedTuple):
@@ -80,15 +86,15 @@ def _j2k_header(codestream: bytes) -> _J2kHeader | None:
     return _J2kHeader(*size, levels=levels)
 
 
-def decode_j2k_reduced(ds: pydicom.Dataset, tsyntax, min_short_side: int) -> tuple[np.ndarray, int] | None:
+def decode_j2k_reduced(ds: pydicom.Dataset, tsyntax, floor: ReducedDecodeFloor) -> tuple[np.ndarray, int] | None:
     """A single-frame monochrome JPEG 2000 image decoded at 1/2**level resolution, and level.
 
     A JPEG 2000 codestream is a wavelet pyramid: its LL band after `level`
     halvings is a low-pass, subsampled copy of the image, in the same units,
     and a decoder can stop there without entropy-decoding the finer bands (at
-    1/4, about 1/16 of the work). The resize to `min_short_side` would
-    discard those details anyway. `level` is the largest whose short side is
-    still >= `min_short_side`, so the resize still only shrinks.
+    1/4, about 1/16 of the work). The resize would discard those details
+    anyway. `level` is the largest whose size `floor` still allows, so the
+    resize still only shrinks.
 
     None (decode everything with pydicom) unless every check passes: a raw
     codestream whose size, precision and sign match the header, unsigned
@@ -112,7 +118,7 @@ def decode_j2k_reduced(ds: pydicom.Dataset, tsyntax, min_short_side: int) -> tup
             or header.precision != int(ds.get("BitsStored") or 0) or header.precision > 16
             or (header.height, header.width) != (int(ds.Rows), int(ds.Columns))):
         return None
-    level = _reduction_level(header, min_short_side)
+    level = _reduction_level(header, floor)
     if level == 0:
         return None
     try:
@@ -132,11 +138,11 @@ def decode_j2k_reduced(ds: pydicom.Dataset, tsyntax, min_short_side: int) -> tup
     return pixels >> (depth - header.precision), level
 
 
-def _reduction_level(header: _J2kHeader, min_short_side: int) -> int:
-    """Largest number of halvings that keeps the short side >= min_short_side and that Pillow decodes."""
+def _reduction_level(header: _J2kHeader, floor: ReducedDecodeFloor) -> int:
+    """Largest number of halvings whose size `floor` allows and that Pillow decodes."""
     for level in range(header.levels, 0, -1):
         power = 2**level
-        if -(-min(header.width, header.height) // power) < min_short_side:
+        if not floor.allows(-(-header.height // power), -(-header.width // power)):
             continue
         # Pillow sizes a reduced image as round(n / 2**level) where OpenJPEG
         # makes ceil(n / 2**level), and fails the decode when they differ

@@ -12,6 +12,7 @@ from tasks.evaluate import Evaluation
 from tasks.ingest import SPLITS
 from tasks.register import Registration
 from tasks.train import TrainResult
+from tasks.transforms import PreprocessSpec
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class CardContext:
     rejected: int
     registration: Registration
     plots: list[str]  # artifact paths, relative to the MLflow run's artifact root
+    spec: PreprocessSpec  # the preprocessing the model was trained and exported with
     domain: DomainEvaluation | None = None  # the input-domain check's evaluation
 
 
@@ -44,14 +46,14 @@ def data_table(manifest: pd.DataFrame, config: PipelineConfig) -> list[str]:
     return lines
 
 
-def limits(config: PipelineConfig, trained: TrainResult, evaluation: Evaluation, n_test: int,
+def limits(trained: TrainResult, evaluation: Evaluation, n_test: int, spec: PreprocessSpec,
            domain: DomainEvaluation | None = None) -> list[str]:
     items = [
         f"Tested on {n_test} held-out images from the same source as the training data; the intervals above "
         "show how uncertain that is. Performance on another scanner, site or population is unknown until "
         "measured there.",
         "Retrospective evaluation only; not validated prospectively or in a reader study.",
-        f"Images are reduced to {config.preprocess.crop} x {config.preprocess.crop} grey pixels; findings smaller "
+        f"Images are reduced to {spec.crop} x {spec.crop} grey pixels; findings smaller "
         "than a few pixels at that size cannot be seen by the model.",
         "Grad-CAM maps come from the last residual stage (1/32 of the input size): they show the coarse region "
         "that drove the output, not a segmentation.",
@@ -120,8 +122,7 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
         f"- Backbone weights: {trained.weights.describe()}.",
         f"- Strategy: `{trained.strategy.value}` ({trained.strategy_reason}); {_best_step(trained)}, "
         f"validation {trained.metric_name} {trained.best_metric:.4f}; trained on {trained.device}.",
-        f"- Input: one grey image; short side to {config.preprocess.resize}, centre crop {config.preprocess.crop}, "
-        "repeated to 3 channels with ImageNet mean/std normalisation.",
+        f"- Input: one grey image; {context.spec.describe()}.",
         "", "## Data", "",
         f"- {context.discovered} files found, {len(manifest)} usable, {context.rejected} rejected (see "
         "`data/rejects.csv`). Patients are counted by salted hash; no identifiers are stored.",
@@ -138,6 +139,6 @@ def model_card(config: PipelineConfig, trained: TrainResult, evaluation: Evaluat
         "- Not for standalone diagnosis, screening without a reader, or patient groups and devices absent from "
         "the training data.",
         "", "## Limits", "",
-        *limits(config, trained, evaluation, n_test, context.domain),
+        *limits(trained, evaluation, n_test, context.spec, context.domain),
     ]
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from models.resnet import SOURCE_ARTIFACT_DIR, SOURCE_BACKBONE_FILE, SOURCE_SHA2
 from tasks.io import atomic_path, sha256_file
 from tasks.preprocess import PreparedData
 from tasks.register import ensure_registered_model
+from tasks.rejects import rejects_frame
 
 SPLITS = ("train", "val", "test")
 
@@ -50,7 +51,7 @@ def load_source_data(config: SourceDataConfig, seed: int) -> PreparedData:
         rows.append(pd.DataFrame({"path": [f"{config.npz.name}:{split}_images[{i}]" for i in keep],
                                   "split": split, "target": labels[keep].astype(np.float32)}))
     return PreparedData(manifest=pd.concat(rows, ignore_index=True),
-                        rejects=pd.DataFrame(columns=["path", "reason"]),
+                        rejects=rejects_frame([]),  # a bundled array: nothing to reject
                         images=np.concatenate(images), cache_hits=0)
 
 

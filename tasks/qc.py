@@ -6,8 +6,6 @@ interpretation, transfer syntax, size, SOP class, body part, label, split) and f
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 
 from tasks.io import markdown_table
@@ -22,36 +20,16 @@ COUNTED_COLUMNS = {
     "body_part": "Body part examined",
     "label": "Label",
 }
-_ROW_PREFIX = re.compile(r"^rows? [\d, ]+: |^rows [\d, ]+ ")
-_DUPLICATE = re.compile(r"duplicate of .+ \(row \d+, same (?P<same>[^)]+)\), which is in the (?P<split>'\w+') split")
-# tasks.preprocess reasons that end in ": <an exception's words>", which differ from file to file
-# (byte counts, file positions); `kind` is what comes before them. Its own sentences after
-# "corrupt DICOM: " are not exception text.
-_EXCEPTION_TEXT = re.compile(
-    r"(?P<kind>corrupt DICOM: cannot decode .+? pixel data|corrupt DICOM: bad palette colour lookup table"
-    r"|corrupt DICOM(?!: pixel data is truncated or unreadable$|: compressed pixel data but no transfer syntax$)"
-    r"|corrupt PNG|corrupt JPEG): .+")
 SPLIT_ORDER = ["train", "val", "test"]
 
 
-def reject_reason_kind(reason: str) -> str:
-    """A reason without its row numbers and its one file's details (the original of a
-    duplicate, an exception's words), so that equal problems count together."""
-    kind = _ROW_PREFIX.sub("", reason)
-    if match := _DUPLICATE.fullmatch(kind):
-        return f"duplicate of a file in the {match['split']} split (same {match['same']})"
-    if match := _EXCEPTION_TEXT.fullmatch(kind):
-        return match["kind"]
-    return kind
-
-
-def _counts(values: pd.Series, heading: str) -> str:
-    counts = values.replace("", "(none)").value_counts().rename_axis(heading).reset_index(name="samples")
+def _counts(values: pd.Series, heading: str, unit: str = "samples") -> str:
+    counts = values.replace("", "(none)").value_counts().rename_axis(heading).reset_index(name=unit)
     return markdown_table(counts)
 
 
 def qc_report(title: str, manifest: pd.DataFrame, rejects: pd.DataFrame, duplicates: pd.DataFrame) -> str:
-    """Markdown: counts by header fact and label, rejects by reason, duplicates, split sizes by class."""
+    """Markdown: counts by header fact and label, rejects by kind, duplicates, split sizes by class."""
     discovered_files = manifest["path"].nunique() + len(rejects)
     lines = [f"# Data QC: {title}", "",
              f"{discovered_files} files discovered = {manifest['path'].nunique()} usable "
@@ -60,12 +38,11 @@ def qc_report(title: str, manifest: pd.DataFrame, rejects: pd.DataFrame, duplica
         if column in manifest and manifest[column].astype(bool).any():
             lines += [f"## {heading}", "", _counts(manifest[column].astype(str), heading), ""]
 
-    lines += ["## Rejects by reason", ""]
+    lines += ["## Rejects by kind", ""]
     if rejects.empty:
         lines += ["None.", ""]
     else:
-        lines += ["Without row numbers and per-file details; rejects.csv has each file's full reason.", "",
-                  _counts(rejects["reason"].map(reject_reason_kind), "reason"), ""]
+        lines += ["rejects.csv has each file's rows and reason.", "", _counts(rejects["kind"], "kind", "files"), ""]
 
     # Ingest finds duplicates before decoding: a copy rejected since is not kept anywhere.
     kept = duplicates[duplicates["path"].isin(manifest["path"])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -19,19 +20,20 @@ import pandas as pd
 
 from configs import DomainPolicy
 from tasks.champion import Prediction, ServedModel
-from tasks.domain import request_facts
-from tasks.rejects import UnreadableImage
+from tasks.decode import read_image_file
+from tasks.rejects import RejectKind, UnreadableImage, exception_detail, one_line
 
-REJECT_COLUMNS = ["file_sha256", "reason"]
-OUT_OF_DOMAIN = "outside the training domain"  # the reject reason's start under the refuse policy
+log = logging.getLogger(__name__)
+
+REJECT_COLUMNS = ["file_sha256", "kind", "reason"]
 LISTED_OUT_OF_DOMAIN = 50  # the summary lists this many out-of-domain studies; the CSVs hold all
-CHUNK = 32  # files decoded and run together; bounds memory on large folders
+CHUNK = 32  # files run through the network together (as crops: each decoded image is dropped at once)
 
 
 @dataclass
 class ScoreResult:
     scores: pd.DataFrame  # file_sha256, the prediction's fields (in_domain, domain_score, ...), model
-    rejects: pd.DataFrame  # file_sha256, reason
+    rejects: pd.DataFrame  # REJECT_COLUMNS
     discovered: int
     out_of_domain: pd.DataFrame  # file_sha256, domain_score, reasons: scored or refused, either way
 
@@ -64,28 +66,36 @@ def _row(prediction: Prediction) -> dict:
 def score_files(files: Sequence[Path], model: ServedModel, policy: DomainPolicy = DomainPolicy.FLAG,
                 on_chunk: Callable[[int], None] | None = None,
                 on_prediction: Callable[[str, Prediction], None] | None = None) -> ScoreResult:
-    """Decode and score each file; unreadable files become rejects with the reason, and so do
-    out-of-domain files under the refuse policy. `on_prediction(file_sha256, prediction)` gets
-    each answer that is scored (the PACS mode makes its DICOM result)."""
+    """Decode and score each file; a file that cannot be read or decoded becomes a reject
+    with its kind and reason (whatever it raised: each file is its own fault boundary), and
+    so does an out-of-domain file under the refuse policy (kind `out of domain`).
+    `on_prediction(file_sha256, prediction)` gets each answer that is scored (the PACS mode
+    makes its DICOM result)."""
     rows, rejects, outside = [], [], []
     for chunk in _chunks(list(files), CHUNK):
-        greys, facts, keys = [], [], []
+        crops, facts, keys = [], [], []
         for path in chunk:
-            data = path.read_bytes()
-            key = hashlib.sha256(data).hexdigest()
+            key = ""  # a file that cannot be read has no content hash
             try:
-                greys.append(model.decode(path, data))
-                facts.append(request_facts(data))
+                data = read_image_file(path)
+                key = hashlib.sha256(data).hexdigest()
+                prepared = model.prepare(path, data)
+                crops.append(prepared.crop)
+                facts.append(prepared.facts)
                 keys.append(key)
             except UnreadableImage as exc:
-                rejects.append((key, exc.reason))
-        if greys:
-            for key, prediction in zip(keys, model.predict(greys, facts)):
+                rejects.append((key, exc.kind.value, exc.detail))
+            except Exception as exc:
+                log.debug("unexpected error scoring a file", exc_info=True)
+                rejects.append((key, RejectKind.UNEXPECTED.value, exception_detail(exc)))
+        if crops:
+            for key, prediction in zip(keys, model.predict(crops, facts)):
                 verdict = prediction.domain
                 if verdict.in_domain is False:
-                    outside.append((key, verdict.score, "; ".join(verdict.messages())))
+                    reasons = "; ".join(verdict.messages())
+                    outside.append((key, verdict.score, reasons))
                     if policy is DomainPolicy.REFUSE:
-                        rejects.append((key, f"{OUT_OF_DOMAIN}: {'; '.join(verdict.messages())}"))
+                        rejects.append((key, RejectKind.OUT_OF_DOMAIN.value, one_line(reasons)))
                         continue
                 rows.append({"file_sha256": key, **_row(prediction),
                              "model_name": model.name, "model_version": model.version})
@@ -109,8 +119,8 @@ def summary_markdown(result: ScoreResult, model: ServedModel) -> str:
         ages = scores["age_years"].to_numpy()
         lines += [f"Predicted age: median {np.median(ages):.1f} years, range {ages.min():.1f}-{ages.max():.1f}"]
     if not result.rejects.empty:
-        lines += ["", "| reason | files |", "|---|---|"]
-        lines += [f"| {reason} | {n} |" for reason, n in result.rejects["reason"].value_counts().items()]
+        lines += ["", "| reject kind | files |", "|---|---|"]
+        lines += [f"| {kind} | {n} |" for kind, n in result.rejects["kind"].value_counts().items()]
     lines += ["", _domain_summary(result.out_of_domain, model)]
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ from tasks.domain import DOMAIN_OUTPUT
 from tasks.export import (CPU_PROVIDER, FP16_FILE, INPUT_NAME, INT8_FILE, NORMALISED_FILE, SELF_CONTAINED_FILE,
                           DomainParity, ParityReport, check_parity, check_self_contained_parity, export_onnx,
                           export_self_contained, open_session, parity_providers, run_self_contained)
+from tasks.transforms import PreprocessSpec
 
 
 def split_domain(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto, list[str]] | None:
@@ -99,11 +100,11 @@ def quantise_network(normalised: Path, path: Path) -> Path:
     return Path(path)
 
 
-def quantise_int8(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
+def quantise_int8(normalised: Path, path: Path, metadata: dict[str, str]) -> Path:
     """Dynamic int8 quantisation of the network, behind the float32 preprocessing graph."""
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         network = quantise_network(normalised, Path(work) / "network_int8.onnx")
-        return export_self_contained(network, path, resize, crop, metadata)
+        return export_self_contained(network, path, metadata)
 
 
 def half_precision(normalised: Path) -> onnx.ModelProto:
@@ -115,12 +116,12 @@ def half_precision(normalised: Path) -> onnx.ModelProto:
     return _rejoin_domain(half.model, split[1], split[2]) if split else half.model
 
 
-def convert_fp16(normalised: Path, path: Path, resize: int, crop: int, metadata: dict[str, str]) -> Path:
+def convert_fp16(normalised: Path, path: Path, metadata: dict[str, str]) -> Path:
     """Half-precision network behind the float32 preprocessing graph."""
     with tempfile.TemporaryDirectory(dir=path.parent) as work:
         network = Path(work) / "network_fp16.onnx"
         onnx.save_model(half_precision(normalised), network)
-        return export_self_contained(network, path, resize, crop, metadata)
+        return export_self_contained(network, path, metadata)
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class ServingModels:
 
 
 def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[str, str],
-                          export: ExportConfig, resize: int, crop: int, *, test_crops: np.ndarray,
+                          export: ExportConfig, *, test_crops: np.ndarray,
                           test_greys: Sequence[np.ndarray], test_targets: np.ndarray,
                           threshold: float, positive_index: int, novelty: torch.nn.Module | None = None,
                           domain_threshold: float | None = None) -> ServingModels:
@@ -204,10 +205,10 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     fp32 graphs within export.domain_max_rel_diff, int8 and fp16 within
     export.variant_domain_max_rel_diff (int8's probabilities are measured, not gated).
     """
-    normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, crop, export.opset,
+    spec = PreprocessSpec.from_metadata(metadata["preprocess"])
+    normalised = export_onnx(model, model.task, run_dir / NORMALISED_FILE, spec.crop, export.opset,
                              metadata | {"variant": "normalised", "input_name": INPUT_NAME}, novelty)
-    full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, resize, crop,
-                                 metadata | {"variant": "fp32"})
+    full = export_self_contained(normalised, run_dir / SELF_CONTAINED_FILE, metadata | {"variant": "fp32"})
     samples = export.parity_samples
     domain = variant_domain = None
     if novelty is not None:
@@ -218,7 +219,7 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     for providers in parity_providers():
         parity.append(check_parity(normalised, model, test_crops[:samples], export.max_abs_diff,
                                    providers=providers, domain=domain, **decide))
-        parity.append(check_self_contained_parity(full, model, test_greys[:samples], resize, crop,
+        parity.append(check_self_contained_parity(full, model, test_greys[:samples], spec,
                                                   export.self_contained_max_abs_diff,
                                                   providers=providers, domain=domain, **decide))
     result = ServingModels(full, normalised, {}, parity, [], {})
@@ -231,9 +232,9 @@ def export_serving_models(model: TransferResNet, run_dir: Path, metadata: dict[s
     for name, (enabled, make, filename, providers) in makers.items():
         if not enabled:
             continue
-        path = make(normalised, run_dir / filename, resize, crop, metadata | {"variant": name})
+        path = make(normalised, run_dir / filename, metadata | {"variant": name})
         if name == "fp16" or variant_domain is not None:
-            report = check_self_contained_parity(path, model, test_greys[:samples], resize, crop,
+            report = check_self_contained_parity(path, model, test_greys[:samples], spec,
                                                  export.fp16_max_abs_diff, providers=providers,
                                                  domain=variant_domain, **decide)
             # int8's outputs are measured (accuracy below), not gated; its domain score is.

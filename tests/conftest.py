@@ -25,9 +25,10 @@ from tasks.domain import DomainFit, fit_domain, image_features
 from tasks.export import INPUT_NAME, NORMALISED_FILE, export_onnx, export_self_contained, serving_metadata
 from tasks.decode import load_grey
 from tasks.ingest import header_facts, read_dicom_header
-from tasks.j2k import reduced_decode_floor
-from tasks.transforms import resize_and_crop, to_model_input
+from tasks.formats import detect_format
+from tasks.transforms import PreprocessSpec
 from tasks.register import Registration, register_model, tracking_run
+from tests import damaged
 
 # The operations tests' real Prefect server, worker, MLflow UI and flow runs, shared by
 # test_prefect_server.py and test_ui_browser.py.
@@ -35,7 +36,7 @@ pytest_plugins = ["tests.ops_runs"]
 
 REPO = Path(__file__).resolve().parents[1]
 pytest_plugins = ["tests.pacs_fixtures"]  # a real Orthanc for the PACS tests
-RESIZE, CROP = 256, 224  # the champion_registry model's preprocessing
+SPEC = PreprocessSpec()  # the champion_registry model's preprocessing: short side 256, centre crop 224
 
 
 def _testdata(name: str) -> Path:
@@ -61,7 +62,9 @@ def breast_dicom_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
-    """Real files in several syntaxes and colour models, with a corrupt and a text file between them."""
+    """Real files in several syntaxes and colour models, with damaged ones between them: cut
+    short, a text file, a palette image without its palette and a CT whose RescaleSlope is no
+    number (the last two raised out of the worker processes once)."""
     root = tmp_path / "mixed"
     root.mkdir()
     names = ["CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm", "US1_UNCR.dcm", "JPEG2000.dcm",
@@ -70,8 +73,15 @@ def mixed_folder(tmp_path) -> tuple[Path, pd.DataFrame]:
         shutil.copyfile(_testdata(name), root / name)
     (root / "cut.dcm").write_bytes(_testdata("CT_small.dcm").read_bytes()[:-500])
     (root / "notes.dcm").write_text("not an image")
-    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", *names[5:]]
+    (root / "palette_without_lut.dcm").write_bytes(damaged.palette_without_lookup_table())
+    (root / "slope_not_a_number.dcm").write_bytes(damaged.rescale_slope_not_a_number())
+    order = ["CT_small.dcm", "cut.dcm", *names[1:5], "notes.dcm", "palette_without_lut.dcm", *names[5:],
+             "slope_not_a_number.dcm"]
     return root, pd.DataFrame({"path": order, "label": "x"})
+
+
+MIXED_REJECTS = {"cut.dcm": "truncated", "notes.dcm": "not an image", "palette_without_lut.dcm": "corrupt",
+                 "slope_not_a_number.dcm": "corrupt"}  # mixed_folder's damaged files and their kinds
 
 
 def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:
@@ -132,6 +142,13 @@ def classifier():
     return build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
 
 
+def header_record(path: Path) -> dict[str, object]:
+    """A file's header facts as ingest records them in the manifest (`tasks.ingest.header_facts`)."""
+    data = path.read_bytes()
+    fmt = detect_format(data)
+    return header_facts(data, fmt, read_dicom_header(data, fmt, pixels=False))
+
+
 def fit_breast_domain(model, dicom_dir: Path) -> DomainFit:
     """The domain check of `model` fitted on the BreastMNIST ultrasound DICOMs' train split and
     thresholded on their val split, as the pipeline fits it (header facts from ingest's columns)."""
@@ -139,8 +156,8 @@ def fit_breast_domain(model, dicom_dir: Path) -> DomainFit:
     splits = {}
     for split in ("train", "val"):
         paths = [dicom_dir / rel for rel in manifest.loc[manifest["split"] == split, "path"]]
-        crops = np.stack([resize_and_crop(load_grey(path)[0], RESIZE, CROP) for path in paths])
-        facts = pd.DataFrame([header_facts(data, read_dicom_header(data)) for data in map(Path.read_bytes, paths)])
+        crops = np.stack([SPEC.to_uint8(load_grey(path)[0])[0] for path in paths])
+        facts = pd.DataFrame([header_record(path) for path in paths])
         splits[split] = image_features(model, crops), facts
     return fit_domain(splits["train"][0], splits["val"][0], splits["train"][1], DomainConfig())
 
@@ -161,14 +178,14 @@ def champion_registry(tmp_path_factory, breast_dicom_dir):
     torch.manual_seed(0)
     model = build_model(ModelConfig(weights="none"), TaskKind.CLASSIFICATION, 2)[0].eval()
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"],
-                                positive_index=1, operating_threshold=None, resize=RESIZE, crop=CROP,
+                                positive_index=1, operating_threshold=None, spec=SPEC,
                                 metrics={"roc_auc": 0.7}, training_data="0" * 64, weights_name="none",
                                 weights_sha256="none", model_name="serve-test")
     domain = fit_breast_domain(model, breast_dicom_dir)
     metadata |= domain.check.to_metadata()
     normalised = export_onnx(model, TaskKind.CLASSIFICATION, tmp_path / NORMALISED_FILE, 224, 18, metadata,
                              domain.novelty)
-    full = export_self_contained(normalised, tmp_path / "model.onnx", RESIZE, CROP, metadata)
+    full = export_self_contained(normalised, tmp_path / "model.onnx", metadata)
     register_version(config, model, full, auc=0.70)
     return config, model, full
 
@@ -176,15 +193,14 @@ def champion_registry(tmp_path_factory, breast_dicom_dir):
 def decoded_as_trained(path: Path | str) -> np.ndarray:
     """A file decoded as preprocessing decodes it for the champion's resize (JPEG 2000 may
     decode at reduced resolution)."""
-    return load_grey(Path(path), min_short_side=reduced_decode_floor(RESIZE))[0]
+    return load_grey(Path(path), floor=SPEC.decode_floor)[0]
 
 
 def evaluated_outputs(onnx_path: Path, greys: Sequence[np.ndarray]) -> np.ndarray:
-    """What evaluation gives for decoded images, one at a time: tasks.transforms's
-    resize_and_crop, then the normalised graph exported beside `onnx_path` (the graph the
-    parity gate compares with PyTorch)."""
+    """What evaluation gives for decoded images, one at a time: the spec's transform, then the
+    normalised graph exported beside `onnx_path` (the graph the parity gate compares with PyTorch)."""
     session = ort.InferenceSession(str(onnx_path.parent / NORMALISED_FILE), providers=["CPUExecutionProvider"])
-    crops = [resize_and_crop(grey, RESIZE, CROP) for grey in greys]
-    return np.concatenate([session.run(None, {INPUT_NAME: to_model_input(torch.from_numpy(crop)).numpy()})[0]
+    crops = [SPEC.to_uint8(grey)[0] for grey in greys]
+    return np.concatenate([session.run(None, {INPUT_NAME: SPEC.normalise(torch.from_numpy(crop)).numpy()})[0]
                            for crop in crops])
 

@@ -14,6 +14,7 @@ from configs import PreprocessConfig
 from flows.dask_preprocess import dask_task_runner, preprocess_on_dask
 from tasks.cache import CACHE_SUFFIX
 from tasks.preprocess import preprocess_dataset
+from tests.conftest import MIXED_REJECTS
 
 
 def test_dask_cluster_gives_the_local_pool_result(prefect_server, mixed_folder, tmp_path):
@@ -29,6 +30,7 @@ def test_dask_cluster_gives_the_local_pool_result(prefect_server, mixed_folder, 
         # The scheduler saw the chunk tasks: the work ran on Dask, not in a local pool.
         assert "preprocess_chunk" in cluster.scheduler.task_prefixes
     assert on_dask.cache_hits == 0
+    assert dict(zip(on_dask.rejects["path"], on_dask.rejects["kind"])) == MIXED_REJECTS
     pd.testing.assert_frame_equal(on_dask.manifest, pool.manifest)
     pd.testing.assert_frame_equal(on_dask.rejects, pool.rejects)
     np.testing.assert_array_equal(on_dask.images, pool.images)

@@ -15,7 +15,7 @@ from pydicom.data import get_testdata_file
 from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
 
-from configs import (DomainConfig, ExportConfig, NoveltyMethod, OutOfDomainGroup, OutOfDomainSource,
+from configs import (DomainConfig, ExportConfig, Fit, NoveltyMethod, OutOfDomainGroup, OutOfDomainSource,
                      PreprocessConfig, TaskKind)
 from tasks.champion import open_served_model
 from tasks.domain import (DOMAIN_OUTPUT, DomainCheck, Fact, ReasonKind, fit_domain, fit_novelty, image_features,
@@ -23,10 +23,10 @@ from tasks.domain import (DOMAIN_OUTPUT, DomainCheck, Fact, ReasonKind, fit_doma
 from tasks.domain_eval import PYDICOM_IMAGES, evaluate_domain, held_out_images, prepare_held_out
 from tasks.export import (NORMALISED_FILE, SELF_CONTAINED_FILE, ServedDecode, open_session,
                           run_self_contained_outputs, serving_metadata)
-from tasks.ingest import header_facts, read_dicom_header
-from tasks.transforms import resize_and_crop
+from tasks.preprocess import preprocess_file
+from tasks.transforms import PreprocessSpec
 from tasks.variants import export_serving_models, half_precision, quantise_network, split_domain
-from tests.conftest import CROP, RESIZE, decoded_as_trained
+from tests.conftest import SPEC, decoded_as_trained, header_record
 
 CR_CHEST = "RG1_UNCR.dcm"
 OTHER_SIZES = ("CT_small.dcm", "MR_small.dcm", "US1_UNCR.dcm", "JPEG2000.dcm")  # 128 to 1024 px, four modalities
@@ -38,7 +38,7 @@ def _split(dicom_dir: Path, split: str) -> list[Path]:
 
 
 def _crops(paths) -> np.ndarray:
-    return np.stack([resize_and_crop(decoded_as_trained(p), RESIZE, CROP) for p in paths])
+    return np.stack([SPEC.to_uint8(decoded_as_trained(p))[0] for p in paths])
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,7 @@ def breast_features(classifier, breast_dicom_dir):
 @pytest.fixture(scope="module")
 def breast_facts(breast_dicom_dir) -> pd.DataFrame:
     """Ingest's header columns for the training split, as the pipeline's manifest holds them."""
-    return pd.DataFrame([header_facts(p.read_bytes(), read_dicom_header(p.read_bytes()))
-                         for p in _split(breast_dicom_dir, "train")])
+    return pd.DataFrame([header_record(p) for p in _split(breast_dicom_dir, "train")])
 
 
 def test_mahalanobis_score_is_scikit_learns_ledoit_wolf_distance(breast_features):
@@ -123,9 +122,9 @@ def test_graph_domain_score_equals_pytorch_in_every_variant(tmp_path, classifier
     paths = _split(breast_dicom_dir, "test")[:12] + [Path(get_testdata_file(n)) for n in OTHER_SIZES]
     greys = [decoded_as_trained(p) for p in paths]
     metadata = serving_metadata(task=TaskKind.CLASSIFICATION, label_names=["benign", "malignant"], positive_index=1,
-                                operating_threshold=None, resize=RESIZE, crop=CROP, metrics={}, training_data="0",
+                                operating_threshold=None, spec=SPEC, metrics={}, training_data="0",
                                 weights_name="none", weights_sha256="none", model_name="t") | fit.check.to_metadata()
-    models = export_serving_models(classifier, tmp_path, metadata, ExportConfig(), RESIZE, CROP,
+    models = export_serving_models(classifier, tmp_path, metadata, ExportConfig(),
                                    test_crops=_crops(paths), test_greys=greys, test_targets=np.zeros(len(paths)), threshold=0.5,
                                    positive_index=1, novelty=fit.novelty, domain_threshold=fit.check.threshold)
     reports = {r.graph: r for r in models.parity}
@@ -153,7 +152,8 @@ def test_graph_domain_score_equals_pytorch_in_every_variant(tmp_path, classifier
         assert [o.type.tensor_type.elem_type for o in network.graph.output] == [onnx.TensorProto.FLOAT] * 2
     # What the service answers carries the same score and the verdict at the shipped threshold.
     served = open_served_model("t", "1", "fp32", tmp_path / SELF_CONTAINED_FILE)
-    answers = served.predict(greys, [request_facts(p.read_bytes()) for p in paths])
+    prepared = [served.prepare(p, p.read_bytes()) for p in paths]
+    answers = served.predict([one.crop for one in prepared], [one.facts for one in prepared])
     assert [a.body["domain_score"] for a in answers] == pytest.approx(expected, rel=1e-4)
     assert all(a.domain.in_domain is False for a in answers[-len(OTHER_SIZES):])  # CT, MR, colour US, NM
 
@@ -171,7 +171,7 @@ def test_held_out_images_by_modality_and_the_evaluation_report(breast_features, 
     assert len(PYDICOM_IMAGES) == len(set(PYDICOM_IMAGES))
 
     fit = fit_domain(breast_features["train"], breast_features["val"], breast_facts, DomainConfig())
-    held = prepare_held_out(images, ServedDecode.for_training(PreprocessConfig()), RESIZE, CROP)
+    held = prepare_held_out(images, ServedDecode.for_training(PreprocessConfig()), SPEC)
     scores = novelty_scores(fit.novelty, image_features(classifier, held.crops))
     test_scores = novelty_scores(fit.novelty, breast_features["test"])
     test_facts = [request_facts(p.read_bytes()) for p in _split(breast_dicom_dir, "test")]
@@ -187,3 +187,18 @@ def test_held_out_images_by_modality_and_the_evaluation_report(breast_features, 
     assert metrics["domain_auroc_other_modality"] == other.auroc and "domain_threshold" in metrics
     body = result.body()
     assert "| other modality | 2 |" in body and "Skipped: other_modality: folder /nonexistent/nih is absent." in body
+
+
+@pytest.mark.parametrize("fit", list(Fit))
+def test_held_out_images_are_preprocessed_as_training_preprocesses(tmp_path, fit):
+    """The domain evaluation's held-out crops are the preprocess stage's crops of the same file,
+    under either fit: the novelty it reports is measured on what the model would see."""
+    config = PreprocessConfig(fit=fit, cache_dir=tmp_path / "cache")
+    images, _ = held_out_images([OutOfDomainSource(group=OutOfDomainGroup.OTHER_MODALITY, pydicom=["CR"])], seed=0)
+    held = prepare_held_out(images, ServedDecode.for_training(config), PreprocessSpec.from_config(config))
+    paths = [Path(get_testdata_file(name)) for name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm")]  # the CR files, in order
+    assert [image.data for image in held.images] == [path.read_bytes() for path in paths]
+    expected = np.stack([preprocess_file(path, config).image for path in paths])
+    np.testing.assert_array_equal(held.crops, expected)
+    if fit is Fit.PAD:  # RG1's long side (1955 rows) fills the crop, its columns are padded with air
+        assert (held.crops[0][:, 0] == 0).all() and (held.crops[0][:, -1] == 0).all()

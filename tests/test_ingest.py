@@ -11,8 +11,9 @@ from pydicom.uid import generate_uid
 
 from configs import DataConfig, TaskKind
 from tasks import ingest
+from tasks.formats import detect_format
 from tasks.ingest import (
-    DICOMDIR_REASON,
+    DICOMDIR,
     ManifestError,
     NotEnoughData,
     check_enough_samples,
@@ -25,6 +26,17 @@ from tasks.ingest import (
 )
 
 SALT = "test-salt"
+
+
+def facts(data: bytes) -> dict:
+    """What ingest records about a file's content."""
+    fmt = detect_format(data)
+    return image_facts(data, fmt, read_dicom_header(data, fmt))
+
+
+def rejected(result) -> dict[str, tuple[str, str, str]]:
+    """An ingest result's rejects as {path: (kind, rows, reason)}."""
+    return {row.path: (row.kind, row.rows, row.reason) for row in result.rejects.itertuples()}
 
 
 def classification_data(root, **extra) -> DataConfig:
@@ -66,11 +78,11 @@ def test_bad_rows_and_files_are_rejected_with_reasons(tmp_path, breast_dicom_dir
     result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
     # CSV lines: the header is 1, the 118 rows kept are 2-119 (index 1 is line 3), the extra rows 120-123.
     assert result.rejects.values.tolist() == [
-        [manifest.loc[1, "path"], "rows 3, 121 all name this file"],
-        ["train/missing.dcm", "row 120: file not found"],
-        [extra.loc[2, "path"], "row 122: label '2' is not one of ['benign', 'malignant']"],
-        [extra.loc[3, "path"], "row 123: split 'trian' is not one of ['train', 'val', 'test']"],
-        ["stray.txt", "not listed in the manifest"],
+        [manifest.loc[1, "path"], "duplicate", "3 121", "the manifest names this file on more than one row"],
+        ["train/missing.dcm", "not found", "120", "file not found"],
+        [extra.loc[2, "path"], "bad label", "122", "label '2' is not one of ['benign', 'malignant']"],
+        [extra.loc[3, "path"], "bad split", "123", "split 'trian' is not one of ['train', 'val', 'test']"],
+        ["stray.txt", "not in manifest", "", "not listed in the manifest"],
     ]
     assert result.discovered == len(result.manifest) + len(result.rejects) == 120 + 2  # + stray, missing
     assert len(result.manifest) == 120 - 3  # the file listed twice, the bad label, the bad split
@@ -80,10 +92,10 @@ def test_image_facts_name_the_transfer_syntax_preprocess_infers():
     # File meta without (0002,0010): the QC report shows the syntax the data set
     # is read and decoded as, marked as inferred, not just "none".
     data = Path(get_testdata_file("meta_missing_tsyntax.dcm")).read_bytes()
-    assert image_facts(data, read_dicom_header(data))["transfer_syntax"] == "Implicit VR Little Endian (inferred)"
+    assert facts(data)["transfer_syntax"] == "Implicit VR Little Endian (inferred)"
     # A syntax the file names is shown as it is.
     data = Path(get_testdata_file("MR_small_bigendian.dcm")).read_bytes()
-    assert image_facts(data, read_dicom_header(data))["transfer_syntax"] == "Explicit VR Big Endian"
+    assert facts(data)["transfer_syntax"] == "Explicit VR Big Endian"
 
 
 def test_dicom_without_preamble_is_read_as_dicom(tmp_path):
@@ -91,12 +103,12 @@ def test_dicom_without_preamble_is_read_as_dicom(tmp_path):
     # file meta), so ingest must read its header too: its patient, study and
     # facts, not "an image" with no patient that could land in any split.
     stripped = Path(get_testdata_file("CT_small.dcm")).read_bytes()[132:]  # preamble and "DICM"
-    header = read_dicom_header(stripped)
+    header = read_dicom_header(stripped, detect_format(stripped))
     assert header is not None and header.PatientID == "1CT1"
-    assert image_facts(stripped, header)["transfer_syntax"] == "Explicit VR Little Endian"
+    assert facts(stripped)["transfer_syntax"] == "Explicit VR Little Endian"
     bare = Path(get_testdata_file("OT-PAL-8-face.dcm")).read_bytes()  # no preamble, no file meta
-    facts = image_facts(bare, read_dicom_header(bare))
-    assert (facts["photometric"], facts["image_size"], facts["transfer_syntax"]) == (
+    bare_facts = facts(bare)
+    assert (bare_facts["photometric"], bare_facts["image_size"], bare_facts["transfer_syntax"]) == (
         "PALETTE COLOR", "480x640", "Implicit VR Little Endian (inferred)")
 
 
@@ -123,9 +135,8 @@ def test_regression_ages_from_header_and_bad_ages_rejected(tmp_path):
     ages = dict(zip(result.manifest["path"], result.manifest["target"]))
     assert ages == pytest.approx({"RG1_UNCR.dcm": 64.47, "RG1_J2KR.dcm": 64.47, "RG3_UNCR.dcm": 25.38,
                                   "US1_UNCR.dcm": 40.0}, abs=0.01)
-    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
-    assert reasons == {"MR_small.dcm": "row 6: age 'sixty' is not a number",
-                       "CT_small.dcm": "row 7: age 200 is outside the plausible range 0-120"}
+    assert rejected(result) == {"MR_small.dcm": ("bad label", "6", "age 'sixty' is not a number"),
+                                "CT_small.dcm": ("bad label", "7", "age 200 is outside the plausible range 0-120")}
     # One patient (RG1) in two files gets one key.
     keys = dict(zip(result.manifest["path"], result.manifest["patient_key"]))
     assert keys["RG1_UNCR.dcm"] == keys["RG1_J2KR.dcm"] != keys["RG3_UNCR.dcm"]
@@ -208,17 +219,19 @@ def test_unreadable_files_are_rejected_in_words_and_the_run_goes_on(tmp_path, br
     pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
 
     result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
-    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
+    rejects = rejected(result)
     first_extra_row = len(manifest) + 2
-    assert reasons["train/empty.dcm"] == f"row {first_extra_row}: empty file (0 bytes)"
-    assert reasons["train/locked.dcm"] == (f"row {first_extra_row + 1}: cannot read the file: "
-                                           "Permission denied (check its permissions)")
-    assert reasons["train/ring_a.dcm"] == f"row {first_extra_row + 2}: symlink loop: the link leads back to itself"
-    assert reasons["train/index"] == f"row {first_extra_row + 3}: {DICOMDIR_REASON}"
-    assert reasons["train/ring_b.dcm"] == "symlink loop: the link leads back to itself; not listed in the manifest"
-    assert reasons["train/back_to_root"] == ("symlink loop: a folder link to a folder that is already "
-                                             "scanned; not listed in the manifest")
-    assert reasons["DICOMDIR"] == f"{DICOMDIR_REASON}; not listed in the manifest"
+    assert rejects["train/empty.dcm"] == ("empty", str(first_extra_row), "empty file (0 bytes)")
+    assert rejects["train/locked.dcm"] == ("unreadable", str(first_extra_row + 1),
+                                           "cannot read the file: Permission denied (check its permissions)")
+    assert rejects["train/ring_a.dcm"] == ("unreadable", str(first_extra_row + 2),
+                                           "symlink loop: the link leads back to itself")
+    assert rejects["train/index"] == ("not an image", str(first_extra_row + 3), DICOMDIR.detail)
+    assert rejects["train/ring_b.dcm"] == ("not in manifest", "", "symlink loop: the link leads back to itself; "
+                                                                  "not listed in the manifest")
+    assert rejects["train/back_to_root"] == ("not in manifest", "", "symlink loop: a folder link to a folder that "
+                                                                    "is already scanned; not listed in the manifest")
+    assert rejects["DICOMDIR"] == ("not in manifest", "", f"{DICOMDIR.detail}; not listed in the manifest")
     assert len(result.manifest) == 120 and len(result.rejects) == 7
     assert result.discovered == len(result.manifest) + len(result.rejects)
 
@@ -245,7 +258,7 @@ def test_a_folder_that_cannot_be_read_is_rejected_not_skipped(tmp_path, breast_d
         monkeypatch.undo()
         locked.chmod(0o700)  # so that the folder can be cleaned up
     assert result.rejects.values.tolist() == [
-        ["train/more", "cannot read folder: Permission denied; not listed in the manifest"]]
+        ["train/more", "not in manifest", "", "cannot read folder: Permission denied; not listed in the manifest"]]
     assert result.discovered == len(result.manifest) + len(result.rejects) == 121
 
 
@@ -317,7 +330,7 @@ def test_given_splits_reject_a_copy_in_another_split_and_refuse_a_shared_study(d
     manifest.to_csv(root / "manifest.csv", index=False)
     result = ingest_dataset(classification_data(root), seed=0, salt=SALT)
     assert result.rejects.values.tolist() == [  # the copy is CSV line 122, its original line 2
-        ["sop_copy.dcm", f"row 122: duplicate of {first} (row 2, same SOPInstanceUID), which is in the 'train' split"]]
+        ["sop_copy.dcm", "leak", "122", f"duplicate of {first} (row 2, same SOPInstanceUID), which is in the 'train' split"]]
     # A copy in its original's split does not leak: kept, and reported.
     assert result.duplicates.values.tolist() == [["pixel_copy.dcm", second, "stored pixels"]]
     assert result.discovered == len(result.manifest) + len(result.rejects) == 123

@@ -9,6 +9,7 @@ from tasks.evaluate import evaluate_predictions
 from tasks.model_card import CardContext, model_card
 from tasks.register import Registration
 from tasks.train import TrainResult
+from tasks.transforms import PreprocessSpec
 
 
 def manifest() -> pd.DataFrame:
@@ -39,7 +40,8 @@ def card_for(breast_config, tmp_path, weights: WeightsInfo, registration: Regist
         EvaluateConfig(bootstrap_samples=200), validation=(np.array([0, 1, 0, 1]), np.array(
             [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9]])))
     context = CardContext(manifest(), discovered=10, rejected=2, registration=registration,
-                          plots=["plots/roc_curve.png", "gradcam/gradcam_0001.png"])
+                          plots=["plots/roc_curve.png", "gradcam/gradcam_0001.png"],
+                          spec=PreprocessSpec.from_config(breast_config.preprocess))
     return model_card(breast_config, trained_with(weights), evaluation, context)
 
 
@@ -49,6 +51,8 @@ def test_card_of_a_random_init_model_says_so_and_never_claims_imagenet(breast_co
     assert "random initialisation (no pretrained weights)" in card and "imagenet" not in card.lower().replace(
         "imagenet mean/std", "")
     assert "10 files found, 8 usable, 2 rejected" in card
+    # The input line is the preprocessing spec's own wording.
+    assert f"- Input: one grey image; {PreprocessSpec.from_config(breast_config.preprocess).describe()}." in card
     # split rows: images, distinct patients, benign and malignant counts
     assert "| train | 3 | 2 | 2 | 1 |" in card and "| test | 3 | 2 | 1 | 2 |" in card
     assert "| roc_auc |" in card and "95% CI (bootstrap)" in card and "Operating threshold" in card
@@ -87,6 +91,7 @@ def test_regression_card_reports_ages_and_mae_interval(tmp_path):
                                       tmp_path, [], settings=EvaluateConfig(bootstrap_samples=200))
     trained = TrainResult(TransferResNet("resnet18", 1, TaskKind.REGRESSION), WeightsInfo("none", None, False),
                           FreezeStrategy.FULL, "set in config", "cpu", "mae", best_epoch=1, best_metric=9.5)
-    card = model_card(config, trained, evaluation, CardContext(frame, 5, 0, CHAMPION_V3, ["plots/predicted_vs_true.png"]))
+    card = model_card(config, trained, evaluation, CardContext(frame, 5, 0, CHAMPION_V3, ["plots/predicted_vs_true.png"],
+                                                                PreprocessSpec.from_config(config.preprocess)))
     assert "output: age in years" in card and "| train | 2 | 2 | 40.0 (30-50) |" in card
     assert "| mae | 6.0000 | 3.000 to 9.000 |" in card and "Operating threshold" not in card

@@ -23,9 +23,15 @@ COMPARED = ["sha256", "pixel_sha256", "patient_key", "study_key", "instance_key"
 
 def _expected_rejects(no_image_row: int, missing_row: int) -> dict[str, str]:
     """The export's RT-plan-only study and its study that is not on the PACS, by export row."""
-    return {f"label export row {no_image_row}": f"row {no_image_row}: the study has no image on the PACS that "
-                                                "the query selects (Modality US)",
-            f"label export row {missing_row}": f"row {missing_row}: no study with this AccessionNumber on the PACS"}
+    return {f"label export row {no_image_row}": ("no pixel data", str(no_image_row), "the study has no image on the "
+                                                 "PACS that the query selects (Modality US)"),
+            f"label export row {missing_row}": ("not found", str(missing_row),
+                                                "no study with this AccessionNumber on the PACS")}
+
+
+def _rejects(result) -> dict[str, tuple[str, str, str]]:
+    return {path: (kind, rows, reason) for path, kind, rows, reason
+            in result.rejects[["path", "kind", "rows", "reason"]].itertuples(index=False)}
 
 
 def _pacs_ingest(tmp_path, sample, protocol="dicomweb", **overrides):
@@ -42,9 +48,8 @@ def test_folder_and_pacs_give_the_same_manifest_rejects_and_tensors(tmp_path, pa
 
     # Found on the PACS = retrieved + failed; the two label rows it could not give are rejects.
     assert selection.summary() == {"label_rows": 122, "found": 120, "already_held": 0, "retrieved": 120,
-                                   "failed": 0, "source_rejects": 2, "reject_no_image": 1, "reject_not_on_the_PACS": 1}
-    assert dict(zip(pacs.rejects["path"], pacs.rejects["reason"])) == _expected_rejects(pacs_sample.no_image_row,
-                                                                                       pacs_sample.missing_row)
+                                   "failed": 0, "source_rejects": 2, "reject_no_pixel_data": 1, "reject_not_found": 1}
+    assert _rejects(pacs) == _expected_rejects(pacs_sample.no_image_row, pacs_sample.missing_row)
     assert pacs.summary() == folder.summary() | {"discovered": 122, "rejected": 2}
 
     # The same samples, keys and splits: WADO-RS gives the PACS's own bytes, so even the file hashes agree.
@@ -88,7 +93,7 @@ def test_dimse_gives_the_same_samples_and_pixels(tmp_path, pacs_sample, retrieve
     _, selection, dimse = _pacs_ingest(tmp_path / "dimse", pacs_sample, "dimse",
                                        pacs={"dimse": {"retrieve": retrieve}} | labels)
     assert selection.summary()["retrieved"] == 30 and selection.summary()["failed"] == 0
-    assert dict(zip(dimse.rejects["path"], dimse.rejects["reason"])) == _expected_rejects(32, 33)
+    assert _rejects(dimse) == _expected_rejects(32, 33)
     # pynetdicom writes its own file meta, so file hashes differ; data set, pixels and keys do not.
     by_pixels = [m.sort_values("pixel_sha256").reset_index(drop=True) for m in (web.manifest, dimse.manifest)]
     same = [c for c in COMPARED if c != "sha256"]
@@ -109,8 +114,9 @@ def test_a_failed_instance_is_a_reject_with_its_kind_and_the_run_goes_on(tmp_pat
     monkeypatch.setattr(dicomweb.DicomWebPacs, "fetch", fetch)
     _, selection, result = _pacs_ingest(tmp_path, pacs_sample)
     assert selection.retrieval.summary() == {"found": 120, "already_held": 0, "retrieved": 119, "failed": 1,
-                                             "failed_not_on_the_PACS": 1}
-    reasons = dict(zip(result.rejects["path"], result.rejects["reason"]))
-    (row,) = [reason for path, reason in reasons.items() if path == f"pacs:{instance_key(gone[0], SALT)}"]
-    assert row.endswith(": WADO-RS retrieve answered HTTP 404 Not Found") and gone[0] not in str(reasons)
+                                             "failed_not_found": 1}
+    rejects = _rejects(result)
+    kind, rows, reason = rejects[f"pacs:{instance_key(gone[0], SALT)}"]
+    assert (kind, reason) == ("not found", "WADO-RS retrieve answered HTTP 404 Not Found") and rows.isdigit()
+    assert gone[0] not in str(rejects)
     assert result.summary()["discovered"] == 122 and len(result.manifest) == 119

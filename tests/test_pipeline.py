@@ -30,9 +30,9 @@ from pydicom.uid import MPEG2MPML, generate_uid
 from configs import SALT_ENV_VAR, load_config
 from flows.pipeline import train_pipeline
 from tasks.champion import open_served_model
-from tasks.domain import ReasonKind, request_facts
+from tasks.domain import ReasonKind
 from tasks.export import GREY_INPUT_NAME, INPUT_NAME, training_data_sha256
-from tasks.ingest import DICOMDIR_REASON, ManifestError, NotEnoughData, patient_key
+from tasks.ingest import DICOMDIR, ManifestError, NotEnoughData, patient_key
 from tasks.cache import CACHE_SUFFIX
 from tasks.decode import load_grey
 from tasks.preprocess import preprocess_file
@@ -51,7 +51,7 @@ def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, d
     """The real subset plus a copy of a train image's pixels under a new SOPInstanceUID (usable,
     a same-split duplicate) and one file per reject reason. The manifest lists the extra files
     as rows 122-130; the loop's second link, the DICOMDIR and the unreadable folder are not listed.
-    Yields the root and {path: the reason each bad file must be rejected with}."""
+    Yields the root and {path: (kind, rows, reason) each bad file must be rejected with}."""
     root = tmp_path / "data"
     shutil.copytree(breast_dicom_dir, root)
     manifest = pd.read_csv(root / "manifest.csv")
@@ -77,22 +77,19 @@ def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, d
     shutil.copyfile(get_testdata_file("DICOMDIR"), root / "DICOMDIR")
     listed = ["pixel_copy", "corrupt", "notes", "nopixels", "video", "empty", "ring_a", "corrupt_b"]
     expected = {
-        # pydicom 3.0's words for pixel data shorter than the header says.
-        "train/corrupt.dcm": "corrupt DICOM: cannot decode Explicit VR Little Endian pixel data: The number of "
-                             "bytes of pixel data is less than expected (684 vs 784 bytes) - the dataset may be "
-                             "corrupted, have an invalid group 0028 element value, or the transfer syntax may be "
-                             "incorrect",
-        "train/corrupt_b.dcm": "corrupt DICOM: cannot decode Explicit VR Little Endian pixel data: The number of "
-                               "bytes of pixel data is less than expected (584 vs 784 bytes) - the dataset may be "
-                               "corrupted, have an invalid group 0028 element value, or the transfer syntax may be "
-                               "incorrect",
-        "train/notes.dcm": "not a DICOM, PNG or JPEG file",
-        "train/nopixels.dcm": "DICOM has no pixel data",
-        "train/video.dcm": "no decoder for transfer syntax MPEG2 Main Profile / Main Level",
-        "train/empty.dcm": "row 127: empty file (0 bytes)",
-        "train/ring_a.dcm": "row 128: symlink loop: the link leads back to itself",
-        "train/ring_b.dcm": "symlink loop: the link leads back to itself; not listed in the manifest",
-        "DICOMDIR": f"{DICOMDIR_REASON}; not listed in the manifest",
+        "train/corrupt.dcm": ("truncated", "", "the pixel data holds 684 of the 784 bytes its header declares "
+                                               "(28x28, 1 sample of 8 bits)"),
+        "train/corrupt_b.dcm": ("truncated", "", "the pixel data holds 584 of the 784 bytes its header declares "
+                                                 "(28x28, 1 sample of 8 bits)"),
+        "train/notes.dcm": ("not an image", "124", "not a DICOM, PNG or JPEG file"),
+        "train/nopixels.dcm": ("no pixel data", "", "DICOM has no pixel data"),
+        "train/video.dcm": ("unsupported transfer syntax", "", "no decoder for transfer syntax MPEG2 Main Profile "
+                                                               "/ Main Level"),
+        "train/empty.dcm": ("empty", "127", "empty file (0 bytes)"),
+        "train/ring_a.dcm": ("unreadable", "128", "symlink loop: the link leads back to itself"),
+        "train/ring_b.dcm": ("not in manifest", "", "symlink loop: the link leads back to itself; not listed in "
+                                                    "the manifest"),
+        "DICOMDIR": ("not in manifest", "", f"{DICOMDIR.detail}; not listed in the manifest"),
     }
     locked, locked_folder = train / "locked.dcm", train / "locked_folder"
     shutil.copyfile(good, locked)
@@ -106,8 +103,10 @@ def dataset_with_bad_files(tmp_path, breast_dicom_dir) -> Iterator[tuple[Path, d
         shutil.rmtree(locked_folder)
     else:
         listed.append("locked")
-        expected["train/locked.dcm"] = "row 130: cannot read the file: Permission denied (check its permissions)"
-        expected["train/locked_folder"] = "cannot read folder: Permission denied; not listed in the manifest"
+        expected["train/locked.dcm"] = ("unreadable", "130", "cannot read the file: Permission denied (check its "
+                                                             "permissions)")
+        expected["train/locked_folder"] = ("not in manifest", "", "cannot read folder: Permission denied; not "
+                                                                  "listed in the manifest")
     extra = pd.DataFrame({"path": [f"train/{name}.dcm" for name in listed],
                           "label": manifest.loc[1, "label"], "split": "train"})
     assert manifest.loc[1, "split"] == "train" and len(manifest) == 120  # the rows named above
@@ -149,19 +148,20 @@ def _run_artifacts(state: State) -> dict[str, Artifact]:
     return by_key
 
 
-def _reasons(table: Artifact) -> dict[str, str]:
-    """A rejects table artifact as {path: reason}, one row per file."""
+def _reasons(table: Artifact) -> dict[str, tuple[str, str, str]]:
+    """A rejects table artifact as {path: (kind, rows, reason)}, one row per file."""
     rows = json.loads(table.data)
-    reasons = {row["path"]: row["reason"] for row in rows}
+    reasons = {row["path"]: (row["kind"], str(row["rows"]), row["reason"]) for row in rows}
     assert len(reasons) == len(rows)
     return reasons
 
 
-def _rejects_reported(state: State, run_dir: Path, expected: dict[str, str]) -> str:
+def _rejects_reported(state: State, run_dir: Path, expected: dict[str, tuple[str, str, str]]) -> str:
     """Assert that rejects.csv in `run_dir` and the flow run's rejects table artifact both hold
     exactly `expected`; the artifact's description."""
-    rejects = pd.read_csv(run_dir / "rejects.csv")
-    assert dict(zip(rejects["path"], rejects["reason"])) == expected and rejects["path"].is_unique
+    rejects = pd.read_csv(run_dir / "rejects.csv", dtype=str, keep_default_na=False)
+    assert dict(zip(rejects["path"], zip(rejects["kind"], rejects["rows"], rejects["reason"]))) == expected
+    assert rejects["path"].is_unique
     table = _run_artifacts(state)[REJECTS_KEY]
     assert _reasons(table) == expected
     return table.description
@@ -186,17 +186,12 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     qc = (run_dir / "qc_report.md").read_text()
     assert _run_artifacts(state)[QC_KEY].data == qc
     assert f"{discovered} files discovered = 121 usable + {len(expected_rejects)} rejected; 121 samples." in qc
-    # Rejects count by kind: both cut files as one decode problem, whatever their byte counts.
-    kinds = {"corrupt DICOM: cannot decode Explicit VR Little Endian pixel data": 2,
-             "not a DICOM, PNG or JPEG file": 1, "DICOM has no pixel data": 1,
-             "no decoder for transfer syntax MPEG2 Main Profile / Main Level": 1, "empty file (0 bytes)": 1,
-             "symlink loop: the link leads back to itself": 1,
-             "symlink loop: the link leads back to itself; not listed in the manifest": 1,
-             f"{DICOMDIR_REASON}; not listed in the manifest": 1}
+    # Rejects count by kind: both cut files as one, whatever their byte counts.
+    kinds = {"truncated": 2, "not an image": 1, "no pixel data": 1, "unsupported transfer syntax": 1, "empty": 1,
+             "unreadable": 1, "not in manifest": 2}
     if "train/locked.dcm" in expected_rejects:
-        kinds |= {"cannot read the file: Permission denied (check its permissions)": 1,
-                  "cannot read folder: Permission denied; not listed in the manifest": 1}
-    assert {reason: int(n) for reason, n in qc_section(qc, "Rejects by reason")} == kinds
+        kinds |= {"unreadable": 2, "not in manifest": 3}
+    assert {kind: int(n) for kind, n in qc_section(qc, "Rejects by kind")} == kinds
     assert qc_section(qc, "Photometric interpretation (PNG/JPEG: image mode)") == [["MONOCHROME2", "121"]]
     assert qc_section(qc, "Label") == [["benign", "89"], ["malignant", "32"]]  # the pixel copy is benign
     # Only the copy that is kept: the rejected files that share img0000's SOPInstanceUID are not.
@@ -284,10 +279,12 @@ def _check_domain(summary, config, run, meta, usable: pd.DataFrame, data_root: P
 
     served = open_served_model(config.registry.model_name, "1", "fp32", summary.onnx_path)
     cr = Path(get_testdata_file("RG1_UNCR.dcm")).read_bytes()
-    (answer,) = served.predict([served.decode(Path("cr"), cr)], [request_facts(cr)])
+    cr_prepared = served.prepare(Path("cr"), cr)
+    (answer,) = served.predict([cr_prepared.crop], [cr_prepared.facts])
     assert answer.domain.in_domain is False and answer.domain.messages()[0] == "Modality CR not seen in training (US)"
     test = [(data_root / p).read_bytes() for p in usable.loc[usable["split"] == "test", "path"]]
-    answers = served.predict([served.decode(Path("t"), data) for data in test], [request_facts(d) for d in test])
+    prepared = [served.prepare(Path("t"), data) for data in test]
+    answers = served.predict([one.crop for one in prepared], [one.facts for one in prepared])
     kinds = {r.kind for a in answers for r in a.domain.reasons}
     assert kinds <= {ReasonKind.NOVELTY_ABOVE_THRESHOLD}  # no header fact of its own images is unseen
     flagged = np.mean([a.domain.in_domain is False for a in answers])
@@ -295,8 +292,7 @@ def _check_domain(summary, config, run, meta, usable: pd.DataFrame, data_root: P
 
 
 # Files in dataset_with_bad_files that ingest accepts and only decoding rejects.
-UNDECODABLE = {"train/corrupt.dcm", "train/corrupt_b.dcm", "train/notes.dcm", "train/nopixels.dcm",
-               "train/video.dcm"}
+UNDECODABLE = {"train/corrupt.dcm", "train/corrupt_b.dcm", "train/nopixels.dcm", "train/video.dcm"}
 
 
 def _failed_run_dir(config_path: Path) -> Path:
@@ -319,7 +315,7 @@ def test_too_few_usable_samples_fail_the_flow_after_the_rejects_report(prefect_s
     run_dir = _failed_run_dir(config_path)
     assert _rejects_reported(state, run_dir, expected_rejects).endswith(
         f"= usable 121 + rejected {len(expected_rejects)}")
-    assert "## Rejects by reason" in _run_artifacts(state)[QC_KEY].data
+    assert "## Rejects by kind" in _run_artifacts(state)[QC_KEY].data
 
 
 def test_unusable_splits_fail_the_flow_after_reporting_the_rejects_found_so_far(prefect_server, tmp_path,
@@ -335,6 +331,24 @@ def test_unusable_splits_fail_the_flow_after_reporting_the_rejects_found_so_far(
     found_by_ingest = {path: reason for path, reason in expected_rejects.items() if path not in UNDECODABLE}
     description = _rejects_reported(state, _failed_run_dir(config_path), found_by_ingest)
     assert description == f"Ingest stopped: {data_root / 'manifest.csv'}: the 'test' split is empty"
+
+
+def test_a_class_too_small_to_split_fails_the_flow_after_reporting_the_rejects(prefect_server, tmp_path,
+                                                                              dataset_with_bad_files):
+    data_root, expected_rejects = dataset_with_bad_files
+    manifest = pd.read_csv(data_root / "manifest.csv").drop(columns="split")
+    # All but 3 malignant rows mislabelled: the class is lost to bad rows, as it often is.
+    typos = manifest.index[manifest["label"] == "malignant"][3:]
+    manifest.loc[typos, "label"] = "malignnant"
+    manifest.to_csv(data_root / "manifest.csv", index=False)
+    state = train_pipeline(str(write_config(tmp_path, data_root)), return_state=True)
+    with pytest.raises(NotEnoughData, match=r"per class .*: malignant: 3; see the rejects report"):
+        state.result()
+    found_by_ingest = {path: reason for path, reason in expected_rejects.items() if path not in UNDECODABLE}
+    found_by_ingest |= {manifest.loc[i, "path"]: ("bad label", str(i + 2), "label 'malignnant' is not one of "
+                                                  "['benign', 'malignant']") for i in typos}
+    description = _rejects_reported(state, _failed_run_dir(tmp_path / "config.yaml"), found_by_ingest)
+    assert description.startswith("Ingest stopped: ") and "malignant: 3" in description
 
 
 def _all_prefect_logs() -> list[Log]:

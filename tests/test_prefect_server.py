@@ -35,8 +35,10 @@ from tests.ops_runs import WORK_POOL, Deployed, OpsRuns
 from tests.prefect_servers import REPO, error_lines
 
 # Every deployment prefect.yaml defines, as `flow name/deployment name`.
-DEPLOYMENTS = {"train-pipeline/breast_ultrasound", "train-pipeline/chest_xray_age",
-               "score-studies/breast_ultrasound", "pretrain-source-model/pretrain_pneumonia"}
+SCHEDULED = {"train-pipeline/breast_ultrasound", "train-pipeline/chest_xray_age",
+             "score-studies/breast_ultrasound", "pretrain-source-model/pretrain_pneumonia"}
+ON_DEMAND = {"tune-hyperparameters/breast_ultrasound"}  # no schedule: an engineer starts a search
+DEPLOYMENTS = SCHEDULED | ON_DEMAND
 TRAINING_CONFIGS = {"train-pipeline/breast_ultrasound": "breast_ultrasound.yaml",
                     "train-pipeline/chest_xray_age": "chest_xray_age.yaml"}
 MIN_SCHEDULED_RUNS = 3  # Prefect's scheduler keeps at least this many upcoming runs per deployment
@@ -75,12 +77,12 @@ def test_the_scheduler_creates_the_next_runs_of_every_deployment(deployed):
     deployments = _deployments(deployed)
     deadline = time.monotonic() + 120  # the scheduler loop runs every 2 s here (60 s by default)
     while True:
-        runs = {name: _scheduled_runs(deployed, d.id) for name, d in deployments.items()}
+        runs = {name: _scheduled_runs(deployed, d.id) for name, d in deployments.items() if name in SCHEDULED}
         if all(len(found) >= MIN_SCHEDULED_RUNS for found in runs.values()) or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert {name: len(found) >= MIN_SCHEDULED_RUNS for name, found in runs.items()} == dict.fromkeys(
-        DEPLOYMENTS, True), f"scheduled runs per deployment: {({n: len(f) for n, f in runs.items()})}\n" \
+        SCHEDULED, True), f"scheduled runs per deployment: {({n: len(f) for n, f in runs.items()})}\n" \
                             f"server log errors: {error_lines(deployed.server.log())}"
     for name, found in runs.items():  # the next times of each cron schedule, in its timezone
         (schedule,) = deployments[name].schedules
@@ -91,6 +93,8 @@ def test_the_scheduler_creates_the_next_runs_of_every_deployment(deployed):
         assert [s.astimezone(zone) for s in starts[1:]] == [next(following) for _ in starts[1:]], name
         assert first > datetime.now(zone) and all(run.auto_scheduled for run in found)
         assert CronSim(schedule.schedule.cron, datetime.now(zone)).__next__() == first, name
+    for name in ON_DEMAND:
+        assert not deployments[name].schedules and not _scheduled_runs(deployed, deployments[name].id), name
 
 
 def test_work_pool_and_deployment_listings_work(deployed):

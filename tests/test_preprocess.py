@@ -21,16 +21,22 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, convert_color_space
+from pydicom.uid import JPEG2000, JPEG2000Lossless
+from torchvision.transforms.v2 import functional as TF
 
-from configs import FramePolicy, PreprocessConfig
+from configs import Fit, FramePolicy, PreprocessConfig
 from tasks import cache, decode
 from tasks import preprocess as pp
 from tasks.cache import ImageCache
 from tasks.decode import load_grey
-from tasks.j2k import decode_j2k_reduced
+from tasks.j2k import ReducedDecodeFloor, decode_j2k_reduced
 from tasks.preprocess import preprocess_file
-from tasks.rejects import UnreadableImage
-from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, resize_and_crop, to_model_input
+from tasks.rejects import RejectKind, UnreadableImage
+from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, to_model_input
+from tests.conftest import MIXED_REJECTS
+
+
+SPEC = PreprocessSpec()  # short side 256, centre crop 224
 
 
 def data_file(name: str) -> Path:
@@ -123,8 +129,8 @@ def test_window_maps_linearly_to_unit_range(rg1_uncr):
 
 
 def test_jpeg2000_lossless_matches_uncompressed(rg1_uncr, rg1_j2kr):
-    a = resize_and_crop(rg1_uncr[0], 256, 224).astype(np.float64)
-    b = resize_and_crop(rg1_j2kr[0], 256, 224).astype(np.float64)
+    a = SPEC.to_uint8(rg1_uncr[0])[0].astype(np.float64)
+    b = SPEC.to_uint8(rg1_j2kr[0])[0].astype(np.float64)
     assert np.abs(a - b).mean() / 255 < 0.01
     assert rg1_j2kr[1][0] == "decode:dicom(JPEG 2000 Image Compression (Lossless Only))"
     assert rg1_j2kr[1][1:] == rg1_uncr[1][1:]
@@ -141,7 +147,7 @@ def test_jpeg2000_reduced_resolution_decode_matches_full_decode(name, reduced_sh
     path = data_file(name)
     reduced, _, provenance, _ = preprocess_file(path, config)
     full_grey, full_provenance = load_grey(path)
-    full = resize_and_crop(full_grey, config.resize, config.crop).astype(np.float64)
+    full = PreprocessSpec.from_config(config).to_uint8(full_grey)[0].astype(np.float64)
     diff = np.abs(reduced.astype(np.float64) - full)
     assert diff.mean() < 0.5 and np.percentile(diff, 99) <= 5 and diff.max() <= 20
     assert abs(reduced.mean() - full.mean()) < 0.5 and abs(reduced.std() - full.std()) < 0.5
@@ -152,7 +158,7 @@ def test_jpeg2000_reduced_resolution_decode_matches_full_decode(name, reduced_sh
     # Same steps, plus the reduced decode, in the provenance.
     decode, reduction, *rest = provenance
     assert decode == full_provenance[0]
-    height, width = load_grey(path, min_short_side=512)[0].shape
+    height, width = load_grey(path, floor=ReducedDecodeFloor(short_side=512))[0].shape
     assert (height, width) == reduced_shape
     assert reduction.startswith("decode:reduced_resolution(1/2,") and reduction.endswith(f"->{height}x{width})")
     assert rest[:len(full_provenance) - 1] == full_provenance[1:]
@@ -164,7 +170,7 @@ def test_jpeg2000_reduced_decode_keeps_stored_values(name):
     # the header says), not Pillow's up-scaled 16-bit samples: compare with a
     # 2x2 mean of the full decode, which is what the wavelet's LL band is close to.
     ds = pydicom.dcmread(data_file(name))
-    reduced, level = decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, 512)
+    reduced, level = decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, ReducedDecodeFloor(short_side=512))
     full = ds.pixel_array.astype(np.float64)
     full = np.pad(full, ((0, full.shape[0] % 2), (0, full.shape[1] % 2)), mode="edge")
     box = full.reshape(full.shape[0] // 2, 2, full.shape[1] // 2, 2).mean(axis=(1, 3))
@@ -230,7 +236,21 @@ def test_jpeg_exif_orientation_is_applied(tmp_path):
     grey, provenance = load_grey(path)
     assert grey.shape == (96, 64)
     assert np.abs(grey - np.rot90(stored, k=-1) / 255).mean() < 0.01  # bright quadrant now top right
-    assert provenance == ["decode:jpeg(mode=L)", "exif_transpose", "scale:/255"]
+    assert provenance == ["decode:jpeg(mode=L)", "exif_transpose(orientation=6)", "scale:/255"]
+
+
+@pytest.mark.parametrize("fmt, orientation", [("PNG", None), ("JPEG", None), ("JPEG", 1)])
+def test_no_exif_transpose_is_recorded_where_none_was_done(tmp_path, rg1_uncr, fmt, orientation):
+    # Pillow's exif_transpose returns a copy even for Orientation 1 or none: only 2-8 turn the image.
+    pixels = np.round(rg1_uncr[0][:300, :400] * 255).astype(np.uint8)
+    path = tmp_path / f"image.{fmt.lower()}"
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, fmt, exif=exif)
+    grey, provenance = load_grey(path)
+    assert grey.shape == (300, 400)
+    assert not any(step.startswith("exif_transpose") for step in provenance)
 
 
 @pytest.mark.parametrize("name", ["SC_rgb.dcm", "SC_rgb_rle.dcm", "SC_rgb_jpeg_gdcm.dcm"])
@@ -283,12 +303,12 @@ def test_palette_colour_is_the_luminance_of_its_colour_table(name):
     ],
 )
 def test_multiframe_middle_frame_same_across_transfer_syntaxes(name):
-    # 10-frame MR: the middle frame (index 5), percentile window, and the same
-    # pixels whatever the encoding.
+    # 10-frame MR: the middle frame (index 5, frame 6 as DICOM numbers them from 1), percentile
+    # window, and the same pixels whatever the encoding.
     ds = pydicom.dcmread(data_file("emri_small.dcm"))
     reference, ref_prov = load_grey(data_file("emri_small.dcm"))
     np.testing.assert_allclose(reference, percentile_window(ds.pixel_array[5]), atol=1e-6)
-    assert ref_prov[1:] == ["frame:middle(5/10)", "voi:percentile(0.5,99.5)"]
+    assert ref_prov[1:] == ["frame:middle(6 of 10)", "voi:percentile(0.5,99.5)"]
     grey, provenance = load_grey(data_file(name))
     np.testing.assert_array_equal(grey, reference)
     assert provenance[1:] == ref_prov[1:]
@@ -413,6 +433,49 @@ def test_pixel_padding_excluded_from_window_and_shown_dark(tmp_path):
     np.testing.assert_allclose(grey[20:, 20:], inside, atol=1e-6)
 
 
+def _without_window(name: str) -> pydicom.Dataset:
+    """A real file with its header window removed: the percentile window applies."""
+    ds = pydicom.dcmread(data_file(name))
+    del ds.WindowCenter, ds.WindowWidth
+    return ds
+
+
+def _saved(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path)
+    return path
+
+
+def test_padding_of_a_lossy_ct_is_excluded_within_a_band_and_matches_its_lossless_twin(tmp_path):
+    # 693_UNCR: a real 512 x 512 CT with 55,772 padding pixels (-2000) around its circular field of
+    # view. Compressed here 40:1 with pylibjpeg-openjpeg's JPEG 2000 encoder (the lossy syntax),
+    # fewer than 10 % of them still equal -2000: the rest used to enter the percentile window and
+    # pull its low end down by a thousand HU, leaving the lungs mid-grey, 83 levels off.
+    lossless = _saved(_without_window("693_UNCR.dcm"), tmp_path / "lossless.dcm")
+    ds = _without_window("693_UNCR.dcm")
+    ds.compress(JPEG2000, j2k_cr=[40], encoding_plugin="pylibjpeg")
+    lossy = _saved(ds, tmp_path / "lossy.dcm")
+    padding = pydicom.dcmread(lossless).pixel_array == -2000
+    assert padding.sum() == 55772 and (pydicom.dcmread(lossy).pixel_array[padding] == -2000).mean() < 0.1
+
+    twin, twin_provenance = load_grey(lossless)
+    grey, provenance = load_grey(lossy)
+    levels = np.abs(SPEC.to_uint8(grey)[0].astype(float) - SPEC.to_uint8(twin)[0].astype(float))
+    assert levels.mean() < 2 and np.median(levels) <= 1
+    assert np.abs(grey[~padding] - twin[~padding]).mean() * 255 < 2  # the tissue, not just the air
+    assert (grey[padding] == 0).mean() > 0.99  # shown as air
+    band = [step for step in provenance if step.startswith("padding:lossy_band(")]
+    assert band == ["padding:lossy_band(<=-1794)"]  # 10 % of the way from -2000 to the median
+    assert not any(step.startswith("padding:lossy_band") for step in twin_provenance)
+
+
+def test_a_lossless_file_keeps_the_exact_padding_value(tmp_path):
+    # The same CT under a lossless syntax: only pixels equal to PixelPaddingValue are padding.
+    ds = _without_window("693_UNCR.dcm")
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    _, provenance = load_grey(_saved(ds, tmp_path / "lossless_j2k.dcm"))
+    assert "padding:zeroed(55772px)" in provenance and not any("lossy_band" in step for step in provenance)
+
+
 # ---------------------------------------------------------------- transfer syntaxes
 
 
@@ -488,10 +551,10 @@ def test_htj2k_decodes_at_reduced_resolution_exactly_as_jpeg_2000_does():
     with Image.open(io.BytesIO(part1.getvalue())) as reference:
         reference.reduce = 1
         expected = np.asarray(reference)
-    reduced, level = decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, 128)
+    reduced, level = decode_j2k_reduced(ds, ds.file_meta.TransferSyntaxUID, ReducedDecodeFloor(short_side=128))
     assert level == 1
     np.testing.assert_array_equal(reduced, expected)
-    _, provenance = load_grey(HTJ2K_CR_CROP, min_short_side=128)
+    _, provenance = load_grey(HTJ2K_CR_CROP, floor=ReducedDecodeFloor(short_side=128))
     assert provenance[:2] == ["decode:dicom(High-Throughput JPEG 2000 Image Compression (Lossless Only))",
                               "decode:reduced_resolution(1/2,256x256->128x128)"]
 
@@ -513,15 +576,33 @@ def test_dicom_without_preamble_or_file_meta_gives_the_same_pixels(tmp_path, nam
 # ---------------------------------------------------------------- rejects
 
 
+def rejected(path: Path, **kwargs) -> UnreadableImage:
+    """The UnreadableImage load_grey raises for `path`: it names the file, and its detail is one line."""
+    with pytest.raises(UnreadableImage) as info:
+        load_grey(path, **kwargs)
+    assert info.value.path == path and str(info.value) == f"{path}: {info.value.detail}"
+    assert "\n" not in info.value.detail and " object at 0x" not in info.value.detail
+    return info.value
+
+
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
-def test_rejects_truncated_dicom(tmp_path):
-    for name in ("CT_small.dcm", "emri_small_jpeg_2k_lossless.dcm"):  # native, encapsulated
-        data = data_file(name).read_bytes()
-        path = tmp_path / f"half_{name}"
-        path.write_bytes(data[: len(data) // 2])
-        with pytest.raises(UnreadableImage, match="^corrupt DICOM: ") as info:
-            load_grey(path)
-        assert info.value.path == path
+@pytest.mark.parametrize("name, detail", [
+    ("CT_small.dcm", "the pixel data holds 13303 of the 32768 bytes its header declares (128x128, 1 sample of 16 bits)"),
+    ("emri_small_jpeg_2k_lossless.dcm", "the file ends inside its pixel data"),  # encapsulated: cut inside a fragment
+])
+def test_rejects_truncated_dicom(tmp_path, name, detail):
+    data = data_file(name).read_bytes()
+    path = tmp_path / f"half_{name}"
+    path.write_bytes(data[: len(data) // 2])
+    reject = rejected(path)
+    assert (reject.kind, reject.detail) == (RejectKind.TRUNCATED, detail)
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_rejects_a_compressed_stream_cut_before_its_delimiter():
+    # pydicom-data's own J2K file that ends inside its last fragment.
+    reject = rejected(data_file("emri_small_jpeg_2k_lossless_too_short.dcm"))
+    assert reject.kind is RejectKind.TRUNCATED
 
 
 def _overwrite_pixel_bytes(start: int, fill: bytes):
@@ -532,21 +613,36 @@ def _overwrite_pixel_bytes(start: int, fill: bytes):
     return damage
 
 
-@pytest.mark.parametrize("name, damage, syntax", [
+@pytest.mark.parametrize("name, damage, kind, detail", [
     # The header promises more pixels than the file holds: a wrong Rows, not a short file.
-    ("CT_small.dcm", lambda ds: setattr(ds, "Rows", 1024), "Explicit VR Little Endian"),
+    ("CT_small.dcm", lambda ds: setattr(ds, "Rows", 1024), RejectKind.TRUNCATED,
+     "the pixel data holds 32768 of the 262144 bytes its header declares (1024x128, 1 sample of 16 bits)"),
     # Bytes overwritten in place, the file keeps its length: the RLE header's segment offsets...
-    ("MR_small_RLE.dcm", _overwrite_pixel_bytes(20, b"\xff" * 20), "RLE Lossless"),
-    # ... and a JPEG stream's quantisation tables.
-    ("SC_rgb_jpeg_dcmtk.dcm", _overwrite_pixel_bytes(40, bytes(20)), "JPEG Baseline (Process 1)"),
+    ("MR_small_RLE.dcm", _overwrite_pixel_bytes(20, b"\xff" * 20), RejectKind.CORRUPT,
+     "cannot decode the RLE Lossless pixel data: RuntimeError: Unable to decode as exceptions were raised by all "
+     "available plugins: pylibjpeg: Invalid segment offset found in the RLE header pydicom: "),
+    # ... and a JPEG stream's quantisation tables: two installed decoders both fail on it.
+    ("SC_rgb_jpeg_dcmtk.dcm", _overwrite_pixel_bytes(40, bytes(20)), RejectKind.CORRUPT,
+     "cannot decode the JPEG Baseline (Process 1) pixel data: RuntimeError: Unable to decode as exceptions were "
+     "raised by all available plugins: "),
 ])
-def test_rejects_damaged_dicom_of_full_length(tmp_path, name, damage, syntax):
+def test_rejects_damaged_dicom_of_full_length(tmp_path, name, damage, kind, detail):
     ds = pydicom.dcmread(data_file(name))
     damage(ds)
     path = tmp_path / name
     ds.save_as(path)
-    with pytest.raises(UnreadableImage, match=rf"^corrupt DICOM: cannot decode {re.escape(syntax)} pixel data: "):
-        load_grey(path)
+    reject = rejected(path)
+    assert reject.kind is kind and reject.detail.startswith(detail)
+
+
+def test_a_stream_only_one_installed_decoder_takes_is_a_decoder_limitation_naming_the_other():
+    # pydicom-data's JPEG-lossy.dcm: 12-bit JPEG Extended, which Pillow's plugin does not take
+    # and pylibjpeg-libjpeg refuses (a marker where its strict reading wants none); GDCM decodes it.
+    # pydicom's decoders fail with a multi-line message: the detail is one line.
+    reject = rejected(data_file("JPEG-lossy.dcm"))
+    assert reject.kind is RejectKind.DECODER_LIMITATION
+    assert reject.detail.startswith("pylibjpeg cannot decode this 12-bit JPEG Extended (Process 2 and 4) image; "
+                                    "not installed: gdcm - requires gdcm>=")
 
 
 def test_rejects_compressed_dicom_without_file_meta(tmp_path):
@@ -554,28 +650,28 @@ def test_rejects_compressed_dicom_without_file_meta(tmp_path):
     # pixels, so no transfer syntax can be inferred: reject, do not guess.
     bare = tmp_path / "bare_j2k"
     bare.write_bytes(without_preamble_and_meta(data_file("MR_small_jp2klossless.dcm").read_bytes()))
-    with pytest.raises(UnreadableImage, match="^corrupt DICOM: compressed pixel data but no transfer syntax$"):
-        load_grey(bare)
+    reject = rejected(bare)
+    assert (reject.kind, reject.detail) == (RejectKind.UNSUPPORTED_SYNTAX,
+                                            "compressed pixel data but no transfer syntax in the file meta")
 
 
 def test_rejects_text_file(tmp_path):
     path = tmp_path / "notes.dcm"
     path.write_text("patient,label\n1,normal\n")
-    with pytest.raises(UnreadableImage, match="^not a DICOM, PNG or JPEG file$"):
-        load_grey(path)
+    reject = rejected(path)
+    assert (reject.kind, reject.detail) == (RejectKind.NOT_AN_IMAGE, "not a DICOM, PNG or JPEG file")
 
 
 def test_rejects_empty_and_truncated_png(tmp_path, rg1_uncr):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    with pytest.raises(UnreadableImage, match="empty file"):
-        load_grey(empty)
+    assert rejected(empty).kind is RejectKind.EMPTY
     full = tmp_path / "full.png"
     Image.fromarray(np.round(rg1_uncr[0][:400, :400] * 255).astype(np.uint8)).save(full)
     half = tmp_path / "half.png"
     half.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
-    with pytest.raises(UnreadableImage, match="^corrupt PNG: "):
-        load_grey(half)
+    reject = rejected(half)
+    assert reject.kind is RejectKind.TRUNCATED and reject.detail.startswith("the PNG does not decode (it ends early): ")
 
 
 def test_rejects_dicom_without_pixel_data(tmp_path):
@@ -583,8 +679,8 @@ def test_rejects_dicom_without_pixel_data(tmp_path):
     del ds.PixelData
     path = tmp_path / "no_pixels.dcm"
     ds.save_as(path)
-    with pytest.raises(UnreadableImage, match="^DICOM has no pixel data$"):
-        load_grey(path)
+    reject = rejected(path)
+    assert (reject.kind, reject.detail) == (RejectKind.NO_PIXEL_DATA, "DICOM has no pixel data")
 
 
 def test_missing_decoder_names_transfer_syntax(monkeypatch):
@@ -593,27 +689,74 @@ def test_missing_decoder_names_transfer_syntax(monkeypatch):
         missing_dependencies = ["pylibjpeg - requires pylibjpeg-openjpeg"]
 
     monkeypatch.setattr(decode, "get_decoder", lambda uid: NoPlugins())
-    with pytest.raises(UnreadableImage) as info:
-        load_grey(data_file("JPEG2000.dcm"))
-    assert str(info.value) == (
-        "no decoder for transfer syntax JPEG 2000 Image Compression "
-        "(install pylibjpeg - requires pylibjpeg-openjpeg)"
-    )
+    reject = rejected(data_file("JPEG2000.dcm"))
+    assert reject.kind is RejectKind.UNSUPPORTED_SYNTAX
+    assert reject.detail == ("no decoder for transfer syntax JPEG 2000 Image Compression "
+                             "(install pylibjpeg - requires pylibjpeg-openjpeg)")
 
 
 # ---------------------------------------------------------------- geometry
 
 
-def test_resize_and_crop_short_side_then_centre():
+def test_crop_fit_takes_the_short_side_then_the_centre():
     grey = np.zeros((1000, 500), dtype=np.float32)
     grey[:500] = 1.0  # top half bright
-    out = resize_and_crop(grey, 256, 224)
+    out, steps = SPEC.to_uint8(grey)
     assert out.shape == (224, 224) and out.dtype == np.uint8
     # 1000x500 -> 512x256; the centre 224 rows are rows 144..367, so the
     # bright/dark edge (row 256) sits at crop row 112.
     assert (out[:110] == 255).all() and (out[114:] == 0).all()
-    flat = resize_and_crop(np.full((300, 400), 0.4, np.float32), 256, 224)
+    assert steps == ["resize:short_side(256,bilinear,antialias)", "crop:centre(224)", "quantize:uint8"]
+    flat, steps = SPEC.to_uint8(np.full((256, 400), 0.4, np.float32))
     assert (flat == 102).all()  # 0.4 * 255 = 102, no drift from the filter
+    assert steps == ["crop:centre(224)", "quantize:uint8"]  # the short side is 256 already: no resize
+
+
+@pytest.fixture(scope="module")
+def landscape_chest(rg1_uncr) -> np.ndarray:
+    """A landscape chest radiograph: the upper third of the real RG1 CR, shoulder to shoulder
+    (567 x 1841 pixels), lung apices and lateral chest walls at its left and right."""
+    grey = rg1_uncr[0]
+    return grey[int(0.12 * grey.shape[0]):int(0.41 * grey.shape[0])]
+
+
+def test_pad_fit_keeps_the_lateral_lung_fields_a_centre_crop_cuts_off(landscape_chest):
+    height, width = landscape_chest.shape
+    cropped, crop_steps = SPEC.to_uint8(landscape_chest)
+    padded, pad_steps = PreprocessSpec(fit=Fit.PAD).to_uint8(landscape_chest)
+    # Crop: short side to 256 makes it 831 wide, and the centre 224 columns are a quarter of the
+    # chest: both lateral lung fields (the outer 18-36 % on each side) are gone.
+    wide = 256 * width // height
+    resized = TF.resize(torch.from_numpy(landscape_chest)[None], [256, wide], antialias=True)[0]
+    start = round((wide - 224) / 2)
+    np.testing.assert_array_equal(cropped, np.round(resized[16:240, start:start + 224].clamp(0, 1).numpy() * 255))
+    assert (height, width, wide) == (567, 1841, 831) and start / wide > 0.36
+    # Pad: the whole chest, 224 wide, between bands of air.
+    band = 224 * height // width
+    above = (224 - band) // 2
+    assert (padded[:above] == 0).all() and (padded[above + band:] == 0).all()
+    whole = TF.resize(torch.from_numpy(landscape_chest)[None], [band, 224], antialias=True)[0]
+    np.testing.assert_array_equal(padded[above:above + band], np.round(whole.clamp(0, 1).numpy() * 255))
+    lungs = [padded[above:above + band, int(0.18 * 224):int(0.36 * 224)],
+             padded[above:above + band, int(0.64 * 224):int(0.82 * 224)]]
+    assert all(abs(lung.mean() / 255 - region_mean(landscape_chest, (0, 1), cols)) < 0.02
+               for lung, cols in zip(lungs, [(0.18, 0.36), (0.64, 0.82)]))
+    assert crop_steps[:2] == ["resize:short_side(256,bilinear,antialias)", "crop:centre(224)"]
+    assert pad_steps == ["resize:long_side(224,bilinear,antialias)", "pad:centre(224,air)", "quantize:uint8"]
+
+
+def test_pad_fit_of_a_square_image_pads_nothing(rg1_uncr):
+    square = rg1_uncr[0][:1800, :1800]
+    assert PreprocessSpec(fit=Fit.PAD).to_uint8(square)[1] == ["resize:long_side(224,bilinear,antialias)",
+                                                              "quantize:uint8"]
+
+
+def test_slivers_are_refused_by_either_fit():
+    sliver = np.full((10, 2000), 0.5, np.float32)
+    for fit in Fit:
+        with pytest.raises(UnreadableImage, match="^10x2000 pixels: an aspect ratio over 8:1") as info:
+            PreprocessSpec(fit=fit).to_uint8(sliver)
+        assert info.value.kind is RejectKind.BAD_GEOMETRY
 
 
 # ---------------------------------------------------------------- cache
@@ -662,8 +805,9 @@ def test_cache_key_depends_on_pipeline_version(config, monkeypatch):
 
 def test_stale_tmp_file_is_never_read(config):
     src = data_file("CT_small.dcm")
-    expected = resize_and_crop(load_grey(src)[0], config.resize, config.crop)
-    key = cache.cache_key(hashlib.sha256(src.read_bytes()).hexdigest(), config)
+    expected = PreprocessSpec.from_config(config).to_uint8(load_grey(src)[0])[0]
+    key = cache.cache_key(hashlib.sha256(src.read_bytes()).hexdigest(), PreprocessSpec.from_config(config).cache_token(),
+                          config.frames, config.voi_window)
     entry = ImageCache(config.cache_dir, config.crop).path(key)
     entry.parent.mkdir(parents=True)
     # What a killed writer leaves: a complete-looking but wrong .tmp, and a
@@ -746,10 +890,8 @@ def test_parallel_preprocessing_matches_serial_in_order(mixed_folder, config):
     pd.testing.assert_frame_equal(parallel.manifest, serial.manifest)
     pd.testing.assert_frame_equal(parallel.rejects, serial.rejects)
     np.testing.assert_array_equal(parallel.images, serial.images)
-    assert list(parallel.manifest["path"]) == [p for p in manifest["path"] if p not in ("cut.dcm", "notes.dcm")]
-    assert list(parallel.rejects["path"]) == ["cut.dcm", "notes.dcm"]
-    cut, notes = parallel.rejects["reason"]
-    assert cut.startswith("corrupt DICOM") and notes == "not a DICOM, PNG or JPEG file"
+    assert list(parallel.manifest["path"]) == [p for p in manifest["path"] if p not in MIXED_REJECTS]
+    assert dict(zip(parallel.rejects["path"], parallel.rejects["kind"])) == MIXED_REJECTS
 
 
 def test_cache_hits_are_read_here_and_only_misses_are_submitted_in_order(mixed_folder, config):
@@ -794,8 +936,9 @@ def test_workers_default_to_every_usable_core():
 def test_symlink_loop_is_an_unreadable_image_not_a_crash(tmp_path, config):
     loop = tmp_path / "loop.dcm"
     loop.symlink_to(loop)
-    with pytest.raises(UnreadableImage, match="cannot read the file: Too many levels of symbolic links"):
+    with pytest.raises(UnreadableImage, match="cannot read the file: Too many levels of symbolic links") as info:
         preprocess_file(loop, config)
+    assert info.value.kind is RejectKind.UNREADABLE
 
 
 def test_run_killed_part_way_resumes_from_cache_to_the_same_result(mixed_folder, config, monkeypatch):
@@ -832,7 +975,7 @@ def test_first_frame_policy_takes_frame_zero():
     stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array[0]
     grey, provenance = load_grey(data_file("emri_small.dcm"), frames=FramePolicy.FIRST)
     np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
-    assert provenance[1] == "frame:first(0/10)"
+    assert provenance[1] == "frame:first(1 of 10)"
 
 
 def test_every_frame_policy_gives_one_sample_per_frame_sharing_the_patient(tmp_path, config):
@@ -844,12 +987,12 @@ def test_every_frame_policy_gives_one_sample_per_frame_sharing_the_patient(tmp_p
     prepared = pp.preprocess_dataset(manifest, root, config.model_copy(update={"frames": FramePolicy.ALL}))
     rows = prepared.manifest
     assert rows["path"].tolist() == ["cine.dcm"] * 10 + ["ct.dcm"]
-    assert rows["frame"].tolist() == list(range(10)) + [0]
+    assert rows["frame"].tolist() == list(range(1, 11)) + [1]  # numbered from 1, as DICOM numbers frames
     assert set(rows.loc[rows["path"] == "cine.dcm", "patient_key"]) == {"p1"}
-    assert rows.loc[3, "provenance"].endswith("frame:all(3/10)")
+    assert rows.loc[3, "provenance"].endswith("frame:all(4 of 10)")
     # One window for the whole loop, so frames keep their relative brightness.
     stored = pydicom.dcmread(data_file("emri_small.dcm")).pixel_array
-    expected = resize_and_crop(percentile_window(stored).astype(np.float32), 256, 224)
+    expected = SPEC.to_uint8(percentile_window(stored).astype(np.float32))[0]
     np.testing.assert_array_equal(prepared.images[:10], expected)
     assert not np.array_equal(prepared.images[0], prepared.images[9])
 

@@ -12,6 +12,7 @@ from configs import ModelConfig, PipelineConfig, TaskKind
 from models.resnet import build_model
 from tasks.export import check_parity, export_onnx, read_metadata
 from tasks.register import CHALLENGER, CHAMPION, register_model, tracking_run
+from tasks.transforms import PreprocessSpec
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,7 @@ def test_champion_moves_only_when_beaten_and_failures_leave_no_version(tmp_path,
     assert client.get_model_version("reg-test", "4").tags["onnx_uri"].endswith("onnx/model-0.8.onnx")
 
 
+SPEC_METADATA = {"preprocess": PreprocessSpec().to_metadata()}  # the default preprocessing, as exports record it
 REAL_SIZES = ("CT_small.dcm", "MR_small.dcm", "RG1_UNCR.dcm", "US1_J2KR.dcm", "JPEG2000.dcm")
 
 
@@ -104,15 +106,17 @@ def real_greys():
     return [load_grey(get_testdata_file(name))[0] for name in REAL_SIZES]  # 64x64 up to 1955x1841
 
 
-def test_preprocessing_graph_matches_tasks_preprocess_within_one_level():
+@pytest.mark.parametrize("fit", ["crop", "pad"])
+def test_preprocessing_graph_matches_the_python_transform_within_one_level(fit):
     import onnxruntime as ort
+    from configs import Fit
     from tasks.export import GREY_INPUT_NAME, preprocessing_graph
-    from tasks.transforms import resize_and_crop, to_model_input
 
-    session = ort.InferenceSession(preprocessing_graph(256, 224, 18).SerializeToString(),
+    spec = PreprocessSpec(fit=Fit(fit))
+    session = ort.InferenceSession(preprocessing_graph(spec, 18).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
-    for grey in real_greys():
-        expected = to_model_input(torch.from_numpy(resize_and_crop(grey, 256, 224))).numpy()
+    for grey in real_greys():  # square, portrait and landscape (US1_J2KR is 480 x 640)
+        expected = spec.normalise(torch.from_numpy(spec.to_uint8(grey)[0])).numpy()
         actual = session.run(None, {GREY_INPUT_NAME: grey[None, None]})[0]
         levels = np.abs(actual - expected) * np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1) * 255
         assert actual.shape == (1, 3, 224, 224)
@@ -123,10 +127,12 @@ def test_preprocessing_graph_matches_tasks_preprocess_within_one_level():
 def test_self_contained_graph_takes_any_size_and_matches_pytorch(tmp_path, onnx_file, classifier):
     from tasks.export import check_self_contained_parity, export_self_contained
 
-    path = export_self_contained(onnx_file, tmp_path / "model.onnx", 256, 224, {"variant": "fp32"})
-    report = check_self_contained_parity(path, classifier, real_greys(), 256, 224, tolerance=1e-3)
+    spec = PreprocessSpec()
+    metadata = {"variant": "fp32", "preprocess": spec.to_metadata()}
+    path = export_self_contained(onnx_file, tmp_path / "model.onnx", metadata)
+    report = check_self_contained_parity(path, classifier, real_greys(), spec, tolerance=1e-3)
     assert report.passed and report.samples == len(REAL_SIZES)
-    assert read_metadata(path) == {"variant": "fp32"}
+    assert read_metadata(path) == metadata
 
 
 def test_gate_fails_with_reason_and_makes_no_variants(tmp_path, classifier, real_images):
@@ -135,7 +141,7 @@ def test_gate_fails_with_reason_and_makes_no_variants(tmp_path, classifier, real
 
     greys = [image.astype(np.float32) / 255 for image in real_images]
     strict = ExportConfig(max_abs_diff=1e-12, self_contained_max_abs_diff=1e-12)
-    models = export_serving_models(classifier, tmp_path, {}, strict, 256, 224, test_crops=real_images,
+    models = export_serving_models(classifier, tmp_path, SPEC_METADATA, strict, test_crops=real_images,
                                    test_greys=greys, test_targets=np.zeros(len(greys)), threshold=0.5,
                                    positive_index=1)
     assert not models.passed and models.variants == {}
@@ -148,8 +154,8 @@ def test_variants_pass_their_checks_and_report_accuracy(tmp_path, classifier, re
     from tasks.variants import export_serving_models
 
     greys = [image.astype(np.float32) / 255 for image in real_images]
-    models = export_serving_models(classifier, tmp_path, {"task": "classification"}, ExportConfig(), 256, 224,
-                                   test_crops=real_images, test_greys=greys,
+    models = export_serving_models(classifier, tmp_path, {"task": "classification"} | SPEC_METADATA,
+                                   ExportConfig(), test_crops=real_images, test_greys=greys,
                                    test_targets=np.array([0, 1] * (len(greys) // 2)), threshold=0.5,
                                    positive_index=1)
     assert models.passed and sorted(models.variants) == ["fp16", "int8"]

@@ -23,13 +23,15 @@ from pydicom.uid import MPEG2MPML
 
 from configs import DomainPolicy, ServeConfig
 from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
-from serve.app import API_KEY_HEADER, REQUEST_NAME, Settings, create_app
+from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Settings, create_app
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
 from tasks.export import NORMALISED_FILE, read_metadata
 from tasks.decode import load_grey
+from tasks.rejects import RejectKind
 from tasks.variants import quantise_int8
-from tests.conftest import CROP, RESIZE, decoded_as_trained, evaluated_outputs, register_version
+from tests.conftest import decoded_as_trained, evaluated_outputs, register_version
+from tests import damaged
 from tests.live_server import LiveServer
 
 API_KEY = "test-key-not-a-secret"
@@ -125,9 +127,9 @@ def test_refuse_policy_answers_422_with_the_reasons(champion_registry, breast_di
     server = LiveServer(create_app(settings))
     try:
         refused = post(server, dicom_bytes("RG1_UNCR.dcm"))
-        assert refused.status_code == 422
-        detail = refused.json()["detail"]
-        assert detail["message"] == "the input is outside the model's training domain"
+        assert refused.status_code == STATUS_FOR_KIND[RejectKind.OUT_OF_DOMAIN] == 422
+        detail = refused.json()
+        assert (detail["kind"], detail["detail"]) == ("out of domain", "the input is outside the model's training domain")
         assert detail["in_domain"] is False and "label" not in detail and detail["model"]["name"] == "serve-test"
         assert [r["message"] for r in detail["domain_reasons"]][:3] == [
             "Modality CR not seen in training (US)",
@@ -178,7 +180,7 @@ def test_bad_input_gets_a_clear_4xx(service, tmp_path):
     server, _ = service
     cases = [
         (sliver_png(), {"Content-Type": "image/png", API_KEY_HEADER: API_KEY}, 422, "aspect ratio over 8:1"),
-        (dicom_bytes("CT_small.dcm")[:-2000], DICOM, 400, "corrupt DICOM"),
+        (dicom_bytes("CT_small.dcm")[:-2000], DICOM, 400, "of the 32768 bytes its header declares"),
         (b"patient notes, not an image", DICOM, 400, "not a DICOM, PNG or JPEG file"),
         (no_pixels_dicom(tmp_path), DICOM, 422, "DICOM has no pixel data"),
         (unsupported_syntax_dicom(tmp_path), DICOM, 415, "no decoder for transfer syntax MPEG2"),
@@ -195,6 +197,54 @@ def test_bad_input_gets_a_clear_4xx(service, tmp_path):
         assert response.status_code == status, (message, response.text)
         assert message in response.json()["detail"]
     assert httpx.get(f"{server.url}/healthz").status_code == 200  # still up
+
+
+# Each damaged real file issue 10 found once answered 500, with the kind and status it gets now.
+DAMAGED_BODIES = {
+    "frames_1A": (damaged.frames_not_a_number, "corrupt", 400),
+    "syntax_two_values": (damaged.damaged_transfer_syntax, "unsupported transfer syntax", 415),
+    "syntax_unknown": (damaged.unknown_transfer_syntax, "unsupported transfer syntax", 415),
+    "syntax_mislabelled": (damaged.mislabelled_transfer_syntax, "unsupported transfer syntax", 415),
+    "palette_without_lut": (damaged.palette_without_lookup_table, "corrupt", 400),
+    "slope_not_a_number": (damaged.rescale_slope_not_a_number, "corrupt", 400),
+    "jpeg_12_bit": (lambda: damaged.real("JPEG-lossy.dcm"), "decoder limitation", 415),
+    "cut_j2k": (lambda: damaged.cut(damaged.real("emri_small_jpeg_2k_lossless.dcm"), 0.5), "truncated", 400),
+    # Read only by the domain check's header facts: a 500 while they were read outside the boundary.
+    "sop_class_vr": (damaged.unknown_vr_in_sop_class, "corrupt", 400),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_BODIES)
+def test_damaged_real_files_get_the_status_of_their_kind(service, name):
+    server, _ = service
+    make, kind, status = DAMAGED_BODIES[name]
+    response = post(server, make())
+    assert (response.status_code, response.json()["kind"]) == (status, kind), response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("cannot read the application/dicom body: ")
+    assert "\n" not in detail and "object at 0x" not in detail
+
+
+def test_a_decompression_bomb_gets_413_without_being_decoded(service):
+    server, _ = service
+    response = post(server, damaged.png_bomb(), {"Content-Type": "image/png", API_KEY_HEADER: API_KEY})
+    assert (response.status_code, response.json()["kind"]) == (413, "too large")
+
+
+def test_a_burst_of_bad_and_good_bodies_on_kept_alive_connections_loses_no_good_one(service):
+    """A 500 made uvicorn close the keep-alive connection, failing other clients' requests on it."""
+    server, _ = service
+    good = dicom_bytes("CT_small.dcm")
+    bad = [make() for make, _, _ in DAMAGED_BODIES.values()]
+    bodies = [(good, True) if i % 3 else (bad[i % len(bad)], False) for i in range(150)]
+    with httpx.Client(headers=DICOM, timeout=120, limits=httpx.Limits(max_connections=6)) as client:
+        def send(body_and_good: tuple[bytes, bool]) -> tuple[int, bool]:
+            body, is_good = body_and_good
+            return client.post(f"{server.url}/v1/predict", content=body).status_code, is_good
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(send, bodies))
+    assert {status for status, is_good in results if is_good} == {200}
+    assert all(400 <= status < 500 for status, is_good in results if not is_good)
 
 
 def breastmnist_bodies() -> list[tuple[bytes, str]]:
@@ -273,14 +323,14 @@ def test_int8_answers_do_not_depend_on_the_batch(champion_registry, tmp_path):
     """Dynamic int8 quantisation scales activations over the whole input tensor: served
     batched, an image's probabilities would change with its batch-mates."""
     _, _, full = champion_registry
-    int8 = quantise_int8(full.parent / NORMALISED_FILE, tmp_path / "model_int8.onnx", RESIZE, CROP,
+    int8 = quantise_int8(full.parent / NORMALISED_FILE, tmp_path / "model_int8.onnx",
                          read_metadata(full))
     model = open_served_model("serve-test", "1", "int8", int8)
     assert model.per_image
-    greys = [load_grey(get_testdata_file(name))[0] for name in MIXED_DICOMS]
-    together = model.predict(greys)
-    assert model.network_calls == len(greys)
-    alone = [model.predict([grey])[0] for grey in greys]
+    crops = [model.prepare(REQUEST_NAME, dicom_bytes(name)).crop for name in MIXED_DICOMS]
+    together = model.predict(crops)
+    assert model.network_calls == len(crops)
+    alone = [model.predict([crop])[0] for crop in crops]
     assert [p.body for p in together] == [p.body for p in alone]
 
 

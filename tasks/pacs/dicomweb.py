@@ -19,7 +19,8 @@ from requests.adapters import HTTPAdapter
 
 from configs import DicomWebAuth, DicomWebConfig, PacsQuery
 from tasks.pacs.query import InstanceRef, series_keys
-from tasks.pacs.failures import Failure, FailureKind, RetrieveFailed
+from tasks.pacs.failures import RetrieveFailed
+from tasks.rejects import Reject, RejectKind
 from tasks.pacs.retry import PacsRefused, RetryPolicy, Transient, network_cause, with_retries
 
 T = TypeVar("T")
@@ -104,8 +105,8 @@ class DicomWebPacs:
                 if status in RETRIABLE_STATUS:
                     raise Transient(f"HTTP {status} {reason}") from None
                 if instance:
-                    kind = FailureKind.NOT_ON_PACS if status in (404, 410) else FailureKind.REFUSED
-                    raise RetrieveFailed(Failure(kind, f"{what.removeprefix('a ')} answered HTTP {status} {reason}")) from None
+                    kind = RejectKind.NOT_FOUND if status in (404, 410) else RejectKind.UNREADABLE
+                    raise RetrieveFailed(Reject(kind, f"{what.removeprefix('a ')} answered HTTP {status} {reason}")) from None
                 raise PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}") from None
         return with_retries(attempt, self.retry, self.name, what)
 
@@ -149,9 +150,9 @@ class DicomWebPacs:
         try:
             parts = self._request("a WADO-RS retrieve", get, instance=True)
         except ValueError as exc:  # not multipart/related
-            raise RetrieveFailed(Failure(FailureKind.BAD_RESPONSE, f"WADO-RS answer is not DICOM: {exc}")) from None
+            raise RetrieveFailed(Reject(RejectKind.CORRUPT, f"WADO-RS answer is not DICOM: {exc}")) from None
         if len(parts) != 1 or not parts[0]:
-            raise RetrieveFailed(Failure(FailureKind.BAD_RESPONSE,
+            raise RetrieveFailed(Reject(RejectKind.CORRUPT,
                                          f"WADO-RS answered {len(parts)} parts for one instance"))
         return parts[0]
 

@@ -25,7 +25,8 @@ from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelMove)
 
 from configs import DimseConfig, DimseRetrieve, PacsQuery
-from tasks.pacs.failures import Failure, FailureKind, RetrieveFailed
+from tasks.pacs.failures import RetrieveFailed
+from tasks.rejects import Reject, RejectKind
 from tasks.pacs.query import InstanceRef, series_keys
 from tasks.pacs.retry import PacsRefused, RetryPolicy, Transient, with_retries
 
@@ -262,9 +263,9 @@ class DimsePacs:
         if status.Status in (SUCCESS, WARNING_SOME_FAILED) and len(received) == 1:
             return received[0]
         if status.Status in (SUCCESS, WARNING_SOME_FAILED):
-            raise RetrieveFailed(Failure(FailureKind.NOT_ON_PACS if not received else FailureKind.BAD_RESPONSE,
+            raise RetrieveFailed(Reject(RejectKind.NOT_FOUND if not received else RejectKind.CORRUPT,
                                          f"{what} ended with status 0x{status.Status:04X} and {len(received)} instances"))
-        raise RetrieveFailed(Failure(FailureKind.REFUSED, f"{what} failed with status 0x{status.Status:04X}"))
+        raise RetrieveFailed(Reject(RejectKind.UNREADABLE, f"{what} failed with status 0x{status.Status:04X}"))
 
     def _start_storage_scp(self, max_parallel: int):
         """The storage SCP that C-MOVE sends to: calling_ae at storage_host:storage_port."""

@@ -21,7 +21,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from tasks.pacs.client import Pacs
-from tasks.pacs.failures import Failure, FailureKind, RetrieveFailed, count_kinds
+from tasks.pacs.failures import RetrieveFailed, count_kinds
+from tasks.rejects import Reject, RejectKind
 from tasks.pacs.query import InstanceRef
 from tasks.pacs.store import InstanceStore
 
@@ -30,7 +31,7 @@ from tasks.pacs.store import InstanceStore
 class Retrieval:
     held: list[tuple[InstanceRef, Path]] = field(default_factory=list)  # in the store before this run
     retrieved: list[tuple[InstanceRef, Path]] = field(default_factory=list)  # fetched by this run
-    failed: list[tuple[InstanceRef, Failure]] = field(default_factory=list)
+    failed: list[tuple[InstanceRef, Reject]] = field(default_factory=list)
     seconds: float = 0.0
     bytes_retrieved: int = 0
 
@@ -53,10 +54,10 @@ def checked(ref: InstanceRef, data: bytes) -> bytes:
     try:
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError):
-        raise RetrieveFailed(Failure(FailureKind.BAD_RESPONSE, "the PACS answered with something that is "
+        raise RetrieveFailed(Reject(RejectKind.CORRUPT, "the PACS answered with something that is "
                                                                "not a DICOM file")) from None
     if str(header.get("SOPInstanceUID", "")) != ref.sop_uid:
-        raise RetrieveFailed(Failure(FailureKind.BAD_RESPONSE, "the PACS sent another instance than the one asked for"))
+        raise RetrieveFailed(Reject(RejectKind.CORRUPT, "the PACS sent another instance than the one asked for"))
     return data
 
 

@@ -23,7 +23,8 @@ from configs import DataConfig, PipelineConfig
 from tasks.ingest import IngestResult, ManifestError, ingest_dataset
 from tasks.io import atomic_path, write_csv_atomic
 from tasks.pacs.client import connect
-from tasks.pacs.failures import Failure, FailureKind, SourceReject, count_kinds, rejects_frame
+from tasks.pacs.failures import SourceReject, count_kinds, rejects_frame
+from tasks.rejects import Reject, RejectKind
 from tasks.pacs.labels import KEY_KEYWORDS, LabelRow, label_columns, read_label_export, rows_by_key
 from tasks.pacs.query import InstanceRef, describe, study_keys
 from tasks.pacs.retrieve import Retrieval, retrieve
@@ -50,8 +51,8 @@ class PacsSelection:
                    for k, n in count_kinds([r.failure for r in self.rejects]).items()}}
 
 
-def _row_reject(row: LabelRow, kind: FailureKind, detail: str) -> SourceReject:
-    return SourceReject(f"label export row {row.row}", Failure(kind, detail), (row.row,))
+def _row_reject(row: LabelRow, kind: RejectKind, detail: str) -> SourceReject:
+    return SourceReject(f"label export row {row.row}", Reject(kind, detail), (row.row,))
 
 
 def _key_rejects(grouped: dict[str, list[LabelRow]], keyword: str) -> list[SourceReject]:
@@ -59,10 +60,10 @@ def _key_rejects(grouped: dict[str, list[LabelRow]], keyword: str) -> list[Sourc
     rejects = []
     for key, rows in grouped.items():
         if not key:
-            rejects += [_row_reject(r, FailureKind.NO_KEY, f"no {keyword}") for r in rows]
+            rejects += [_row_reject(r, RejectKind.BAD_LABEL, f"no {keyword}") for r in rows]
         elif len(rows) > 1:
             lines = tuple(r.row for r in rows)
-            failure = Failure(FailureKind.DUPLICATE_KEY, f"all name the same {keyword}")
+            failure = Reject(RejectKind.DUPLICATE, f"all name the same {keyword}")
             rejects += [SourceReject(f"label export row {r.row}", failure, lines) for r in rows]
     return rejects
 
@@ -110,10 +111,10 @@ def prepare_pacs_dataset(config: PipelineConfig, salt: str,
             if images:
                 chosen += [(row, ref) for ref in images]
             elif refs or pacs.study_exists({keyword: row.key}):
-                rejects.append(_row_reject(row, FailureKind.NO_IMAGE, "the study has no image on the PACS that "
+                rejects.append(_row_reject(row, RejectKind.NO_PIXEL_DATA, "the study has no image on the PACS that "
                                                                       f"the query selects ({describe(settings.query)})"))
             else:
-                rejects.append(_row_reject(row, FailureKind.NOT_ON_PACS, f"no study with this {keyword} on the PACS"))
+                rejects.append(_row_reject(row, RejectKind.NOT_FOUND, f"no study with this {keyword} on the PACS"))
         with InstanceStore(settings.store_dir, salt) as store:
             retrieval = retrieve(pacs, [ref for _, ref in chosen], store, settings.max_parallel, on_retrieved)
     finally:
