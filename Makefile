@@ -13,7 +13,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # A busy 2-core machine can take longer than Prefect's default to start the ephemeral server.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install lock run sample test serve score deploy worker clean stack stack-status stack-down automations
+.PHONY: install lock run sample test serve score pacs-demo deploy worker clean stack stack-status stack-down automations
 
 # --no-cache-dir: where pip downloads over HTTP, its cache would keep a second copy of the
 # ~3 GB of CUDA torch wheels beside the 7 GB venv, on CI disks that have little to spare.
@@ -54,6 +54,12 @@ serve: install
 # Score a folder of new studies with the champion: make score STUDIES=/path/to/folder
 score: install
 	$(PY) -m flows.score $(CONFIG) $(STUDIES)
+
+# A hospital PACS in miniature (README, "Connecting to a hospital's PACS"): starts Orthanc, loads the
+# bundled sample with accession numbers and a label export, trains from the PACS, scores new studies and
+# leaves their SRs in Orthanc (outputs/pacs-demo/orthanc). Needs Debian's orthanc and orthanc-dicomweb.
+pacs-demo: install
+	$(PY) -m sample_data.pacs_demo outputs/pacs-demo
 
 # Every deployment in prefect.yaml on the server at $$PREFECT_API_URL, run from this checkout:
 # the process work pool first (once per server), then `prefect deploy --all`, which also

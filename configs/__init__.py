@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+from datetime import date
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
@@ -109,9 +110,12 @@ class TaskSpec(Strict):
 
 
 class DataConfig(Strict):
-    root: Path  # folder that holds the images
-    manifest: Path  # CSV: path, label | age, optional patient_id, split
+    root: Path  # folder that holds the images (source pacs: the local copy of the selected instances)
+    manifest: Path  # CSV: path, label | age, optional patient_id, split (source pacs: written from the label export)
     task: TaskKind
+    # folder: root + manifest as given; pacs: retrieved from the `pacs` section's server into root,
+    # labelled from its label export (see tasks/pacs/source.py)
+    source: Literal["folder", "pacs"] = "folder"
     label_names: list[str] = []  # classification: class names, in output order
     positive_label: str | None = None  # classification: the class ROC AUC etc. refer to
     age_range: tuple[float, float] = (0.0, 120.0)  # regression: plausible ages, years
@@ -541,6 +545,134 @@ class RunConfig(Strict):
     output_dir: Path = Path("outputs")
 
 
+class PacsProtocol(str, Enum):
+    DICOMWEB = "dicomweb"  # QIDO-RS search, WADO-RS retrieve (dicomweb-client)
+    DIMSE = "dimse"  # C-FIND, then C-GET or C-MOVE (pynetdicom)
+
+
+class DicomWebAuth(str, Enum):
+    NONE = "none"
+    BASIC = "basic"  # username and password from the environment
+    BEARER = "bearer"  # a token from the environment
+
+
+class DicomWebConfig(Strict):
+    url: str  # the DICOMweb root, e.g. https://pacs.example.org/dicom-web
+    auth: DicomWebAuth = DicomWebAuth.NONE
+    # Secrets are never in YAML: these name the environment variables that hold them.
+    username_env: str = "MEDXFER_PACS_USERNAME"
+    password_env: str = "MEDXFER_PACS_PASSWORD"
+    token_env: str = "MEDXFER_PACS_TOKEN"
+    verify_tls: bool = True  # off only for a test server; prefer ca_bundle for a site's own CA
+    ca_bundle: Path | None = None  # PEM file of the CA that signed the PACS's certificate
+
+
+class DimseRetrieve(str, Enum):
+    GET = "c-get"  # the PACS sends the instances back on medxfer's own association
+    MOVE = "c-move"  # the PACS opens an association to medxfer's storage SCP
+
+
+class DimseConfig(Strict):
+    host: str
+    port: Annotated[int, Field(gt=0, lt=65536)]
+    called_ae: str  # the PACS's AE title
+    calling_ae: str = "MEDXFER"  # medxfer's AE title, registered at the PACS
+    retrieve: DimseRetrieve = DimseRetrieve.GET
+    # C-MOVE: medxfer's storage SCP, which the PACS knows as calling_ae at this host and port.
+    storage_host: str = "127.0.0.1"  # the address the SCP listens on
+    storage_port: Annotated[int, Field(gt=0, lt=65536)] | None = None
+    # AE titles the storage SCP accepts associations from; empty: the PACS's called_ae only.
+    accept_from: list[str] = []
+
+    @model_validator(mode="after")
+    def _move_needs_scp(self) -> "DimseConfig":
+        if self.retrieve is DimseRetrieve.MOVE and self.storage_port is None:
+            raise ValueError("storage_port: c-move needs the port of medxfer's storage SCP")
+        return self
+
+
+class RetryConfig(Strict):
+    """A PACS that is down or slow: each request is tried `attempts` times, waiting
+    backoff_seconds, then twice that, and so on (at most max_backoff_seconds), then the run
+    stops with an error naming the server."""
+
+    attempts: Annotated[int, Field(ge=1)] = 5
+    backoff_seconds: Annotated[float, Field(ge=0)] = 1.0
+    max_backoff_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+
+class PacsQuery(Strict):
+    """Which instances the model is for: QIDO-RS / C-FIND matching keys (None: any)."""
+
+    modality: str | None = None  # e.g. US
+    study_date_from: date | None = None  # training only; scoring selects by its watermark
+    study_date_to: date | None = None
+    body_part: str | None = None  # BodyPartExamined, e.g. BREAST
+    series_description: str | None = None  # wildcards * and ? as in DICOM matching
+    sop_classes: list[str] = []  # SOP Class UIDs, e.g. 1.2.840.10008.5.1.4.1.1.6.1 (US Image Storage)
+
+
+class LabelKey(str, Enum):
+    ACCESSION_NUMBER = "accession_number"
+    STUDY_INSTANCE_UID = "study_instance_uid"
+
+
+class LabelExportConfig(Strict):
+    """A RIS or pathology export: one row per study, keyed by accession number or Study
+    Instance UID; label/age/split columns named as in data.columns."""
+
+    path: Path
+    key: LabelKey = LabelKey.ACCESSION_NUMBER
+    key_column: str | None = None  # default: AccessionNumber or StudyInstanceUID
+
+    @property
+    def column(self) -> str:
+        default = "AccessionNumber" if self.key is LabelKey.ACCESSION_NUMBER else "StudyInstanceUID"
+        return self.key_column or default
+
+
+class ResultTransport(str, Enum):
+    STOW_RS = "stow-rs"
+    C_STORE = "c-store"
+    NONE = "none"  # results are written locally only
+
+
+class PacsScoringConfig(Strict):
+    """Scoring's PACS mode (flows/pacs_score.py): new studies since the watermark."""
+
+    since: date | None = None  # the first watermark (StudyDate); None: the day of the first run
+    lookback_days: Annotated[int, Field(ge=0)] = 1  # studies filed up to this many days late are still found
+    send_results: ResultTransport = ResultTransport.STOW_RS
+    cron: str = "*/15 * * * *"  # the scheduled QIDO scan
+    timezone: str = "UTC"
+
+
+class PacsConfig(Strict):
+    """Where a hospital's images live, and where results go back (see README, "Connecting to a
+    hospital's PACS")."""
+
+    protocol: PacsProtocol = PacsProtocol.DICOMWEB
+    dicomweb: DicomWebConfig | None = None
+    dimse: DimseConfig | None = None
+    query: PacsQuery = PacsQuery()
+    labels: LabelExportConfig | None = None  # needed when data.source is pacs
+    # Retrieved instances, stored by content hash and indexed by salted SOPInstanceUID.
+    store_dir: Path = Path(".cache/medxfer/pacs")
+    max_parallel: Annotated[int, Field(ge=1, le=32)] = 4  # concurrent retrievals (a PACS is shared)
+    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0  # per request: connect, and each read
+    retry: RetryConfig = RetryConfig()
+    scoring: PacsScoringConfig = PacsScoringConfig()
+
+    @model_validator(mode="after")
+    def _sections_present(self) -> "PacsConfig":
+        if getattr(self, self.protocol.value) is None:
+            raise ValueError(f"{self.protocol.value}: protocol {self.protocol.value} needs this section")
+        needs = {ResultTransport.STOW_RS: "dicomweb", ResultTransport.C_STORE: "dimse"}.get(self.scoring.send_results)
+        if needs and getattr(self, needs) is None:
+            raise ValueError(f"scoring.send_results: {self.scoring.send_results.value} needs the {needs} section")
+        return self
+
+
 class ModelRunConfig(RunConfig):
     """A run that trains a model: its model and train settings, where it is tracked and how it is
     evaluated. Subclasses say what the model predicts (`task_spec`)."""
@@ -581,10 +713,17 @@ class PipelineConfig(ModelRunConfig):
     domain: DomainConfig = DomainConfig()
     tune: TuneConfig = TuneConfig()
     learning_curve: LearningCurveConfig = LearningCurveConfig()
+    pacs: PacsConfig | None = None  # a PACS to train from (data.source: pacs) or to score and report to
 
     @property
     def task_spec(self) -> TaskSpec:
         return self.data.spec
+
+    @model_validator(mode="after")
+    def _pacs_source_needs_labels(self) -> "PipelineConfig":
+        if self.data.source == "pacs" and (self.pacs is None or self.pacs.labels is None):
+            raise ValueError("pacs.labels: data.source pacs needs a pacs section with a label export")
+        return self
 
     @model_validator(mode="after")
     def _search_space_fits(self) -> "PipelineConfig":
@@ -694,7 +833,9 @@ def load_config(path: str | Path, *, check_paths: bool = True) -> PipelineConfig
     """Read and validate a YAML config; with `check_paths`, the data must exist."""
     path = Path(path)
     config = _validated(path, PipelineConfig)
-    if check_paths:
+    if check_paths and config.data.source == "pacs":  # root and manifest are made by the retrieval
+        _check_exists(path, "pacs.labels.path", config.pacs.labels.path)
+    elif check_paths:
         _check_exists(path, "data.root", config.data.root)
         _check_exists(path, "data.manifest", config.data.manifest)
     return config

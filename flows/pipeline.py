@@ -1,5 +1,5 @@
-"""The training pipeline as a Prefect flow: ingest -> preprocess -> train -> domain -> evaluate -> explain
--> export -> register -> model card.
+"""The training pipeline as a Prefect flow: (pacs-retrieve ->) ingest -> preprocess -> train -> domain
+-> evaluate -> explain -> export -> register -> model card.
 
 Each task is a thin wrapper over a pure function in `tasks/`: it writes the
 stage's files, logs to MLflow and publishes what the ops team reads in the UI.
@@ -27,6 +27,7 @@ from configs import ModelRunConfig, PipelineConfig, load_config
 from flows.dask_preprocess import preprocess_on_dask
 from flows.events import emit_promoted
 from flows.gpu_slot import gpu_slot
+from flows.pacs_source import retrieve_training_data
 from flows.run_links import (LATEST, artifact_key, flow_run_links, link_runs, model_version_url, rename_runs,
                              run_name)
 from flows.stages import discard_results, stage, with_io_retries
@@ -39,6 +40,7 @@ from tasks.gradcam import explain_test_cases
 from tasks.ingest import IngestResult, ManifestError, NotEnoughData, check_enough_samples, ingest_dataset
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.model_card import CardContext, model_card
+from tasks.pacs.source import ingest_retrieved
 from tasks.preprocess import PreparedData, preprocess_dataset
 from tasks.qc import qc_report
 from tasks.register import CHAMPION, SECRET_FIELDS, Provenance, Registration, register_model, tracking_run
@@ -58,9 +60,13 @@ def _report_rejects(config: PipelineConfig, run_dir: Path, rejects: pd.DataFrame
 
 
 @stage(name="ingest")
-def ingest(config: PipelineConfig, run_dir: Path) -> IngestResult:
+def ingest(config: PipelineConfig, run_dir: Path, source_rejects: pd.DataFrame | None = None) -> IngestResult:
+    """`source_rejects`: what the PACS could not give (data.source: pacs), counted with ingest's own."""
     try:
-        result = ingest_dataset(config.data, config.seed, config.patient_salt())
+        if source_rejects is None:
+            result = ingest_dataset(config.data, config.seed, config.patient_salt())
+        else:
+            result = ingest_retrieved(config.data, config.seed, config.patient_salt(), source_rejects)
     except (ManifestError, NotEnoughData) as exc:
         if exc.rejects is not None:  # files were examined: say which were dropped before stopping
             _report_rejects(config, run_dir, exc.rejects, f"Ingest stopped: {exc}")
@@ -337,7 +343,8 @@ def train_pipeline(config_path: str) -> PipelineSummary:
         run_dir = config.run_dir / run_id
         mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json", exclude=SECRET_FIELDS)),
                         "config/config.yaml")
-        ingested = ingest(config, run_dir)
+        source_rejects = retrieve_training_data(config, run_dir) if config.data.source == "pacs" else None
+        ingested = ingest(config, run_dir, source_rejects)
         prepared = preprocess(config, ingested, run_dir)
         trained = train(config, prepared, run_id)
         checked = domain(config, trained, prepared)

@@ -3,8 +3,9 @@
 BreastMNIST (MedMNIST v2, CC BY 4.0) is real breast ultrasound from the BUSI
 dataset, downsampled to 28x28. Its labels run 0 = malignant, 1 = normal or benign;
 the manifest names them "malignant" and "benign" so the direction cannot be mixed up.
-The DICOM headers carry placeholder patient names, ids and birth dates so the
-privacy checks have something real to look for; they belong to no person.
+The DICOM headers carry placeholder patient names, ids, birth dates and accession
+numbers so the privacy checks have something real to look for (and a PACS demo has the
+key a RIS export uses); they belong to no person.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def placeholder_identity(index: int) -> dict[str, str]:
         "PatientName": f"Sample^Breast{index:04d}",
         "PatientID": f"BMN-{index:04d}",
         "PatientBirthDate": birth.strftime("%Y%m%d"),
+        "AccessionNumber": f"BMNA{index:05d}",
     }
 
 

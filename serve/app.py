@@ -27,20 +27,24 @@ from typing import Sequence
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from configs import DomainPolicy, PipelineConfig, ServeConfig
 from serve.batching import MicroBatcher
 from tasks.champion import Prediction, ServedModel, champion_version, load_champion
 from tasks.decode import DEFAULT_LIMITS, DecodeLimits
+from tasks.dicom_results import ModelIdentity, NotReferenceable, result_sr_for
 from tasks.domain import ImageFacts
+from tasks.formats import detect_format
+from tasks.ingest import read_dicom_header
 from tasks.preprocess import resolve_workers
 from tasks.rejects import RejectKind, UnreadableImage, exception_detail
 
 log = logging.getLogger("medxfer.serve")
 
 API_KEY_HEADER = "X-API-Key"
-ACCEPTED_TYPES = ("application/dicom", "image/png", "image/jpeg")
+DICOM_TYPE = "application/dicom"
+ACCEPTED_TYPES = (DICOM_TYPE, "image/png", "image/jpeg")
 MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
 # The status a request gets for its body's reject kind; any other kind 422. Never a 5xx:
@@ -76,6 +80,12 @@ class Settings:
             limits=DecodeLimits.from_config(config.preprocess),
             domain_policy=config.domain.policy,
         )
+
+
+def wants_dicom_result(accept: str) -> bool:
+    """`Accept: application/dicom` (and not application/json): answer with the DICOM SR."""
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    return DICOM_TYPE in types and "application/json" not in types
 
 
 def _rejected(kind: RejectKind, detail: str, content_type: str, **fields) -> JSONResponse:
@@ -198,14 +208,18 @@ def create_app(settings: Settings) -> FastAPI:
                 "network_calls": model.network_calls if model else 0}
         return JSONResponse(body, status_code=200 if model is not None else 503)
 
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> dict:
+    @app.post("/v1/predict", response_model=None)
+    async def predict(request: Request) -> dict | Response:  # noqa: the body is JSON or a DICOM SR
         started = time.perf_counter()
         check_key(request)
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in ACCEPTED_TYPES:
             raise HTTPException(415, f"Content-Type must be one of {', '.join(ACCEPTED_TYPES)}, "
                                      f"not {content_type or 'missing'}")
+        as_dicom = wants_dicom_result(request.headers.get("accept", ""))
+        if as_dicom and content_type != DICOM_TYPE:
+            raise HTTPException(406, "a DICOM result (Accept: application/dicom) answers a DICOM request only: "
+                                     "it belongs in the study of the image it scores")
         body = await _read_body(request, settings.serve.max_body_bytes)
         if not body:
             raise HTTPException(400, "empty body")
@@ -230,6 +244,14 @@ def create_app(settings: Settings) -> FastAPI:
         if settings.domain_policy is DomainPolicy.REFUSE and prediction.domain.in_domain is False:
             return _rejected(RejectKind.OUT_OF_DOMAIN, "the input is outside the model's training domain",
                              content_type, **prediction.domain.as_json(), model=model.describe())
+        if as_dicom:  # a Comprehensive SR in the request's study (tasks/dicom_results.py)
+            identity = ModelIdentity(model.name, model.version, model.variant)
+            try:
+                sr = await asyncio.to_thread(lambda: result_sr_for(
+                    read_dicom_header(body, detect_format(body), pixels=False), prediction, identity))
+            except NotReferenceable as exc:
+                raise HTTPException(422, f"cannot answer with a DICOM result: {exc}") from None
+            return Response(sr, media_type=DICOM_TYPE)
         return prediction.body | {"model": model.describe()}
 
     return app

@@ -64,10 +64,13 @@ def _row(prediction: Prediction) -> dict:
 
 
 def score_files(files: Sequence[Path], model: ServedModel, policy: DomainPolicy = DomainPolicy.FLAG,
-                on_chunk: Callable[[int], None] | None = None) -> ScoreResult:
+                on_chunk: Callable[[int], None] | None = None,
+                on_prediction: Callable[[str, Prediction], None] | None = None) -> ScoreResult:
     """Decode and score each file; a file that cannot be read or decoded becomes a reject
     with its kind and reason (whatever it raised: each file is its own fault boundary), and
-    so does an out-of-domain file under the refuse policy (kind `out of domain`)."""
+    so does an out-of-domain file under the refuse policy (kind `out of domain`).
+    `on_prediction(file_sha256, prediction)` gets each answer that is scored (the PACS mode
+    makes its DICOM result)."""
     rows, rejects, outside = [], [], []
     for chunk in _chunks(list(files), CHUNK):
         crops, facts, keys = [], [], []
@@ -96,6 +99,8 @@ def score_files(files: Sequence[Path], model: ServedModel, policy: DomainPolicy 
                         continue
                 rows.append({"file_sha256": key, **_row(prediction),
                              "model_name": model.name, "model_version": model.version})
+                if on_prediction:
+                    on_prediction(key, prediction)
         if on_chunk:
             on_chunk(len(chunk))
     return ScoreResult(pd.DataFrame(rows), pd.DataFrame(rejects, columns=REJECT_COLUMNS), len(files),

@@ -35,6 +35,7 @@ from tests import damaged
 pytest_plugins = ["tests.ops_runs"]
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.pacs_fixtures"]  # a real Orthanc for the PACS tests
 SPEC = PreprocessSpec()  # the champion_registry model's preprocessing: short side 256, centre crop 224
 
 

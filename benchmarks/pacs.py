@@ -1,0 +1,187 @@
+"""Retrieval speed from a real Orthanc over loopback: medxfer's PACS source against a plain loop.
+
+The baseline is what a first script does with dicomweb-client: one QIDO-RS search, then
+`retrieve_instance` and `save_as` per instance, one at a time. medxfer's retrieval
+(`tasks.pacs.retrieve`) fetches the stored bytes (no decode and re-encode), checks them,
+stores them by content hash and indexes them, `max_parallel` at a time; DIMSE C-GET is timed
+too. Both run on the same studies in the same run; Orthanc runs on the same machine, so its own
+CPU time (read from /proc) is reported beside the client's: on 2 cores they share the CPUs.
+
+Run one benchmark at a time (they share the machine with the tests):
+
+    flock -x /tmp/medxfer-bench.lock .venv/bin/python -m benchmarks.pacs
+
+Data: the bundled BreastMNIST sample (780 ultrasound images, 28 px, 1.6 KB files: the cost
+per request) and, where ../shared/data is present, the same 780 BUSI images at 256 px
+(66 KB files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from dicomweb_client.api import DICOMwebClient
+
+from configs import DicomWebConfig, DimseConfig, PacsQuery
+from sample_data.breastmnist import ultrasound_dicom, write_breastmnist_dicom
+from sample_data.orthanc import LocalOrthanc, free_port
+from tasks.dicom_results import dicom_bytes
+from tasks.io import markdown_table
+from tasks.pacs.dicomweb import DicomWebPacs
+from tasks.pacs.dimse import DimsePacs
+from tasks.pacs.retrieve import checked, retrieve
+from tasks.pacs.retry import RetryPolicy
+from tasks.pacs.store import InstanceStore
+
+BUSI_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "busi256" / "breastmnist_split_busi256.npz"
+RETRY = RetryPolicy(3, 0.5, 2.0)
+TIMEOUT = 60.0
+
+
+def machine() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    marks = [flag for flag in ("avx512_bf16", "avx512_vnni", "avx2") if flag in flags]
+    return (f"{model} ({', '.join(marks) or 'no avx2'}), {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} "
+            f"usable), Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(orthanc: LocalOrthanc, dataset: str, scratch: Path) -> int:
+    if dataset == "breastmnist":
+        write_breastmnist_dicom(scratch / "sample")
+        return orthanc.upload_folder(scratch / "sample")
+    data = np.load(BUSI_NPZ)
+    images = np.concatenate([data[f"{split}_images"] for split in ("train", "val", "test")])
+    for index, pixels in enumerate(images):
+        orthanc.upload(dicom_bytes(ultrasound_dicom(pixels, index)))
+    return len(images)
+
+
+def timed(run, orthanc: LocalOrthanc, count: int) -> dict:
+    """Wall time, images/s, and CPU time per image of this process and of Orthanc, for `run()`."""
+    started, ours, theirs = time.perf_counter(), time.process_time(), cpu_seconds(orthanc.process.pid)
+    run()
+    wall = time.perf_counter() - started
+    return {"seconds": wall, "images_per_s": count / wall,
+            "client_cpu_ms": 1000 * (time.process_time() - ours) / count,
+            "orthanc_cpu_ms": 1000 * (cpu_seconds(orthanc.process.pid) - theirs) / count}
+
+
+def baseline_loop(url: str, refs, out: Path) -> None:
+    """The plain sequential dicomweb-client loop: retrieve_instance (decoded), save_as."""
+    client = DICOMwebClient(url)
+    out.mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        ds = client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
+        ds.save_as(out / f"{ref.sop_uid}.dcm", enforce_file_format=True)
+
+
+def breakdown(pacs: DicomWebPacs, refs, store_dir: Path) -> dict:
+    """Where one sequential retrieval's time goes, ms per image."""
+    steps = {"wado_rs_ms": 0.0, "check_ms": 0.0, "store_ms": 0.0}
+    with InstanceStore(store_dir, "bench-salt") as store:
+        for ref in refs:
+            t0 = time.perf_counter()
+            data = pacs.fetch(ref)
+            t1 = time.perf_counter()
+            checked(ref, data)
+            t2 = time.perf_counter()
+            store.put(ref.sop_uid, data)
+            t3 = time.perf_counter()
+            for key, seconds in zip(steps, (t1 - t0, t2 - t1, t3 - t2)):
+                steps[key] += 1000 * seconds / len(refs)
+    return steps
+
+
+def bench(dataset: str, parallel: list[int], repeats: int) -> tuple[list[dict], dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=f"medxfer-bench-pacs-{dataset}-") as tmp:
+        scratch = Path(tmp)
+        orthanc = LocalOrthanc(scratch / "orthanc", modalities={"medxfer": ("MEDXFER", "127.0.0.1", free_port())})
+        orthanc.start()
+        try:
+            count = load(orthanc, dataset, scratch)
+            web = DicomWebPacs(DicomWebConfig(url=orthanc.dicomweb_url), TIMEOUT, RETRY, max(parallel))
+            t0 = time.perf_counter()
+            refs = web.find({}, PacsQuery())
+            print(f"{dataset}: {count} instances in Orthanc; QIDO-RS found {len(refs)} in "
+                  f"{time.perf_counter() - t0:.2f} s")
+
+            def row(label: str, run, parallelism: int, store: Path | None = None) -> None:
+                results = [timed(lambda: run(attempt), orthanc, len(refs)) for attempt in range(repeats)]
+                best = max(results, key=lambda r: r["images_per_s"])
+                rows.append({"dataset": dataset, "retrieval": label, "parallel": parallelism,
+                             "images/s (best)": round(best["images_per_s"], 1),
+                             "images/s (median)": round(statistics.median(r["images_per_s"] for r in results), 1),
+                             "client CPU ms/img": round(best["client_cpu_ms"], 2),
+                             "Orthanc CPU ms/img": round(best["orthanc_cpu_ms"], 2)})
+                print(rows[-1])
+
+            row("baseline: dicomweb-client loop", lambda a: baseline_loop(orthanc.dicomweb_url, refs,
+                                                                          scratch / f"baseline-{a}"), 1)
+            for p in parallel:
+                def medxfer(attempt: int, p: int = p) -> None:
+                    pacs = DicomWebPacs(DicomWebConfig(url=orthanc.dicomweb_url), TIMEOUT, RETRY, p)
+                    with InstanceStore(scratch / f"store-web-{p}-{attempt}", "bench-salt") as store:
+                        retrieve(pacs, refs, store, p)
+                    pacs.close()
+                row("medxfer DICOMweb (cold store)", medxfer, p)
+            for p in sorted({1, max(parallel)}):
+                def dimse(attempt: int, p: int = p) -> None:
+                    pacs = DimsePacs(DimseConfig(host="127.0.0.1", port=orthanc.dicom_port, called_ae="ORTHANC"),
+                                     TIMEOUT, RETRY, p)
+                    with InstanceStore(scratch / f"store-dimse-{p}-{attempt}", "bench-salt") as store:
+                        retrieve(pacs, refs, store, p)
+                    pacs.close()
+                row("medxfer DIMSE C-GET (cold store)", dimse, p)
+
+            def warm(attempt: int) -> None:
+                with InstanceStore(scratch / f"store-web-{max(parallel)}-0", "bench-salt") as store:
+                    retrieve(web, refs, store, max(parallel))
+            row("medxfer, every instance already held", warm, max(parallel))
+            steps = {"dataset": dataset} | {k: round(v, 2) for k, v in breakdown(web, refs, scratch / "steps").items()}
+            print(f"sequential medxfer retrieval, ms per image: {steps}")
+            web.close()
+        finally:
+            orthanc.stop()
+    return rows, steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["breastmnist", "busi"], choices=["breastmnist", "busi"])
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    rows, steps = [], []
+    for dataset in args.datasets:
+        if dataset == "busi" and not BUSI_NPZ.exists():
+            print(f"busi: skipped, {BUSI_NPZ} is absent (it lives in ../shared/data)")
+            continue
+        dataset_rows, dataset_steps = bench(dataset, args.parallel, args.repeats)
+        rows, steps = rows + dataset_rows, steps + [dataset_steps]
+    print(markdown_table(pd.DataFrame(rows)))
+    print("\nWhere a sequential medxfer retrieval spends its time (ms per image):\n")
+    print(markdown_table(pd.DataFrame(steps)))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

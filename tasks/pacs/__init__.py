@@ -1,0 +1,1 @@
+"""medxfer's PACS client: search, retrieve and results over DICOMweb or DIMSE (see tasks/pacs/source.py)."""

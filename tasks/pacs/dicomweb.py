@@ -1,0 +1,172 @@
+"""A PACS over DICOMweb: QIDO-RS search, WADO-RS retrieve and STOW-RS store, with dicomweb-client.
+
+Credentials come from the environment (basic or bearer), TLS is verified unless the
+config says otherwise, and every request has a timeout and goes through
+`tasks.pacs.retry`: dicomweb-client's own retrying (which also retries a refused
+connection for half a minute without a word) is switched off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence, TypeVar
+
+import pydicom
+import requests
+from dicomweb_client.api import DICOMwebClient
+from requests.adapters import HTTPAdapter
+
+from configs import DicomWebAuth, DicomWebConfig, PacsQuery
+from tasks.pacs.query import InstanceRef, series_keys
+from tasks.pacs.failures import RetrieveFailed
+from tasks.rejects import Reject, RejectKind
+from tasks.pacs.retry import PacsRefused, RetryPolicy, Transient, network_cause, with_retries
+
+T = TypeVar("T")
+# dicomweb-client's INFO and DEBUG lines quote UIDs, URLs (whose paths hold UIDs) and request headers
+# (credentials): none of them may reach a log.
+logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+PAGE = 1000  # QIDO-RS results per request
+RETRIABLE_STATUS = {408, 429, 500, 502, 503, 504}
+# The instance as the PACS stores it: any transfer syntax, so its bytes (and content hash) are the PACS's own.
+ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+INSTANCE_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "AccessionNumber",
+                   "StudyDate", "Rows"]
+_TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "SOPInstanceUID": "00080018",
+         "SOPClassUID": "00080016", "AccessionNumber": "00080050", "StudyDate": "00080020", "Rows": "00280010"}
+
+
+def _first(item: dict, keyword: str) -> str:
+    values = item.get(_TAGS[keyword], {}).get("Value") or [""]
+    return str(values[0])
+
+
+class _ConfiguredTLS(HTTPAdapter):
+    """An adapter that verifies TLS as the config says. requests lets REQUESTS_CA_BUNDLE or
+    CURL_CA_BUNDLE in the environment override a session's `verify` (requests issue #3829), which
+    would silently swap a site's own CA for the system bundle, or verification off for on."""
+
+    def __init__(self, verify: str | bool, **kwargs):
+        super().__init__(**kwargs)
+        self._verify = verify
+
+    def send(self, request, **kwargs):
+        return super().send(request, **(kwargs | {"verify": self._verify}))
+
+
+def session_for(config: DicomWebConfig, max_parallel: int) -> requests.Session:
+    """A session with the site's credentials (from the environment), TLS verification and a
+    connection pool as large as the parallel retrievals."""
+    session = requests.Session()
+    verify = str(config.ca_bundle) if config.ca_bundle else config.verify_tls
+    adapter = _ConfiguredTLS(verify, pool_connections=1, pool_maxsize=max_parallel)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if config.auth is DicomWebAuth.BASIC:
+        username, password = os.environ.get(config.username_env), os.environ.get(config.password_env)
+        if not username or not password:
+            raise PacsRefused(f"pacs.dicomweb.auth is basic: set ${config.username_env} and ${config.password_env}")
+        session.auth = (username, password)
+    elif config.auth is DicomWebAuth.BEARER:
+        token = os.environ.get(config.token_env)
+        if not token:
+            raise PacsRefused(f"pacs.dicomweb.auth is bearer: set ${config.token_env}")
+        session.headers["Authorization"] = f"Bearer {token}"
+    return session
+
+
+class DicomWebPacs:
+    """One DICOMweb server. Thread-safe: retrievals share one session and its connection pool."""
+
+    def __init__(self, config: DicomWebConfig, timeout: float, retry: RetryPolicy, max_parallel: int):
+        self.config, self.retry = config, retry
+        self.name = config.url
+        self.client = DICOMwebClient(config.url, session=session_for(config, max_parallel), timeout=(timeout, timeout))
+        self.client.set_http_retry_params(retry=False)
+
+    def _request(self, what: str, call: Callable[[], T], instance: bool = False) -> T:
+        """`call()` with retries. Refusals of medxfer itself raise PacsRefused; another HTTP error
+        status is RetrieveFailed for one `instance` (a 404), else PacsRefused. No message holds the
+        URL: its path and query hold UIDs and accession numbers."""
+        def attempt() -> T:
+            try:
+                return call()
+            except requests.exceptions.SSLError:
+                raise PacsRefused(f"PACS {self.name}: its TLS certificate is not trusted; name the CA that "
+                                  "signed it in pacs.dicomweb.ca_bundle") from None
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise Transient(f"{type(exc).__name__}: {network_cause(exc)}") from None
+            except requests.HTTPError as exc:
+                status, reason = exc.response.status_code, exc.response.reason
+                if status in (401, 403):
+                    raise PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}: check "
+                                      f"pacs.dicomweb.auth ({self.config.auth.value}) and its credentials") from None
+                if status in RETRIABLE_STATUS:
+                    raise Transient(f"HTTP {status} {reason}") from None
+                if instance:
+                    kind = RejectKind.NOT_FOUND if status in (404, 410) else RejectKind.UNREADABLE
+                    raise RetrieveFailed(Reject(kind, f"{what.removeprefix('a ')} answered HTTP {status} {reason}")) from None
+                raise PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}") from None
+        return with_retries(attempt, self.retry, self.name, what)
+
+    def find(self, study: dict[str, str], query: PacsQuery) -> list[InstanceRef]:
+        """Instances of the studies matching `study` (study-level keys) that the query selects,
+        in pages of PAGE."""
+        filters = {**study, **series_keys(query)}
+        if query.sop_classes:
+            filters["SOPClassUID"] = ",".join(query.sop_classes)  # QIDO-RS UID list matching
+        found: list[InstanceRef] = []
+        while True:
+            page = self._request("a QIDO-RS instance search", lambda: self.client.search_for_instances(
+                search_filters=filters, fields=INSTANCE_FIELDS, limit=PAGE, offset=len(found)))
+            found += [InstanceRef(study_uid=_first(item, "StudyInstanceUID"),
+                                  series_uid=_first(item, "SeriesInstanceUID"),
+                                  sop_uid=_first(item, "SOPInstanceUID"), sop_class=_first(item, "SOPClassUID"),
+                                  accession=_first(item, "AccessionNumber"), study_date=_first(item, "StudyDate"),
+                                  is_image=bool(_first(item, "Rows"))) for item in page]
+            if len(page) < PAGE:
+                return found
+
+    def study_exists(self, study: dict[str, str]) -> bool:
+        """Whether any study matches `study` (study-level keys), whatever its instances."""
+        return bool(self._request("a QIDO-RS study search",
+                                  lambda: self.client.search_for_studies(search_filters=study, limit=1)))
+
+    def fetch(self, ref: InstanceRef) -> bytes:
+        """The instance's bytes as the PACS stores them (WADO-RS). dicomweb-client's public
+        retrieve_instance returns a parsed and re-encodable Dataset; medxfer keeps the PACS's own
+        bytes (the content hash of the PACS's file, no decode), so it uses the client's
+        multipart GET and decoder directly (pinned in requirements.lock; the folder-versus-PACS
+        test checks the bytes)."""
+        url = f"{self.client.base_url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_uid}"
+
+        def get() -> list[bytes]:
+            response = self.client._http_get(url, headers={"Accept": ACCEPT_AS_STORED})
+            if response.headers.get("Content-Type", "").startswith("application/dicom"):
+                return [response.content]  # a single part sent without the multipart envelope
+            return list(self.client._decode_multipart_message(response, stream=False))
+
+        try:
+            parts = self._request("a WADO-RS retrieve", get, instance=True)
+        except ValueError as exc:  # not multipart/related
+            raise RetrieveFailed(Reject(RejectKind.CORRUPT, f"WADO-RS answer is not DICOM: {exc}")) from None
+        if len(parts) != 1 or not parts[0]:
+            raise RetrieveFailed(Reject(RejectKind.CORRUPT,
+                                         f"WADO-RS answered {len(parts)} parts for one instance"))
+        return parts[0]
+
+    def send(self, datasets: Sequence[pydicom.Dataset]) -> None:
+        """STOW-RS. Each data set gets the 128-byte preamble first: pydicom 3 writes an in-memory
+        data set without it, Orthanc accepts that, and reading it back then fails."""
+        for ds in datasets:
+            ds.preamble = b"\0" * 128
+        response = self._request("a STOW-RS store", lambda: self.client.store_instances(list(datasets)))
+        failed = response.get("FailedSOPSequence", [])
+        if failed:
+            reasons = sorted({f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed})
+            raise PacsRefused(f"PACS {self.name} refused {len(failed)} of {len(datasets)} results over STOW-RS "
+                              f"(failure reasons {', '.join(reasons)})")
+
+    def close(self) -> None:
+        self.client._session.close()
