@@ -32,10 +32,10 @@ from tests import damaged
 
 # The operations tests' real Prefect server, worker, MLflow UI and flow runs, shared by
 # test_prefect_server.py and test_ui_browser.py.
-pytest_plugins = ["tests.ops_runs"]
+# Fixtures of their own modules: real Prefect servers and workers (ops), a real Orthanc (PACS).
+pytest_plugins = ["tests.ops_runs", "tests.pacs_fixtures"]
 
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["tests.pacs_fixtures"]  # a real Orthanc for the PACS tests
 SPEC = PreprocessSpec()  # the champion_registry model's preprocessing: short side 256, centre crop 224
 
 
