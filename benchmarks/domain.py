@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ import onnxruntime as ort
 import torch
 import yaml
 
+from benchmarks.machine import machine
 from configs import ConfigError, ModelConfig, NoveltyMethod, TaskKind, load_config
 from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
@@ -41,27 +40,8 @@ from tasks.train import train_model
 from tasks.transforms import PreprocessSpec
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 GOALS = {"other_modality": 0.99, "same_modality_other_anatomy": 0.95}
 MAX_FALSE_REJECTION, MAX_ADDED_LATENCY = 0.02, 0.10
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    present = ", ".join(f for f in CPU_FLAGS if f in flags) or "none of " + ", ".join(CPU_FLAGS)
-    return (f"{model} ({platform.machine()}), {os.cpu_count()} cores, flags: {present}; "
-            f"torch {torch.__version__}, onnxruntime {ort.__version__}; load average "
-            f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 def shipped_config(name: str, work: Path):

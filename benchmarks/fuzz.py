@@ -23,7 +23,8 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
-from benchmarks.inference import machine, random_champion, start_service
+from benchmarks.inference import random_champion, start_service
+from benchmarks.machine import machine
 from configs import PreprocessConfig
 from sample_data.breastmnist import write_breastmnist_dicom
 from tasks.ingest import ingest_dataset

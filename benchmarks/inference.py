@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import io
 import os
-import platform
 import re
 import socket
 import subprocess
@@ -54,6 +53,7 @@ import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from benchmarks.machine import machine
 from configs import ModelConfig, PipelineConfig, ServeConfig, TaskKind
 from models.resnet import build_model
 from sample_data.breastmnist import BUNDLED_NPZ
@@ -68,12 +68,6 @@ from tasks.variants import calibration_sample, half_precision, quantise_network
 BATCHES = (1, 8, 32)
 RESNET18_GFLOP = 2 * 1.81  # per 224x224 image: torchvision's 1.81 G multiply-adds, 2 FLOPs each
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu_info().describe()} ({platform.machine()}), {gpu}; "
-            f"torch {torch.__version__}, onnxruntime {ort.__version__}")
 
 
 def time_calls(call: Callable[[], object], budget_s: float, min_calls: int = 5) -> np.ndarray:

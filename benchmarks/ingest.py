@@ -30,7 +30,6 @@ import hashlib
 import io
 import itertools
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from benchmarks.machine import machine
 from configs import PreprocessConfig
 from sample_data.breastmnist import ultrasound_dicom
 from tasks.cache import ImageCache
@@ -253,9 +253,7 @@ def main() -> None:
     parser.add_argument("--reader-floor", action="store_true", help="time the per-file read steps on BUSI only")
     args = parser.parse_args()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-          f"({len(os.sched_getaffinity(0))} usable), {platform.python_implementation()} "
-          f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"machine: {machine()}")
     if args.reader_floor:
         if not BUSI_NPZ.exists():
             raise SystemExit(f"--reader-floor needs the BUSI images: {BUSI_NPZ} not found")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 from dicomweb_client.api import DICOMwebClient
 
+from benchmarks.machine import machine
 from configs import DicomWebConfig, DimseConfig, PacsQuery
 from sample_data.breastmnist import ultrasound_dicom, write_breastmnist_dicom
 from sample_data.orthanc import LocalOrthanc, free_port
@@ -44,16 +44,6 @@ from tasks.pacs.store import InstanceStore
 BUSI_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "busi256" / "breastmnist_split_busi256.npz"
 RETRY = RetryPolicy(3, 0.5, 2.0)
 TIMEOUT = 60.0
-
-
-def machine() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    marks = [flag for flag in ("avx512_bf16", "avx512_vnni", "avx2") if flag in flags]
-    return (f"{model} ({', '.join(marks) or 'no avx2'}), {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} "
-            f"usable), Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}")
 
 
 def cpu_seconds(pid: int) -> float:

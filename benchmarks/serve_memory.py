@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import os
-import platform
 import tempfile
 import threading
 import time
@@ -36,25 +34,13 @@ import pydicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from benchmarks.machine import machine
 from benchmarks.inference import random_champion, rss_mib, start_service
 from configs import ServeConfig
 from tasks.preprocess import resolve_workers
 from tests import damaged
 
 MAX_BODY = ServeConfig().max_body_bytes
-
-
-def machine() -> str:
-    """The CPU by name and the instruction sets that matter for these figures, cores, memory."""
-    info = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    isa = ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f in flags)
-    memory = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal"))) / 2**20
-    return (f"{model} ({isa}), {resolve_workers(None)} cores usable, {memory:.0f} GiB RAM, "
-            f"load average {os.getloadavg()[0]:.1f} at start")
 
 
 def _dicom(pixels: np.ndarray, bits: int) -> bytes:

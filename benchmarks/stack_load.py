@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -32,6 +31,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymen
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+from benchmarks.machine import machine
 from flows.pipeline import train_pipeline
 from sample_data.breastmnist import write_breastmnist_dicom
 from stack.host import ORDER, Stack
@@ -40,14 +40,6 @@ from stack.settings import REPO, WORKER_LIMIT_ENV, StackSettings, ephemeral_envi
 UI_BUDGET_S = 2.0
 LOCKED = re.compile(r"database is locked|could not obtain lock|deadlock detected", re.IGNORECASE)
 SERVERS = tuple(name for name in ORDER if name != "service")
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    features = [flag for flag in ("avx512_bf16", "avx512_vnni", "avx2") if f" {flag}" in flags]
-    return f"{cpu} ({', '.join(features) or 'no AVX2'}), {os.cpu_count()} cores"
 
 
 def small_config(home: Path, per_split: int) -> Path:

@@ -14,8 +14,6 @@ Speed does not depend on the weights' values, so the backbone is randomly initia
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from benchmarks.machine import machine
 from configs import AugmentConfig, FreezeStrategy, ModelConfig, Precision, TaskKind, TrainConfig
 from models.resnet import apply_freeze, build_model, set_train_mode
 from tasks.preprocess import SplitData
@@ -41,12 +40,6 @@ def load_busi(n_images: int, resolution: int) -> SplitData:
     spec = PreprocessSpec(resize=round(resolution * 256 / 224), crop=resolution)
     crops = np.stack([spec.to_uint8(image / 255.0)[0] for image in images])
     return SplitData(crops, (labels == 0).astype(np.float32))  # 0 = malignant in BreastMNIST
-
-
-def machine() -> str:
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {cuda}")
 
 
 def timed_epochs(split: SplitData, strategy: FreezeStrategy, device: torch.device, precision: Precision,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from benchmarks.machine import machine
 from configs import DataConfig, FreezeStrategy, ModelConfig, PreprocessConfig, TaskKind, TaskSpec, TrainConfig
 from models.resnet import build_model, resolve_freeze
 from tasks.evaluate import bootstrap_intervals, compute_metrics, predict
@@ -312,12 +312,6 @@ def throughput_table(frame: pd.DataFrame) -> str:
     for (key, used, device), cell in trained.groupby(["dataset", "strategy_used", "device"]):
         lines.append(f"| {key} | {used} | {device} | {cell['train_images_per_s'].median():.1f} | {len(cell)} |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, {gpu}, "
-            f"torch {torch.__version__}")
 
 
 def report(frame: pd.DataFrame, header: str) -> str:

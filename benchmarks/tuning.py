@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
+from benchmarks.machine import machine
 from benchmarks.transfer import BENCHMARK_SALT, BUSI, NIH, mean_interval
 from configs import DataConfig, TaskKind, load_config
 from sample_data.breastmnist import write_breastmnist_dicom
@@ -43,15 +42,6 @@ OUT = REPO / "benchmarks" / "results"
 PUBLISHED = [("MedMNIST v2, ResNet-18 (28 px upsampled to 224)", "none", 0.891, 0.833),
              ("MedMNIST v2, ResNet-50 (28 px upsampled to 224)", "none", 0.866, 0.842),
              ("MedMNIST+, ResNet-18, full fine-tune, 224 px", "ImageNet", 0.899, 0.872)]
-
-
-def machine() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    bf16 = "avx512_bf16" if "avx512_bf16" in flags else ("amx_bf16" if "amx_bf16" in flags else "no native bf16")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
-    return f"{model} ({bf16}), {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
 
 
 def _space(classification: bool, source: str | None, resolutions: list[int]) -> dict:
