@@ -55,7 +55,11 @@ def tracking_run(config: ModelRunConfig, run_name: str, flow_run_id: str | None 
     is tagged with it."""
     mlflow.set_tracking_uri(config.registry.tracking_uri)
     if mlflow.get_experiment_by_name(config.registry.experiment) is None:
-        mlflow.create_experiment(config.registry.experiment, artifact_location=config.artifact_location())
+        try:
+            mlflow.create_experiment(config.registry.experiment, artifact_location=config.artifact_location())
+        except MlflowException as exc:  # runs started together on a new server: one creates it
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     experiment = mlflow.set_experiment(config.registry.experiment)
     resumed = _run_of_flow_run(experiment.experiment_id, flow_run_id) if flow_run_id else None
     run = mlflow.start_run(run_id=resumed, run_name=None if resumed else run_name,

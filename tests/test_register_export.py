@@ -76,6 +76,19 @@ def run_with_auc(config, classifier, onnx_file, tmp_path, auc, onnx_override=Non
                               torch.zeros(1, 3, 224, 224))
 
 
+def test_a_run_that_loses_the_race_to_create_the_experiment_runs_in_it(tmp_path, monkeypatch):
+    """Twenty runs queued at once on a new tracking server: each sees no experiment, one creates
+    it, and the others' create answers RESOURCE_ALREADY_EXISTS (the stack's load check lost a run
+    to it). Here the race is staged: the experiment exists, the lookup says it does not."""
+    config = registry_config(tmp_path)
+    mlflow.set_tracking_uri(config.registry.tracking_uri)
+    experiment_id = mlflow.create_experiment(config.registry.experiment)
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: None)
+    with tracking_run(config, "late") as run_id:
+        pass
+    assert MlflowClient(config.registry.tracking_uri).get_run(run_id).info.experiment_id == experiment_id
+
+
 def test_champion_moves_only_when_beaten_and_failures_leave_no_version(tmp_path, classifier, onnx_file):
     config = registry_config(tmp_path)
     client = MlflowClient(config.registry.tracking_uri)
