@@ -53,7 +53,7 @@ import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from benchmarks.machine import machine
+from benchmarks.machine import cpu_seconds, machine
 from configs import ModelConfig, PipelineConfig, ServeConfig, TaskKind
 from models.resnet import build_model
 from sample_data.breastmnist import BUNDLED_NPZ
@@ -304,12 +304,6 @@ class LeanClient:
         if self.writer is not None:
             self.writer.close()
         self.reader = self.writer = None
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(port: int, bodies: list[tuple[bytes, str]], clients: int, seconds: float, pid: int) -> dict:

@@ -1,11 +1,13 @@
 """The machine a benchmark ran on, printed beside its figures: the CPU by name with the flags that
 decide its speed (read by tasks.hardware, as training precision and int8 read them), the cores this
-process may use, memory, the GPU, the library versions, and the load when it started."""
+process may use, memory, the GPU, the library versions, and the load when it started; and the CPU
+time a process has used, for figures per image."""
 
 from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import onnxruntime as ort
 import torch
@@ -21,3 +23,9 @@ def machine() -> str:
             f"{memory_gib:.0f} GiB RAM, {gpu}; Python {platform.python_version()}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), onnxruntime {ort.__version__}; "
             f"load average {os.getloadavg()[0]:.1f}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

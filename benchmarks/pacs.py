@@ -29,10 +29,11 @@ import numpy as np
 import pandas as pd
 from dicomweb_client.api import DICOMwebClient
 
-from benchmarks.machine import machine
+from benchmarks.machine import cpu_seconds, machine
 from configs import DicomWebConfig, DimseConfig, PacsQuery
 from sample_data.breastmnist import ultrasound_dicom, write_breastmnist_dicom
-from sample_data.orthanc import LocalOrthanc, free_port
+from sample_data.orthanc import LocalOrthanc
+from stack.settings import free_port
 from tasks.dicom_results import dicom_bytes
 from tasks.io import markdown_table
 from tasks.pacs.dicomweb import DicomWebPacs
@@ -44,12 +45,6 @@ from tasks.pacs.store import InstanceStore
 BUSI_NPZ = Path(__file__).resolve().parents[2] / "shared" / "data" / "busi256" / "breastmnist_split_busi256.npz"
 RETRY = RetryPolicy(3, 0.5, 2.0)
 TIMEOUT = 60.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load(orthanc: LocalOrthanc, dataset: str, scratch: Path) -> int:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import requests
 
+from stack.settings import free_port
+
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 DICOMWEB_PLUGIN, PYTHON_PLUGIN = PLUGIN_DIR / "libOrthancDicomWeb.so", PLUGIN_DIR / "libOrthancPython.so"
 DICOMWEB_ROOT = "/dicom-web/"
@@ -28,13 +30,6 @@ DICOMWEB_ROOT = "/dicom-web/"
 
 class OrthancNotInstalled(RuntimeError):
     """The Debian packages are missing (`apt-get install orthanc orthanc-dicomweb orthanc-python`)."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def orthanc_binary() -> str:

@@ -30,7 +30,8 @@ from configs import CONFIG_DIR, DicomWebConfig, PacsQuery
 from flows.pacs_score import PacsScoreSummary, score_pacs
 from flows.pipeline import PipelineSummary, train_pipeline
 from sample_data.breastmnist import write_breastmnist_dicom
-from sample_data.orthanc import LocalOrthanc, free_port
+from sample_data.orthanc import LocalOrthanc
+from stack.settings import free_port
 from sample_data.pacs_sample import label_export
 from tasks.dicom_results import dicom_bytes, read_result
 from tasks.pacs.dicomweb import DicomWebPacs

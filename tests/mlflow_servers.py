@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.prefect_servers import LoggedProcess, clean_environment, free_port, wait_healthy
+from stack.settings import free_port
+from tests.prefect_servers import LoggedProcess, clean_environment, wait_healthy
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 

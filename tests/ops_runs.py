@@ -29,10 +29,11 @@ from mlflow import MlflowClient
 from prefect.client.schemas.objects import FlowRun
 
 from configs import PipelineConfig, load_config
+from stack.settings import free_port
 from tasks.register import CHAMPION
 from tests.conftest import write_config
 from tests.mlflow_servers import MlflowServer, mlflow_server
-from tests.prefect_servers import (PREFECT, REPO, LoggedProcess, PrefectServer, free_port, prefect_server,
+from tests.prefect_servers import (PREFECT, REPO, LoggedProcess, PrefectServer, prefect_server,
                                    prefect_worker)
 
 WORK_POOL = "medxfer"

@@ -14,7 +14,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from sample_data.orthanc import LocalOrthanc, free_port
+from sample_data.orthanc import LocalOrthanc
+from stack.settings import free_port
 from sample_data.pacs_sample import LABEL_COLUMN, label_export
 from tasks.dicom_results import dicom_bytes
 from tests.conftest import write_config

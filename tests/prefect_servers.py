@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,19 +29,14 @@ import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from stack.settings import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 # Prefect's default scheduler loop is 60 s; the recently-deployed loop runs every 5 s.
 SCHEDULER_LOOP_SECONDS = 2
 # A log line at ERROR or CRITICAL level (Prefect's and uvicorn's formats), or a traceback.
 ERROR_LINE = re.compile(r"\b(ERROR|CRITICAL)\b|^Traceback \(most recent call last\)")
-
-
-def free_port() -> int:
-    """A port the OS reports free on 127.0.0.1 (bound to port 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def clean_environment(**settings: str) -> dict[str, str]:

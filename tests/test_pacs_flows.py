@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_API_URL
 from configs import SALT_ENV_VAR, load_config
 from flows.pacs_score import build_deployment, deployment_name, score_pacs
 from sample_data.breastmnist import write_breastmnist_dicom
-from sample_data.orthanc import free_port
+from stack.settings import free_port
 from sample_data.pacs_demo import _as_new_study, read_back_results, run_demo
 from tasks.dicom_results import SERIES_DESCRIPTION, read_result
 from tests.conftest import REPO, phi_strings

@@ -22,7 +22,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage
 
 from configs import PacsConfig, load_config
-from sample_data.orthanc import free_port
+from stack.settings import free_port
 from tasks.pacs.client import connect
 from tasks.pacs.retry import PacsRefused, PacsUnavailable
 from tasks.pacs.source import prepare_pacs_dataset

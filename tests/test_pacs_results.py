@@ -22,7 +22,7 @@ from tasks.dicom_results import (NOT_FOR_DIAGNOSTIC_USE, SERIES_DESCRIPTION, AiR
 from tasks.domain import NOT_CHECKED, DomainReason, DomainVerdict, Fact, ReasonKind
 from tasks.pacs.client import connect
 from tests.live_server import LiveServer
-from sample_data.orthanc import free_port
+from stack.settings import free_port
 from tests.pacs_fixtures import pacs_section, start_orthanc
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"

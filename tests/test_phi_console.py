@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 from prefect.settings import PREFECT_API_URL
 
+from stack.settings import free_port
 from tests import damaged
 from tests.conftest import REPO, write_config
 
@@ -91,16 +91,10 @@ def test_a_cli_run_over_damaged_files_finishes_accounts_for_every_file_and_print
     assert not {(str(p), marker) for p in written for marker in damaged.MARKERS if marker.encode() in p.read_bytes()}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_the_service_answers_damaged_marked_files_with_4xx_and_prints_no_identifier(cli_run, tmp_path):
     done, config, _ = cli_run
     assert done.returncode == 0
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "service.log"
     with open(log, "w") as console:
         service = subprocess.Popen([sys.executable, "-m", "serve", str(config), "--port", str(port)], cwd=REPO,
