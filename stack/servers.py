@@ -125,7 +125,8 @@ def worker_environment(settings: StackSettings) -> dict[str, str]:
 
 
 def worker(settings: StackSettings) -> Service:
-    """A process worker polling the stack's work pool; runs at most `worker_limit` flow runs at once."""
+    """A process worker polling the stack's work pool; runs at most `worker_limit` flow runs at once,
+    at niceness `flow_run_nice` (its flow runs inherit it)."""
     def health() -> str:
         try:
             response = httpx.post(f"{settings.prefect_api_url}/work_pools/{settings.work_pool}/workers/filter",
@@ -139,7 +140,7 @@ def worker(settings: StackSettings) -> Service:
             raise Unhealthy(f"no worker of pool {settings.work_pool} is online yet")
         return f"{', '.join(online)} online, polling pool {settings.work_pool} (limit {settings.worker_limit})"
 
-    argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
+    argv = ["nice", "-n", str(settings.flow_run_nice), sys.executable, "-m", "prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
             "--name", "medxfer-stack-worker", "--limit", str(settings.worker_limit)]
     return Service("worker", argv, worker_environment(settings), health, cwd=REPO)
 

@@ -18,6 +18,7 @@ from typing import Mapping
 REPO = Path(__file__).resolve().parents[1]
 HOME_ENV, HOST_ENV, CONFIG_ENV = "MEDXFER_STACK_HOME", "MEDXFER_STACK_HOST", "MEDXFER_STACK_CONFIG"
 WORKER_LIMIT_ENV = "MEDXFER_STACK_WORKER_LIMIT"
+FLOW_RUN_NICE_ENV = "MEDXFER_STACK_FLOW_RUN_NICE"
 # service -> default port; each can be moved with MEDXFER_STACK_<SERVICE>_PORT.
 DEFAULT_PORTS = {"postgres": 5432, "object-store": 9000, "mlflow": 5000, "prefect-server": 4200,
                  "service": 8000}
@@ -91,6 +92,9 @@ class StackSettings:
     secrets: dict[str, str]
     mlflow_user: str = DEFAULT_MLFLOW_USER
     worker_limit: int = 2  # concurrent flow runs on the worker: trainings share the CPUs
+    # The worker and the flow runs it starts run at this niceness, so that trainings holding every
+    # core leave the servers (Prefect API and UI, PostgreSQL, MLflow, the service) responsive.
+    flow_run_nice: int = 10
     bucket: str = "mlflow-artifacts"
     work_pool: str = "medxfer"  # the process pool prefect.yaml deploys to
 
@@ -105,6 +109,7 @@ class StackSettings:
             secrets=load_secrets(home, env),
             mlflow_user=env.get(MLFLOW_USER_ENV) or DEFAULT_MLFLOW_USER,
             worker_limit=int(env.get(WORKER_LIMIT_ENV) or 2),
+            flow_run_nice=int(env.get(FLOW_RUN_NICE_ENV) or 10),
         )
 
     def url(self, service: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -188,11 +189,28 @@ def test_every_server_is_healthy_on_loopback_and_refuses_requests_without_creden
     assert httpx.post(predict, content=b"x", headers=dicom).status_code == 401
     assert httpx.post(predict, content=b"x", headers=dicom | {"X-API-Key": "guess"}).status_code == 401
 
+    # Trainings yield the CPUs to the servers: the worker (and so its flow runs) runs niced.
+    server_nice = os.getpriority(os.PRIO_PROCESS, stack.processes.pid("prefect-server"))
+    assert server_nice == os.getpriority(os.PRIO_PROCESS, 0)  # the servers run at the caller's niceness
+    assert os.getpriority(os.PRIO_PROCESS, stack.processes.pid("worker")) == server_nice + settings.flow_run_nice
+
     # Secrets reach the servers through their environment only: no log holds one.
     logs = {path.name: path.read_text(errors="replace") for path in (settings.home / "logs").iterdir()}
     assert set(logs) == {f"{name}.log" for name in ORDER}
     leaked = {(name, secret) for name, text in logs.items() for secret in secrets.values() if secret in text}
     assert not leaked
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the worker's flow runs)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(") ", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
 
 
 def _task_states(flow_run_id: UUID) -> dict[str, list[str]]:
@@ -251,6 +269,9 @@ def test_deployed_training_fails_in_register_notifies_and_its_retry_registers_wi
         wait_for("the register stage to start", lambda: "register" in _task_states(run.id) or _finished(run.id),
                  timeout=600, interval=0.5)
         assert not _finished(run.id), _flow_run_state(run.id)
+        flow_runs = _children(stack.processes.pid("worker"))
+        worker_nice = os.getpriority(os.PRIO_PROCESS, stack.processes.pid("worker"))
+        assert flow_runs and {os.getpriority(os.PRIO_PROCESS, pid) for pid in flow_runs} == {worker_nice}
         stack.processes.stop(stack.service("mlflow"))
         failed = wait_for("the run to fail", lambda: _finished(run.id), timeout=300)
         assert failed.type is StateType.FAILED, failed
