@@ -32,16 +32,16 @@ from flows.run_links import artifact_key
 from flows.score import load_model
 from flows.stages import with_io_retries
 from tasks.champion import Prediction, ServedModel
-from tasks.dicom_results import AiResult, ModelIdentity, result_sr
+from tasks.dicom_results import ModelIdentity
 from tasks.io import write_csv_atomic
 from tasks.pacs.client import connect
-from tasks.pacs.failures import SourceReject, rejects_frame
 from tasks.pacs.query import InstanceRef
 from tasks.pacs.retrieve import Retrieval, retrieve
-from tasks.pacs.scoring import REJECTED, SCORED, ScoringLedger, Window, new_instances, scan_window
+from tasks.pacs.scoring import (REJECTED, SCORED, ResultsSent, ScoringLedger, Window, new_instances, scan_window,
+                                send_results as send_pacs_results)
 from tasks.pacs.store import InstanceStore, instance_key
-from tasks.rejects import REJECT_COLUMNS
-from tasks.score import ScoreResult, score_files
+from tasks.rejects import REJECT_COLUMNS, rejects_frame
+from tasks.score import ScoreResult, reject_kinds_markdown, score_files
 
 RESULT_BATCH = 32  # SRs per STOW-RS request / C-STORE association
 
@@ -91,30 +91,25 @@ def score(paths: list[Path], model: ServedModel, policy: DomainPolicy) -> tuple[
 
 @task(name="send-results", cache_policy=NO_CACHE, persist_result=False)
 def send_results(config: PipelineConfig, scored: list[tuple[InstanceRef, Path, Prediction]], model: ServedModel,
-                 ledger: ScoringLedger) -> int:
-    """One SR per scored image, sent in batches; each batch is recorded in the ledger once the PACS
-    has it, so a run that stops part-way sends the rest next time (the SRs' UIDs are stable)."""
+                 ledger: ScoringLedger, salt: str) -> ResultsSent:
     transport = config.pacs.scoring.send_results
-    identity = ModelIdentity(model.name, model.version, model.variant)
     if transport is ResultTransport.NONE:
         ledger.record([ref for ref, _, _ in scored], SCORED, model.version)
-        return 0
+        return ResultsSent(0, {})
     protocol = PacsProtocol.DICOMWEB if transport is ResultTransport.STOW_RS else PacsProtocol.DIMSE
     pacs = connect(config.pacs, protocol)
     try:
-        for start in range(0, len(scored), RESULT_BATCH):
-            batch = scored[start:start + RESULT_BATCH]
-            pacs.send([result_sr(pydicom.dcmread(path, stop_before_pixels=True), AiResult.of(p), identity)
-                       for _, path, p in batch])
-            ledger.record([ref for ref, _, _ in batch], SCORED, model.version)
+        outcome = send_pacs_results(pacs, scored, ModelIdentity(model.name, model.version, model.variant), ledger,
+                                    salt, RESULT_BATCH)
     finally:
         pacs.close()
-    get_run_logger().info("sent %d results to %s over %s", len(scored), pacs.name, transport.value)
-    return len(scored)
+    get_run_logger().info("sent %d results to %s over %s; %d images without one", outcome.sent, pacs.name,
+                          transport.value, len(outcome.failed))
+    return outcome
 
 
-def _report(counts: dict[str, int], window: Window, watermark: date | None, model: ServedModel,
-            transport: ResultTransport) -> str:
+def _report(counts: dict[str, int], rejects: pd.DataFrame, window: Window, watermark: date | None,
+            model: ServedModel, transport: ResultTransport) -> str:
     lines = [f"# PACS scoring with {model.name} v{model.version}", "",
              f"Scan: {window.reason}; watermark now {watermark.isoformat() if watermark else 'not set'}.", "",
              f"New images {counts['new']} = scored {counts['scored']} + rejected {counts['rejected']} "
@@ -122,7 +117,7 @@ def _report(counts: dict[str, int], window: Window, watermark: date | None, mode
              f"Outside the training domain: {counts['out_of_domain']} (scored and flagged, or refused: "
              "`domain.policy`).",
              f"Results sent ({transport.value}): {counts['results_sent']}."]
-    return "\n".join(lines)
+    return "\n".join(lines + reject_kinds_markdown(rejects, "images"))
 
 
 @flow(name="score-pacs")
@@ -148,19 +143,24 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
         ledger.record([by_hash[key][0] for key in result.rejects["file_sha256"] if key in by_hash], REJECTED,
                       model.version)
         sent = send_results(config, [(*by_hash[key], prediction) for key, prediction in predictions.items()],
-                            model, ledger)
+                            model, ledger, salt)
         watermark = ledger.advance([ref.study_date for ref in refs], today)
     finally:
         ledger.close()
-    failures = [SourceReject(f"pacs:{instance_key(ref.sop_uid, salt)}", failure, ()) for ref, failure in retrieval.failed]
-    rejects = pd.concat([result.rejects.rename(columns={"file_sha256": "path"}), rejects_frame(failures)],
-                        ignore_index=True).reindex(columns=REJECT_COLUMNS)
-    scores_csv = write_csv_atomic(result.scores, out_dir / "scores.csv")
+    not_retrieved = [(f"pacs:{instance_key(ref.sop_uid, salt)}", failure) for ref, failure in retrieval.failed]
+    # An image whose result is not in its record is a reject, not a score: scores.csv holds what went back.
+    scores = result.scores[~result.scores["file_sha256"].isin(sent.failed)] if sent.failed else result.scores
+    rejects = pd.concat([result.rejects.rename(columns={"file_sha256": "path"}),
+                         rejects_frame([*sent.failed.items(), *not_retrieved])], ignore_index=True)
+    rejects = rejects.reindex(columns=REJECT_COLUMNS)
+    scores_csv = write_csv_atomic(scores, out_dir / "scores.csv")
     rejects_csv = write_csv_atomic(rejects, out_dir / "score_rejects.csv")
-    counts = {"new": len(refs), "seen_before": seen, "scored": len(result.scores), "rejected": len(result.rejects),
-              "failed": len(retrieval.failed), "out_of_domain": len(result.out_of_domain), "results_sent": sent}
+    counts = {"new": len(refs), "seen_before": seen, "scored": len(scores),
+              "rejected": len(result.rejects) + len(sent.failed), "failed": len(retrieval.failed),
+              "out_of_domain": len(result.out_of_domain), "results_sent": sent.sent}
     create_markdown_artifact(key=artifact_key(config.name, "pacs-scores"),
-                             markdown=_report(counts, window, watermark, model, config.pacs.scoring.send_results),
+                             markdown=_report(counts, rejects, window, watermark, model,
+                                              config.pacs.scoring.send_results),
                              description="PACS scoring summary")
     return PacsScoreSummary(counts, watermark.isoformat() if watermark else "", scores_csv, rejects_csv,
                             f"{model.name} v{model.version}")

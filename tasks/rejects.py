@@ -41,6 +41,8 @@ class RejectKind(str, Enum):
     WORKER_DIED = "worker died"  # the process decoding it was killed (a crash, the OOM killer)
     UNEXPECTED = "unexpected"  # any other error while reading or decoding it
     OUT_OF_DOMAIN = "out of domain"  # a readable image unlike the training data, refused by domain.policy
+    NO_RESULT = "no result"  # scored, but no DICOM result can be written for its header (highdicom refuses it)
+    RESULT_REFUSED = "result refused"  # scored, but the PACS would not store its DICOM result
 
 
 _OBJECT_REPR = re.compile(r"<[^<>]*? (?:object )?at 0x[0-9a-fA-F]+>")

@@ -118,11 +118,17 @@ def summary_markdown(result: ScoreResult, model: ServedModel) -> str:
     elif not scores.empty:
         ages = scores["age_years"].to_numpy()
         lines += [f"Predicted age: median {np.median(ages):.1f} years, range {ages.min():.1f}-{ages.max():.1f}"]
-    if not result.rejects.empty:
-        lines += ["", "| reject kind | files |", "|---|---|"]
-        lines += [f"| {kind} | {n} |" for kind, n in result.rejects["kind"].value_counts().items()]
+    lines += reject_kinds_markdown(result.rejects, "files")
     lines += ["", _domain_summary(result.out_of_domain, model)]
     return "\n".join(lines)
+
+
+def reject_kinds_markdown(rejects: pd.DataFrame, counted: str) -> list[str]:
+    """Markdown lines: a table of the rejects by kind (none when there are none)."""
+    if rejects.empty:
+        return []
+    return ["", f"| reject kind | {counted} |", "|---|---|",
+            *(f"| {kind} | {n} |" for kind, n in rejects["kind"].value_counts().items())]
 
 
 def _domain_summary(outside: pd.DataFrame, model: ServedModel) -> str:

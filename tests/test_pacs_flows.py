@@ -25,7 +25,10 @@ from flows.pacs_score import build_deployment, deployment_name, score_pacs
 from sample_data.breastmnist import write_breastmnist_dicom
 from stack.settings import free_port
 from sample_data.pacs_demo import _as_new_study, read_back_results, run_demo
-from tasks.dicom_results import SERIES_DESCRIPTION, read_result
+from tasks.dicom_results import SERIES_DESCRIPTION, dicom_bytes, read_result
+from tasks.pacs.scoring import ScoringLedger
+from tasks.pacs.store import instance_key
+from tasks.rejects import RejectKind
 from tests.conftest import REPO, phi_strings
 from tests.pacs_fixtures import PacsSample, pacs_section, start_orthanc
 from tests.test_pipeline import _all_prefect_logs, _artifacts, _prefect_read
@@ -65,6 +68,14 @@ def _flow_runs() -> list[FlowRun]:
         found = client.request("POST", "/flow_runs/filter", json={"limit": 200, "offset": 0, "sort": "ID_DESC"})
         return [FlowRun.model_validate(run) for run in found.json()]
     return _prefect_read(read)
+
+
+def _flow_run_artifacts(state) -> list[dict]:
+    """A flow run's artifacts, those made in the flow itself too (the client's read_artifacts, given a
+    task-run filter, as it must be, finds only those of its tasks)."""
+    run = str(state.state_details.flow_run_id)
+    return _prefect_read(lambda client: client.request("POST", "/artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": [run]}}, "limit": 200, "offset": 0}).json())
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +212,56 @@ def test_orthanc_pushes_a_stable_study_to_prefect_and_a_runner_scores_it(prefect
     finally:
         orthanc.stop()
 
+
+
+def test_an_image_no_sr_can_reference_is_a_reject_and_the_run_goes_on(prefect_server, champion_registry, tmp_path,
+                                                                     monkeypatch):
+    """Three new studies of real sample images, one a damaged copy whose PatientSex is "U" (written by
+    some modalities; DICOM allows M, F or O, and highdicom refuses to write an SR on it). The run
+    completes; the other two get their SRs in Orthanc; the damaged one is a `no result` reject named by
+    its salted key, in score_rejects.csv, the artifact and the ledger, so a second scan skips it."""
+    registry, _, _ = champion_registry
+    orthanc = start_orthanc(tmp_path / "orthanc", free_port())
+    try:
+        raw = registry.model_dump(mode="json") | {"name": "no_result_test", "output_dir": str(tmp_path / "out")}
+        raw["pacs"] = pacs_section(PacsSample(orthanc, tmp_path, tmp_path, free_port(), 0, 0), tmp_path, labels=None)
+        config_path = tmp_path / "pacs.yaml"
+        config_path.write_text(yaml.safe_dump(raw))
+        monkeypatch.setenv(SALT_ENV_VAR, SALT)
+        write_breastmnist_dicom(tmp_path / "new", per_split=1)
+        images = [_as_new_study(path, date.today()) for path in sorted((tmp_path / "new").rglob("*.dcm"))]
+        damaged = pydicom.dcmread(io.BytesIO(images[0]))
+        damaged.PatientSex = "U"
+        images[0] = dicom_bytes(damaged)
+        for image in images:
+            orthanc.upload(image)
+        state = score_pacs(str(config_path), return_state=True)
+        again = score_pacs(str(config_path))
+        results = read_back_results(orthanc)
+    finally:
+        orthanc.stop()
+
+    assert state.is_completed(), state
+    summary = state.result()
+    sources = [pydicom.dcmread(io.BytesIO(image)) for image in images]
+    assert len(images) == 3 and len({s.StudyInstanceUID for s in sources}) == 3
+    assert summary.counts["new"] == 3 == summary.counts["scored"] + summary.counts["rejected"] + summary.counts["failed"]
+    assert summary.counts | {"out_of_domain": 0} == {"new": 3, "seen_before": 0, "scored": 2, "rejected": 1,
+                                                    "failed": 0, "out_of_domain": 0, "results_sent": 2}
+    assert sorted(read_result(sr)["source"][1] for sr in results) == sorted(s.SOPInstanceUID for s in sources[1:])
+
+    hashes = [hashlib.sha256(image).hexdigest() for image in images]
+    assert sorted(pd.read_csv(summary.scores_csv)["file_sha256"]) == sorted(hashes[1:])
+    (reject,) = pd.read_csv(summary.rejects_csv).to_dict("records")
+    key = instance_key(sources[0].SOPInstanceUID, SALT)
+    assert reject["path"] == hashes[0] and reject["kind"] == RejectKind.NO_RESULT.value
+    assert reject["reason"].startswith(f"image pacs:{key}: no SR can reference its header: ValueError: ")
+    assert not any(str(s[k].value) in reject["reason"] for s in sources
+                   for k in ("SOPInstanceUID", "StudyInstanceUID", "PatientID"))
+    (report,) = [a["data"] for a in _flow_run_artifacts(state) if a["key"] == "no-result-test-pacs-scores"]
+    assert "rejected 1" in report and "| no result | 1 |" in report
+
+    ledger = ScoringLedger(tmp_path / "out" / "no_result_test" / "pacs_scoring.sqlite", SALT)
+    assert ledger.counts() == {"scored": 2, "rejected": 1}
+    ledger.close()
+    assert again.counts["new"] == 0 and again.counts["seen_before"] == 3

@@ -26,8 +26,9 @@ class Pacs(Protocol):
         """One instance's DICOM file bytes; RetrieveFailed for this instance alone, PacsUnavailable
         once retries are spent, PacsRefused when the PACS refuses medxfer itself."""
 
-    def send(self, datasets: Sequence[pydicom.Dataset]) -> None:
-        """Store results (STOW-RS or C-STORE)."""
+    def send(self, datasets: Sequence[pydicom.Dataset]) -> dict[str, str]:
+        """Store results (STOW-RS or C-STORE): the SOPInstanceUID of each one the PACS refused, with
+        why (none: all stored). PacsUnavailable or PacsRefused when it takes none of them."""
 
     def close(self) -> None: ...
 

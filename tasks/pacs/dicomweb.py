@@ -156,17 +156,23 @@ class DicomWebPacs:
                                          f"WADO-RS answered {len(parts)} parts for one instance"))
         return parts[0]
 
-    def send(self, datasets: Sequence[pydicom.Dataset]) -> None:
-        """STOW-RS. Each data set gets the 128-byte preamble first: pydicom 3 writes an in-memory
-        data set without it, Orthanc accepts that, and reading it back then fails."""
+    def send(self, datasets: Sequence[pydicom.Dataset]) -> dict[str, str]:
+        """STOW-RS; the results the PACS lists as failed, with their failure reasons. Each data set
+        gets the 128-byte preamble first: pydicom 3 writes an in-memory data set without it, Orthanc
+        accepts that, and reading it back then fails."""
         for ds in datasets:
             ds.preamble = b"\0" * 128
-        response = self._request("a STOW-RS store", lambda: self.client.store_instances(list(datasets)))
-        failed = response.get("FailedSOPSequence", [])
-        if failed:
-            reasons = sorted({f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed})
-            raise PacsRefused(f"PACS {self.name} refused {len(failed)} of {len(datasets)} results over STOW-RS "
-                              f"(failure reasons {', '.join(reasons)})")
+
+        def store() -> pydicom.Dataset:
+            try:
+                return self.client.store_instances(list(datasets))
+            except requests.HTTPError as exc:  # 409: none stored; the answer still says why, per instance
+                if exc.response.status_code == 409 and exc.response.content:
+                    return pydicom.Dataset.from_json(exc.response.json())
+                raise
+        response = self._request("a STOW-RS store", store)
+        return {str(item.get("ReferencedSOPInstanceUID", "")): f"STOW-RS failure reason "
+                f"0x{int(item.get('FailureReason', 0)):04X}" for item in response.get("FailedSOPSequence", [])}
 
     def close(self) -> None:
         self.client._session.close()

@@ -40,6 +40,8 @@ FIND, GET, MOVE = (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRet
                    StudyRootQueryRetrieveInformationModelMove)
 PENDING = (0xFF00, 0xFF01)
 SUCCESS, WARNING_SOME_FAILED = 0x0000, 0xB000
+# C-STORE warnings (PS3.4 B.2.3: elements coerced or discarded, data set unlike its SOP class): stored all the same.
+STORED_WITH_WARNING = (0xB000, 0xB006, 0xB007)
 NOT_AUTHORISED = 0x0124  # C-STORE of an instance medxfer did not ask for
 REJECTED_TRANSIENT = 0x02
 STORAGE_CLASSES = [context.abstract_syntax for context in StoragePresentationContexts]
@@ -287,23 +289,24 @@ class DimsePacs:
 
     # -- results --------------------------------------------------------------------------
 
-    def send(self, datasets: Sequence[pydicom.Dataset]) -> None:
-        """C-STORE each data set on one association."""
+    def send(self, datasets: Sequence[pydicom.Dataset]) -> dict[str, str]:
+        """C-STORE each data set on one association; those the PACS answered with a failure status."""
         classes = sorted({str(ds.SOPClassUID) for ds in datasets})
 
-        def call() -> None:
+        def call() -> dict[str, str]:
+            refused = {}
             assoc = self._associate([build_context(c) for c in classes])
             try:
                 for ds in datasets:
                     status = _park_reactor(assoc).send_c_store(ds)
                     if not status:
                         raise Transient("C-STORE got no answer in time")
-                    if status.Status != SUCCESS:
-                        raise PacsRefused(f"PACS {self.name} refused a result over C-STORE with status "
-                                          f"0x{status.Status:04X}")
+                    if status.Status != SUCCESS and status.Status not in STORED_WITH_WARNING:
+                        refused[str(ds.SOPInstanceUID)] = f"C-STORE status 0x{status.Status:04X}"
             finally:
                 assoc.release()
-        with_retries(call, self.retry, self.name, "a C-STORE")
+            return refused
+        return with_retries(call, self.retry, self.name, "a C-STORE")
 
     def close(self) -> None:
         with self._lock:

@@ -3,8 +3,10 @@
 New studies are found by StudyDate: from the watermark (the latest study date scored,
 never later than today) minus `lookback_days`, so studies filed a little late are still
 found, or on the dates a push from the PACS names. A ledger of salted instance keys keeps
-an instance from being scored twice; instances that cannot be decoded are recorded too,
-so a scan does not try them again. Both live in one SQLite file in the run folder.
+an instance from being scored twice; instances that cannot be decoded, or whose header no
+SR can reference, are recorded too, so a scan does not try them again. Both live in one
+SQLite file in the run folder. An instance whose SR the PACS refused stays unrecorded: the
+next scan scores it and sends its SR again.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 
+import pydicom
+
 from configs import PacsQuery
+from tasks.champion import Prediction
+from tasks.dicom_results import AiResult, ModelIdentity, result_sr
 from tasks.pacs.client import Pacs
 from tasks.pacs.query import InstanceRef, dicom_date
+from tasks.pacs.retry import PacsRefused
 from tasks.pacs.store import instance_key
+from tasks.rejects import Reject, RejectKind, exception_detail
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS instances (instance_key TEXT PRIMARY KEY, outcome TEXT NOT NULL, "
           "model_version TEXT NOT NULL)",
@@ -102,3 +110,44 @@ def new_instances(pacs: Pacs, query: PacsQuery, window: Window, ledger: ScoringL
     unique = list({ref.sop_uid: ref for ref in found}.values())
     unseen = ledger.unseen(unique)
     return unseen, len(unique) - len(unseen)
+
+
+@dataclass(frozen=True)
+class ResultsSent:
+    sent: int  # SRs the PACS stored
+    failed: dict[str, Reject]  # file_sha256 -> why the image's result is not in its record
+
+
+def send_results(pacs: Pacs, scored: list[tuple[InstanceRef, Path, Prediction]], model: ModelIdentity,
+                 ledger: ScoringLedger, salt: str, batch_size: int) -> ResultsSent:
+    """One SR per scored image (`path` the stored file, named by its sha256), sent in batches; each
+    batch is recorded in the ledger once the PACS has it, so a run that stops part-way sends the rest
+    next time (the SRs' UIDs are stable). Each image is its own fault boundary: one whose SR cannot be
+    written (a header highdicom refuses) or that the PACS refuses is a reject, and the run goes on."""
+    sent, failed = 0, {}
+    for start in range(0, len(scored), batch_size):
+        batch: dict[str, tuple[InstanceRef, str]] = {}  # SR SOPInstanceUID -> its image (ref, file_sha256)
+        srs, unwritable = [], []
+        for ref, path, prediction in scored[start:start + batch_size]:
+            try:
+                sr = result_sr(pydicom.dcmread(path, stop_before_pixels=True), AiResult.of(prediction), model)
+            except Exception as exc:
+                failed[path.stem] = Reject(RejectKind.NO_RESULT, f"image pacs:{instance_key(ref.sop_uid, salt)}: "
+                                                                 f"no SR can reference its header: {exception_detail(exc)}")
+                unwritable.append(ref)
+                continue
+            batch[str(sr.SOPInstanceUID)] = (ref, path.stem)
+            srs.append(sr)
+        refused = pacs.send(srs) if srs else {}
+        if set(refused) - set(batch):
+            raise PacsRefused(f"PACS {pacs.name} refused {len(refused)} of {len(srs)} results without naming "
+                              "which; none of the batch is recorded, so the next scan sends it again")
+        for uid, reason in refused.items():
+            ref, key = batch[uid]
+            failed[key] = Reject(RejectKind.RESULT_REFUSED, f"image pacs:{instance_key(ref.sop_uid, salt)}: the PACS "
+                                                            f"refused its SR ({reason}); sent again at the next scan")
+        stored = [ref for uid, (ref, _) in batch.items() if uid not in refused]
+        ledger.record(stored, SCORED, model.version)
+        ledger.record(unwritable, REJECTED, model.version)
+        sent += len(stored)
+    return ResultsSent(sent, failed)
