@@ -1,9 +1,9 @@
 """Scoring's PACS mode: new studies on the PACS scored by the champion, results sent back as DICOM SRs.
 
 Run once:   python -m flows.pacs_score configs/breast_ultrasound_pacs.yaml
-On a schedule (a scheduled QIDO scan, pacs.scoring.cron):
-            python -m flows.pacs_score configs/breast_ultrasound_pacs.yaml --serve
-Pushed:     Orthanc's Python plugin (tasks/pacs/orthanc_trigger.py) creates a run of this deployment
+On a schedule (a QIDO scan on pacs.scoring.cron): the `score-pacs/breast_ultrasound_pacs`
+            deployment in prefect.yaml (`make deploy`, then `make worker`).
+Pushed:     Orthanc's Python plugin (tasks/pacs/orthanc_trigger.py) creates a run of that deployment
             with `study_dates` when a study becomes stable.
 
 Each new image is retrieved into the store, scored, and gets a Comprehensive SR in its own
@@ -21,11 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 import pydicom
-from prefect import flow, get_run_logger, runtime, serve, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.schedules import CronSchedule
-from prefect.deployments.runner import RunnerDeployment
 
 from configs import DomainPolicy, PacsProtocol, PipelineConfig, ResultTransport, load_config
 from flows.run_links import artifact_key
@@ -166,29 +164,10 @@ def score_pacs(config_path: str, study_dates: list[str] | None = None) -> PacsSc
                             f"{model.name} v{model.version}")
 
 
-def build_deployment(config_path: Path) -> RunnerDeployment:
-    """The scheduled QIDO scan for `config_path` (pacs.scoring.cron); the Orthanc trigger creates
-    runs of the same deployment."""
-    config = load_config(config_path, check_paths=False)
-    scoring = config.pacs.scoring
-    return score_pacs.to_deployment(
-        name=deployment_name(config), parameters={"config_path": str(config_path)}, concurrency_limit=1,
-        schedule=CronSchedule(cron=scoring.cron, timezone=scoring.timezone), tags=["medxfer", "pacs", config.name],
-        description=f"Score new studies on {config.pacs.protocol.value} PACS with {config.registry.model_name}")
-
-
-def deployment_name(config: PipelineConfig) -> str:
-    return f"{config.name}-pacs-scoring"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="pipeline YAML with a pacs section")
-    parser.add_argument("--serve", action="store_true", help="serve the deployment on pacs.scoring.cron")
     args = parser.parse_args()
-    if args.serve:
-        serve(build_deployment(args.config))
-        return
     summary = score_pacs(str(args.config))
     print(f"{summary.counts} with {summary.model}; watermark {summary.watermark}\n"
           f"scores: {summary.scores_csv}\nrejects: {summary.rejects_csv}")

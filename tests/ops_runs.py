@@ -39,6 +39,7 @@ from tests.prefect_servers import (PREFECT, REPO, LoggedProcess, PrefectServer, 
 WORK_POOL = "medxfer"
 TRAINING, OTHER_TRAINING = "train-pipeline/breast_ultrasound", "train-pipeline/chest_xray_age"
 PRETRAINING = "pretrain-source-model/pretrain_pneumonia"
+PACS_SCAN = "score-pacs/breast_ultrasound_pacs"  # every 15 minutes, on configs/breast_ultrasound_pacs.yaml's PACS
 RUN_TIMEOUT_SECONDS = 900  # a busy 2-core machine; a run takes 1-2 minutes on an idle one
 
 
@@ -138,6 +139,10 @@ def ops_runs(deployed, breast_dicom_dir) -> Iterator[OpsRuns]:
     failing_path = _small_training_config(root / "failing", breast_dicom_dir, deployed.tracking_uri,
                                           deployed.mlflow.url, data={"min_usable_per_class": 1000})
     pretrain_path = _pretrain_config(root / "pretraining", deployed.tracking_uri)
+    # There is no PACS here: the PACS scan is paused (its scheduled runs deleted) before the worker starts,
+    # so the worker never runs a scan due while these runs take their minutes.
+    with server.client() as client:
+        client.pause_deployment(client.read_deployment_by_name(PACS_SCAN).id)
     with prefect_worker(server, WORK_POOL, **_offline(root)) as worker:
         champion, failed = _wait_final(server, worker, _trigger(server, TRAINING, config_path),
                                        _trigger(server, OTHER_TRAINING, failing_path))

@@ -21,7 +21,7 @@ from prefect.runner import Runner
 from prefect.settings import PREFECT_API_URL
 
 from configs import SALT_ENV_VAR, load_config
-from flows.pacs_score import build_deployment, deployment_name, score_pacs
+from flows.pacs_score import score_pacs
 from sample_data.breastmnist import write_breastmnist_dicom
 from stack.settings import free_port
 from sample_data.pacs_demo import _as_new_study, read_back_results, run_demo
@@ -168,7 +168,8 @@ def test_nothing_but_the_srs_carries_an_identifier(demo):
 def test_orthanc_pushes_a_stable_study_to_prefect_and_a_runner_scores_it(prefect_server, champion_registry, tmp_path,
                                                                         monkeypatch):
     """Orthanc's Python plugin (tasks/pacs/orthanc_trigger.py) creates a run of the PACS scoring
-    deployment when a study becomes stable; a Prefect runner executes it; the SR lands in the study,
+    deployment when a study becomes stable; a Prefect runner executes it (standing in for the worker
+    that runs prefect.yaml's deployment, tests/test_prefect_server.py); the SR lands in the study,
     and does not trigger another run."""
     registry, _, _ = champion_registry
     deployment_config = tmp_path / "pacs.yaml"
@@ -176,17 +177,18 @@ def test_orthanc_pushes_a_stable_study_to_prefect_and_a_runner_scores_it(prefect
     api_url = PREFECT_API_URL.value()
     raw = registry.model_dump(mode="json") | {"name": "push_test", "output_dir": str(tmp_path / "out")}
     orthanc = start_orthanc(orthanc_home, free_port(), python_script=REPO / "tasks" / "pacs" / "orthanc_trigger.py",
-                            extra={"Medxfer": {"PrefectApiUrl": api_url, "Deployment": "score-pacs/push_test-pacs-scoring"}})
+                            extra={"Medxfer": {"PrefectApiUrl": api_url, "Deployment": "score-pacs/push_test"}})
     try:
         raw["pacs"] = pacs_section(PacsSample(orthanc, tmp_path, tmp_path, free_port(), 0, 0), tmp_path, labels=None)
         deployment_config.write_text(yaml.safe_dump(raw))
-        assert deployment_name(load_config(deployment_config, check_paths=False)) == "push_test-pacs-scoring"
         monkeypatch.setenv(SALT_ENV_VAR, SALT)
         monkeypatch.setenv("PREFECT_API_URL", api_url)
         monkeypatch.setenv("PYTHONPATH", str(REPO))
         monkeypatch.chdir(REPO)
         runner = Runner(name="pacs-push-test", query_seconds=1)
-        runner.add_deployment(build_deployment(deployment_config))
+        # As prefect.yaml deploys it: named by the config, its path the only parameter.
+        runner.add_deployment(score_pacs.to_deployment(name="push_test",
+                                                       parameters={"config_path": str(deployment_config)}))
 
         folder = tmp_path / "new"
         write_breastmnist_dicom(folder, per_split=1)

@@ -31,12 +31,13 @@ from configs import CONFIG_DIR, load_config
 from flows.gpu_slot import GPU_SLOT, HOLDING, RELEASING
 from flows.run_links import FAILED_STAGE_TAG, FAILURE_REASON_TAG, MLFLOW_RUN_ID_PREFIX, MLFLOW_RUN_URL_PREFIX
 from tasks.register import CHALLENGER, CHAMPION
-from tests.ops_runs import WORK_POOL, Deployed, OpsRuns
+from tests.ops_runs import PACS_SCAN, WORK_POOL, Deployed, OpsRuns
 from tests.prefect_servers import REPO, error_lines
 
 # Every deployment prefect.yaml defines, as `flow name/deployment name`.
 SCHEDULED = {"train-pipeline/breast_ultrasound", "train-pipeline/chest_xray_age",
-             "score-studies/breast_ultrasound", "pretrain-source-model/pretrain_pneumonia"}
+             "score-studies/breast_ultrasound", "pretrain-source-model/pretrain_pneumonia",
+             "score-pacs/breast_ultrasound_pacs"}
 ON_DEMAND = {"tune-hyperparameters/breast_ultrasound"}  # no schedule: an engineer starts a search
 DEPLOYMENTS = SCHEDULED | ON_DEMAND
 TRAINING_CONFIGS = {"train-pipeline/breast_ultrasound": "breast_ultrasound.yaml",
@@ -61,6 +62,11 @@ def test_make_deploy_deploys_every_deployment_of_prefect_yaml_on_its_schedule(de
         expected = load_config(CONFIG_DIR / config_file, check_paths=False).schedule
         assert (schedule.schedule.cron, schedule.schedule.timezone) == (expected.cron, expected.timezone)
         assert schedule.active and deployments[name].global_concurrency_limit.limit == 1
+    (scan,) = deployments[PACS_SCAN].schedules  # the PACS scan's is the config's pacs.scoring cron
+    expected = load_config(CONFIG_DIR / "breast_ultrasound_pacs.yaml", check_paths=False).pacs.scoring
+    assert (scan.schedule.cron, scan.schedule.timezone) == (expected.cron, expected.timezone)
+    assert scan.active and deployments[PACS_SCAN].global_concurrency_limit.limit == 1
+    assert deployments[PACS_SCAN].parameters == {"config_path": "configs/breast_ultrasound_pacs.yaml"}
     with deployed.server.client() as client:  # the GPU slot the train stage holds
         assert client.read_global_concurrency_limit_by_name(GPU_SLOT).limit == 1
 

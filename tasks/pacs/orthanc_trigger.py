@@ -3,7 +3,8 @@
 This file runs inside Orthanc, in its Python plugin (Debian's `orthanc-python`, the
 system Python, standard library only), not in medxfer's environment. When an image
 arrives, its study is marked; when that study is stable (no new instance for Orthanc's
-`StableAge` seconds), a run of medxfer's PACS scoring deployment is created through the
+`StableAge` seconds), a run of medxfer's PACS scoring deployment (prefect.yaml's
+`score-pacs/<config name>`) is created through the
 Prefect API with the study's date as its only parameter: no name, ID, accession number
 or UID leaves Orthanc, and the run finds the study by QIDO-RS itself. Results medxfer
 stores back (SR, its own series) mark nothing, so they do not trigger another run.
@@ -14,7 +15,7 @@ Orthanc configuration (JSON):
     "PythonScript": "/path/to/medxfer/tasks/pacs/orthanc_trigger.py",
     "Medxfer": {
       "PrefectApiUrl": "http://127.0.0.1:4200/api",
-      "Deployment": "score-pacs/breast_ultrasound_pacs-pacs-scoring"
+      "Deployment": "score-pacs/breast_ultrasound_pacs"
     }
 
 A Prefect server behind basic auth: set PREFECT_API_AUTH_STRING ("user:password") in
