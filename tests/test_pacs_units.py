@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import date
 
 import pytest
+import requests
 
-from configs import CONFIG_DIR, ConfigError, load_config
+from configs import CONFIG_DIR, ConfigError, DicomWebConfig, load_config
 from serve.app import wants_dicom_result
+from tasks.pacs.dicomweb import session_for
 from tasks.pacs.query import InstanceRef
 from tasks.pacs.retry import RetryPolicy
 from tasks.pacs.scoring import REJECTED, SCORED, ScoringLedger, scan_window
@@ -76,3 +78,17 @@ def test_backoff_doubles_up_to_its_cap():
                                            ('application/dicom; transfer-syntax="*"', True)])
 def test_the_service_answers_an_sr_only_when_asked(accept, dicom):
     assert wants_dicom_result(accept) is dicom
+
+
+def test_the_dicomweb_session_reads_the_environment_once_and_keeps_its_proxy(monkeypatch, tmp_path):
+    """Proxies come from the environment when the session is made (NO_PROXY honoured), not per request;
+    a ~/.netrc is not read: credentials come only from the variables the config names."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.site:3128")
+    monkeypatch.setenv("NO_PROXY", "pacs.local")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".netrc").write_text("machine pacs.hospital login someone password secret\n")
+    outside = session_for(DicomWebConfig(url="https://pacs.hospital/dicom-web"), 2)
+    assert not outside.trust_env and outside.proxies["https"] == "http://proxy.site:3128"
+    prepared = outside.prepare_request(requests.Request("GET", "https://pacs.hospital/dicom-web/studies"))
+    assert "Authorization" not in prepared.headers
+    assert session_for(DicomWebConfig(url="https://pacs.local/dicom-web"), 2).proxies == {}

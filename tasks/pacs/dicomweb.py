@@ -59,6 +59,11 @@ def session_for(config: DicomWebConfig, max_parallel: int) -> requests.Session:
     """A session with the site's credentials (from the environment), TLS verification and a
     connection pool as large as the parallel retrievals."""
     session = requests.Session()
+    # The environment is read here, once: with trust_env (the default) requests looks up proxy variables
+    # and ~/.netrc again on every request (benchmarks/RESULTS.md, issue 13). Credentials come only from
+    # the variables the config names; a proxy the environment sets for this URL is kept.
+    session.trust_env = False
+    session.proxies = requests.utils.get_environ_proxies(config.url)
     verify = str(config.ca_bundle) if config.ca_bundle else config.verify_tls
     adapter = _ConfiguredTLS(verify, pool_connections=1, pool_maxsize=max_parallel)
     session.mount("http://", adapter)
