@@ -90,6 +90,8 @@ def accuracy(names: list[str], out: Path) -> None:
                 task["methods"][method.value] = {
                     "threshold": fit.check.threshold, "parameters": fit.check.parameters,
                     "false_rejection": evaluation.false_rejection,
+                    "false_rejection_ci": evaluation.false_rejection_interval,
+                    "val_images": evaluation.val_images,
                     "false_rejection_novelty": evaluation.false_rejection_novelty,
                     "undecodable": evaluation.undecodable, "skipped": evaluation.skipped,
                     "groups": {g.group.value: {"images": g.images, "auroc": g.auroc, "ci": g.interval,

@@ -135,14 +135,14 @@ def search(config_path: Path) -> None:
     print(json.dumps(row, indent=1))
 
 
-def final(config_path: Path, seeds: int, weights: list[str], label: str) -> None:
+def final(config_path: Path, seeds: int, weights: list[str], label: str, first_seed: int = 0) -> None:
     """The tuned config through the pipeline: each weights choice x seed, test metrics with their intervals."""
     from flows.pipeline import train_pipeline
     from mlflow import MlflowClient
 
     raw = yaml.safe_load(config_path.read_text())
     for weight in weights:
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             variant = {**raw, "seed": seed, "name": f"{raw['name']}-final"}
             variant["model"] = {**raw["model"], "weights": weight}
             variant["model"].pop("weights_sha256", None)
@@ -248,6 +248,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=60.0, help="prepare/grid: the search's time budget")
     parser.add_argument("--trials", type=int, default=200, help="prepare: the most trials a search runs")
     parser.add_argument("--seeds", type=int, help="final: seeds per weights (default 3); curve: seeds per size")
+    parser.add_argument("--first-seed", type=int, default=0, help="final: seeds run from this one (to resume)")
     parser.add_argument("--weights", nargs="+", default=["none"], help="final: model.weights to compare")
     parser.add_argument("--label", default="tuned", help="final: the row group's name in the report")
     args = parser.parse_args()
@@ -260,7 +261,7 @@ def main() -> None:
     elif args.step == "search":
         search(args.config)
     elif args.step == "final":
-        final(args.config, args.seeds or 3, args.weights, args.label)
+        final(args.config, args.seeds or 3, args.weights, args.label, args.first_seed)
     elif args.step == "grid":
         grid_versus_search(args.config, args.minutes)
     elif args.step == "curve":

@@ -4,10 +4,12 @@ and a health check that also proves the server refuses no credentials."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import httpx
+from prefect.workers.process import ProcessWorker
 
 from stack.processes import Service, Unhealthy
 from stack.settings import REPO, StackSettings
@@ -124,9 +126,22 @@ def worker_environment(settings: StackSettings) -> dict[str, str]:
     return settings.client_environment() | MLFLOW_CLIENT_RETRIES | {"PYTHONPATH": str(REPO)}
 
 
+def worker_job_template(settings: StackSettings) -> Path:
+    """The process pool's job template with the engine command set (`python -m prefect.engine`, what
+    the worker runs anyway). Set, the worker starts each flow run in its own session, whose CPU weight
+    the flow runs then share; unset, each flow run starts a session of its own at full weight."""
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m prefect.engine"
+    path = settings.home / "worker" / "job_template.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(template, indent=2))
+    return path
+
+
 def worker(settings: StackSettings) -> Service:
     """A process worker polling the stack's work pool; runs at most `worker_limit` flow runs at once,
-    at niceness `flow_run_nice` (its flow runs inherit it)."""
+    it and its session at niceness `flow_run_nice`, which its flow runs inherit: they run in its
+    session (`worker_job_template`). It creates the pool with that template when the pool is missing."""
     def health() -> str:
         try:
             response = httpx.post(f"{settings.prefect_api_url}/work_pools/{settings.work_pool}/workers/filter",
@@ -140,9 +155,10 @@ def worker(settings: StackSettings) -> Service:
             raise Unhealthy(f"no worker of pool {settings.work_pool} is online yet")
         return f"{', '.join(online)} online, polling pool {settings.work_pool} (limit {settings.worker_limit})"
 
-    argv = ["nice", "-n", str(settings.flow_run_nice), sys.executable, "-m", "prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
-            "--name", "medxfer-stack-worker", "--limit", str(settings.worker_limit)]
-    return Service("worker", argv, worker_environment(settings), health, cwd=REPO)
+    argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", settings.work_pool, "--type", "process",
+            "--name", "medxfer-stack-worker", "--limit", str(settings.worker_limit),
+            "--base-job-template", str(worker_job_template(settings))]
+    return Service("worker", argv, worker_environment(settings), health, cwd=REPO, nice=settings.flow_run_nice)
 
 
 def inference_service(settings: StackSettings) -> Service:

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from pydicom.data import get_testdata_file
+from scipy.stats import binomtest
 from sklearn import metrics as skm
 
 from configs import OutOfDomainGroup, OutOfDomainSource, PipelineConfig
@@ -173,6 +174,8 @@ class DomainEvaluation:
     test_images: int
     false_rejection_novelty: float  # in-domain test images above the threshold
     false_rejection: float  # in-domain test images the whole check calls out of domain
+    false_rejection_interval: tuple[float, float]  # exact (Clopper-Pearson) interval at `confidence`
+    val_images: int  # the validation scores the threshold was taken from
     groups: list[GroupResult]
     by_kind: pd.DataFrame  # kind, group, images, flagged, flagged_by_novelty, median_score
     undecodable: int
@@ -181,7 +184,10 @@ class DomainEvaluation:
 
     def mlflow_metrics(self) -> dict[str, float]:
         flat = {"domain_threshold": self.threshold, "domain_test_false_rejection_rate": self.false_rejection,
+                "domain_test_false_rejection_rate_ci_low": self.false_rejection_interval[0],
+                "domain_test_false_rejection_rate_ci_high": self.false_rejection_interval[1],
                 "domain_test_false_rejection_rate_novelty": self.false_rejection_novelty,
+                "domain_val_images": self.val_images,
                 "domain_out_of_domain_undecodable": self.undecodable}
         for g in self.groups:
             name = g.group.value
@@ -194,11 +200,14 @@ class DomainEvaluation:
         """Markdown for the evaluation report and the model card."""
         level = f"{self.confidence:.0%} CI (bootstrap)"
         lines = [f"Novelty score: {self.method} on the penultimate features; threshold **{self.threshold:.4g}** "
-                 f"= the {self.quantile:g} quantile of the validation images' scores. An input is out of domain "
+                 f"= the {self.quantile:g} quantile of the {self.val_images} validation images' scores. An input "
+                 "is out of domain "
                  "when its score is above the threshold or a header fact (file format, Modality, "
                  "PhotometricInterpretation, SOP class, BodyPartExamined, size) was never seen in training.", "",
                  f"In-domain test images ({self.test_images}) falsely called out of domain: "
-                 f"**{self.false_rejection:.1%}** (novelty alone {self.false_rejection_novelty:.1%}).", ""]
+                 f"**{self.false_rejection:.1%}** [{self.false_rejection_interval[0]:.1%}, "
+                 f"{self.false_rejection_interval[1]:.1%}] ({self.confidence:.0%} exact binomial interval; "
+                 f"novelty alone {self.false_rejection_novelty:.1%}).", ""]
         if not self.groups:
             lines += ["No out-of-domain images were available, so AUROC was not measured."]
         else:
@@ -214,7 +223,7 @@ class DomainEvaluation:
         return "\n".join(lines)
 
 
-def evaluate_domain(check: DomainCheck, test_scores: np.ndarray, test_facts: Sequence[ImageFacts],
+def evaluate_domain(check: DomainCheck, val_images: int, test_scores: np.ndarray, test_facts: Sequence[ImageFacts],
                     held_out: Prepared, held_out_scores: np.ndarray, *, bootstrap_samples: int = 1000,
                     seed: int = 0, confidence: float = 0.95, skipped: Sequence[str] = ()) -> DomainEvaluation:
     """AUROC of the novelty score per group, false rejections on test, flags per kind of image."""
@@ -240,9 +249,10 @@ def evaluate_domain(check: DomainCheck, test_scores: np.ndarray, test_facts: Seq
                     median_score=("score", "median")).reset_index()) if len(table) else table
     if len(by_kind):
         by_kind["median_score"] = by_kind["median_score"].round(3)
+    interval = binomtest(int(test_flags.sum()), len(test_flags)).proportion_ci(confidence, method="exact")
     return DomainEvaluation(check.threshold, check.quantile, check.method.value, len(test_scores),
                             float((test_scores > check.threshold).mean()), float(test_flags.mean()),
-                            groups, by_kind, held_out.undecodable, list(skipped), confidence)
+                            (float(interval.low), float(interval.high)), val_images, groups, by_kind, held_out.undecodable, list(skipped), confidence)
 
 
 def fit_and_evaluate(config: PipelineConfig, model: TransferResNet,
@@ -258,7 +268,7 @@ def fit_and_evaluate(config: PipelineConfig, model: TransferResNet,
     held_out = prepare_held_out(images, ServedDecode.for_training(pre), PreprocessSpec.from_config(pre))
     test_facts = [ImageFacts.from_record(row) for row in manifest[manifest["split"] == "test"].to_dict("records")]
     evaluation = evaluate_domain(
-        fit.check, novelty_scores(fit.novelty, features["test"]), test_facts, held_out,
+        fit.check, len(fit.val_scores), novelty_scores(fit.novelty, features["test"]), test_facts, held_out,
         novelty_scores(fit.novelty, image_features(model, held_out.crops, batch)),
         bootstrap_samples=config.evaluate.bootstrap_samples, seed=config.seed,
         confidence=config.evaluate.confidence, skipped=skipped)

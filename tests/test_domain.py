@@ -11,6 +11,7 @@ import onnx
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats
 from pydicom.data import get_testdata_file
 from sklearn.covariance import LedoitWolf
 from sklearn.neighbors import NearestNeighbors
@@ -178,7 +179,8 @@ def test_held_out_images_by_modality_and_the_evaluation_report(breast_features, 
     scores = novelty_scores(fit.novelty, image_features(classifier, held.crops))
     test_scores = novelty_scores(fit.novelty, breast_features["test"])
     test_facts = [request_facts(p.read_bytes()) for p in _split(breast_dicom_dir, "test")]
-    result = evaluate_domain(fit.check, test_scores, test_facts, held, scores, bootstrap_samples=200, skipped=skipped)
+    result = evaluate_domain(fit.check, len(breast_features["val"]), test_scores, test_facts, held, scores,
+                             bootstrap_samples=200, skipped=skipped)
     assert [g.group for g in result.groups] == [OutOfDomainGroup.OTHER_MODALITY,
                                                 OutOfDomainGroup.SAME_MODALITY_OTHER_ANATOMY]
     other = result.groups[0]
@@ -186,9 +188,18 @@ def test_held_out_images_by_modality_and_the_evaluation_report(breast_features, 
     assert other.images == 2 and other.auroc == pytest.approx(expected_auroc)
     assert other.interval[0] <= other.auroc <= other.interval[1] and other.flagged == 1.0  # Modality CR
     assert result.false_rejection_novelty == pytest.approx((test_scores > fit.check.threshold).mean())
+    # The false-rejection rate with its exact binomial interval: k of n flagged.
+    flagged = round(result.false_rejection * len(test_scores))
+    low, high = result.false_rejection_interval
+    assert low <= result.false_rejection <= high and 0 < high - low < 1
+    assert low == (0.0 if flagged == 0 else pytest.approx(stats.beta.ppf(0.025, flagged, len(test_scores) - flagged + 1)))
+    assert high == pytest.approx(stats.beta.ppf(0.975, flagged + 1, len(test_scores) - flagged))
     metrics = result.mlflow_metrics()
     assert metrics["domain_auroc_other_modality"] == other.auroc and "domain_threshold" in metrics
     body = result.body()
+    assert f"quantile of the {len(breast_features['val'])} validation images' scores" in body
+    assert f"[{low:.1%}, {high:.1%}] (95% exact binomial interval" in body
+    assert metrics["domain_test_false_rejection_rate_ci_high"] == high
     assert "| other modality | 2 |" in body and "Skipped: other_modality: folder /nonexistent/nih is absent." in body
 
 

@@ -189,10 +189,11 @@ def test_every_server_is_healthy_on_loopback_and_refuses_requests_without_creden
     assert httpx.post(predict, content=b"x", headers=dicom).status_code == 401
     assert httpx.post(predict, content=b"x", headers=dicom | {"X-API-Key": "guess"}).status_code == 401
 
-    # Trainings yield the CPUs to the servers: the worker (and so its flow runs) runs niced.
-    server_nice = os.getpriority(os.PRIO_PROCESS, stack.processes.pid("prefect-server"))
-    assert server_nice == os.getpriority(os.PRIO_PROCESS, 0)  # the servers run at the caller's niceness
-    assert os.getpriority(os.PRIO_PROCESS, stack.processes.pid("worker")) == server_nice + settings.flow_run_nice
+    # Trainings yield the CPUs to the servers: the worker and its session run at a lower weight.
+    caller, worker = os.getpriority(os.PRIO_PROCESS, 0), stack.processes.pid("worker")
+    assert os.getpriority(os.PRIO_PROCESS, stack.processes.pid("prefect-server")) == caller
+    assert os.getpriority(os.PRIO_PROCESS, worker) == caller + settings.flow_run_nice == caller + 10
+    assert _session_weight(worker) in (None, settings.flow_run_nice)
 
     # Secrets reach the servers through their environment only: no log holds one.
     logs = {path.name: path.read_text(errors="replace") for path in (settings.home / "logs").iterdir()}
@@ -211,6 +212,14 @@ def _children(pid: int) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue
     return found
+
+
+def _session_weight(pid: int) -> int | None:
+    """The nice value of the process's scheduling group (Linux autogroup); None without autogroup."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+    except FileNotFoundError:
+        return None
 
 
 def _task_states(flow_run_id: UUID) -> dict[str, list[str]]:
@@ -269,9 +278,12 @@ def test_deployed_training_fails_in_register_notifies_and_its_retry_registers_wi
         wait_for("the register stage to start", lambda: "register" in _task_states(run.id) or _finished(run.id),
                  timeout=600, interval=0.5)
         assert not _finished(run.id), _flow_run_state(run.id)
-        flow_runs = _children(stack.processes.pid("worker"))
-        worker_nice = os.getpriority(os.PRIO_PROCESS, stack.processes.pid("worker"))
-        assert flow_runs and {os.getpriority(os.PRIO_PROCESS, pid) for pid in flow_runs} == {worker_nice}
+        # The training runs in the worker's session, at its niceness and its session's weight.
+        worker = stack.processes.pid("worker")
+        (flow_run,) = _children(worker)
+        assert os.getsid(flow_run) == os.getsid(worker) == worker
+        assert os.getpriority(os.PRIO_PROCESS, flow_run) == os.getpriority(os.PRIO_PROCESS, worker)
+        assert _session_weight(flow_run) in (None, settings.flow_run_nice)
         stack.processes.stop(stack.service("mlflow"))
         failed = wait_for("the run to fail", lambda: _finished(run.id), timeout=300)
         assert failed.type is StateType.FAILED, failed
