@@ -196,4 +196,5 @@ def open_served_model(name: str, version: str, variant: str, path: Path,
     network = network_graph(proto)
     per_image = any(node.op_type == "DynamicQuantizeLinear" for node in network.graph.node)
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
-    return ServedModel(name, version, variant, path, metadata, open_session(network), per_image, limits)
+    return ServedModel(name, version, variant, path, metadata, open_session(network, shares_cores=True), per_image,
+                       limits)

@@ -322,6 +322,14 @@ def test_requests_are_decoded_with_the_training_voi_window(champion_registry, tm
     assert np.abs(served - load_grey(path, voi_window=0)[0]).mean() > 0.01
 
 
+def test_the_served_session_waits_without_spinning(champion_registry):
+    """Requests are decoded beside a running batch: the served session's threads must not spin
+    on the cores those decodes need (benchmarks/RESULTS.md, issue 16, the service)."""
+    _, _, full = champion_registry
+    options = open_served_model("serve-test", "1", "fp32", full).session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_a_dynamic_int8_file_still_runs_one_image_per_call(champion_registry, tmp_path):
     """int8 files exported before static quantisation are dynamic: their activation scale is
     taken over the whole input tensor, so served batched an image's probabilities would
