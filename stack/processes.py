@@ -27,7 +27,7 @@ class Service:
     cwd: Path | None = None
     start_timeout: float = 180.0
     unset: tuple[str, ...] = field(default=())  # caller's variables this server must not inherit
-    nice: int = 0  # a lower CPU weight for it and every process it starts (`lower_cpu_weight`)
+    nice: int = 0  # a lower CPU weight for it and its session (`nice -n`, `lower_session_weight`)
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,9 @@ def worker_environment(settings: StackSettings) -> dict[str, str]:
 
 def worker_job_template(settings: StackSettings) -> Path:
     """The process pool's job template with the engine command set (`python -m prefect.engine`, what
-    the worker runs anyway). Set, the worker starts each flow run in its own session, whose CPU weight
-    the flow runs then share; unset, each flow run starts a session of its own at full weight."""
+    the worker runs anyway). With it set, the worker starts each flow run inside the worker's own
+    session, whose lowered CPU weight the flow runs share; unset, Prefect starts each flow run in a
+    new session at full weight."""
     template = ProcessWorker.get_default_base_job_template()
     template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m prefect.engine"
     path = settings.home / "worker" / "job_template.json"
