@@ -252,7 +252,8 @@ def evaluate_domain(check: DomainCheck, val_images: int, test_scores: np.ndarray
     interval = binomtest(int(test_flags.sum()), len(test_flags)).proportion_ci(confidence, method="exact")
     return DomainEvaluation(check.threshold, check.quantile, check.method.value, len(test_scores),
                             float((test_scores > check.threshold).mean()), float(test_flags.mean()),
-                            (float(interval.low), float(interval.high)), val_images, groups, by_kind, held_out.undecodable, list(skipped), confidence)
+                            (float(interval.low), float(interval.high)), val_images, groups, by_kind,
+                            held_out.undecodable, list(skipped), confidence)
 
 
 def fit_and_evaluate(config: PipelineConfig, model: TransferResNet,

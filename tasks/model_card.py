@@ -68,7 +68,8 @@ def limits(trained: TrainResult, evaluation: Evaluation, n_test: int, spec: Prep
         items.append(f"Every answer says whether its input is in the training domain (`in_domain`, "
                      f"`domain_score`, `domain_reasons`); {domain.false_rejection:.1%} of in-domain test images "
                      f"were called out of domain ({domain.confidence:.0%} interval "
-                     f"{domain.false_rejection_interval[0]:.1%} to {domain.false_rejection_interval[1]:.1%}). The check knows only what the training data covered: an input "
+                     f"{domain.false_rejection_interval[0]:.1%} to {domain.false_rejection_interval[1]:.1%}). "
+                     "The check knows only what the training data covered: an input "
                      "it passes can still be outside the intended use.")
     if evaluation.calibration is not None and evaluation.calibration.ece > 0.05:
         items.append(f"Probabilities are not well calibrated (ECE {evaluation.calibration.ece:.3f}): read them "
