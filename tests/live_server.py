@@ -11,6 +11,7 @@ import uvicorn
 
 class LiveServer:
     def __init__(self, app, startup_timeout: float = 60.0):
+        self.app = app
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves this socket
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
