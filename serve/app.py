@@ -48,6 +48,9 @@ DICOM_TYPE = "application/dicom"
 ACCEPTED_TYPES = (DICOM_TYPE, "image/png", "image/jpeg")
 MODEL_NAME_ENV = "MEDXFER_MODEL_NAME"
 REQUEST_NAME = Path("request body")  # what decode errors name instead of a file
+# uvicorn's C event loop and HTTP parser, asked for by name so that a missing one fails at
+# start instead of falling back to h11 and asyncio, which cost 1.3 ms of CPU per request more.
+UVICORN_OPTIONS = {"loop": "uvloop", "http": "httptools"}
 # The status a request gets for its body's reject kind; any other kind 422. Never a 5xx:
 # a body that cannot be read is the caller's to fix, and one bad body must not end the
 # keep-alive connection it came on (uvicorn closes it after a 500).
