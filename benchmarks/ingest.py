@@ -49,6 +49,9 @@ from pydicom.uid import generate_uid
 
 from benchmarks.machine import machine
 from configs import PreprocessConfig
+import tasks.decode
+import tasks.preprocess
+import tasks.transforms
 from sample_data.breastmnist import ultrasound_dicom
 from tasks.cache import ImageCache
 from tasks.io import markdown_table, write_bytes_atomic
@@ -250,9 +253,6 @@ def time_split(data_dir: Path, runs: int = 3) -> None:
     """Milliseconds per file of a cold 1-worker medxfer run on the BUSI files, stage by stage
     (perf_counter wrappers; nested stages are inside their callers), against the naive loop's
     floor; the best of `runs` each."""
-    import tasks.decode
-    import tasks.preprocess
-    import tasks.transforms
     rel_paths = write_busi(data_dir)
     paths = [data_dir / rel for rel in rel_paths]
     contents = [path.read_bytes() for path in paths]
