@@ -26,7 +26,7 @@ from pydicom.uid import MPEG2MPML
 
 from configs import DomainPolicy, ServeConfig
 from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
-from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Service, Settings, batch_lanes, create_app
+from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Service, Settings, create_app, session_threads
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
 from tasks.decode import load_grey
@@ -459,19 +459,23 @@ def test_micro_batcher_runs_up_to_its_lanes_of_full_batches_at_once(lanes):
     assert sizes == [4, 4] and most_at_once == lanes
 
 
-@pytest.mark.parametrize(("configured", "cores", "on_gpu", "expected"), [
-    (None, 2, False, (2, 1)), (None, 8, False, (2, 4)), (None, 1, False, (1, 1)),
-    (3, 2, False, (3, 1)), (None, 16, True, (1, None)), (2, 16, True, (2, None))])
-def test_cpu_lanes_share_the_cores_and_a_gpu_runs_one_batch(configured, cores, on_gpu, expected):
-    assert batch_lanes(configured, cores, on_gpu) == expected
+@pytest.mark.parametrize(("lanes", "cores", "on_gpu", "expected"), [
+    (1, 2, False, None), (2, 2, False, 1), (2, 8, False, 4), (3, 2, False, 1), (1, 16, True, None)])
+def test_concurrent_batches_share_the_cpu_cores_and_leave_a_gpu_session_its_default(lanes, cores, on_gpu, expected):
+    assert session_threads(lanes, cores, on_gpu) == expected
 
 
-def test_the_service_runs_two_lanes_on_a_cpu_each_on_its_share_of_the_cores(service):
-    server, _ = service
-    cores = resolve_workers(None)
-    assert httpx.get(f"{server.url}/readyz").json()["concurrent_batches"] == min(2, cores)
-    options = server.app.state.service.model.session.get_session_options()
-    assert options.intra_op_num_threads == max(1, cores // min(2, cores))
+def test_the_service_runs_its_configured_batches_at_once_each_on_its_share_of_the_cores(champion_registry):
+    config, _, _ = champion_registry
+    settings = Settings(config.registry.tracking_uri, config.registry.model_name,
+                        ServeConfig(concurrent_batches=2), api_key=None)
+    server = LiveServer(create_app(settings))
+    try:
+        assert httpx.get(f"{server.url}/readyz").json()["concurrent_batches"] == 2
+        options = server.app.state.service.model.session.get_session_options()
+        assert options.intra_op_num_threads == max(1, resolve_workers(None) // 2)
+    finally:
+        server.stop()
 
 
 def test_a_batch_answers_each_request_with_the_model_that_cropped_it(champion_registry):
