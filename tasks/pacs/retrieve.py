@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -87,19 +87,19 @@ def retrieve(pacs: Pacs, refs: Sequence[InstanceRef], store: InstanceStore, max_
     last_commit = time.monotonic()
     with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pacs-retrieve") as pool:
         pending = {pool.submit(fetch, ref): ref for ref in missing}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                ref = pending.pop(future)
-                try:
-                    path = future.result()
-                except RetrieveFailed as exc:
-                    result.failed.append((ref, exc.failure))
-                    continue
-                except BaseException:  # the PACS is down or refuses medxfer: stop, keep what is stored
-                    for other in pending:
-                        other.cancel()
-                    raise
+        # as_completed waits on every future once; a wait(FIRST_COMPLETED) per instance re-armed all
+        # the pending ones each time: quadratic in the instances, 0.3 ms of CPU each at 780.
+        for future in as_completed(list(pending)):
+            ref = pending.pop(future)
+            try:
+                path = future.result()
+            except RetrieveFailed as exc:
+                result.failed.append((ref, exc.failure))
+            except BaseException:  # the PACS is down or refuses medxfer: stop, keep what is stored
+                for other in pending:
+                    other.cancel()
+                raise
+            else:
                 result.retrieved.append((ref, path))
                 result.bytes_retrieved += path.stat().st_size
                 unreported.append((ref, path))
@@ -107,8 +107,8 @@ def retrieve(pacs: Pacs, refs: Sequence[InstanceRef], store: InstanceStore, max_
                 store.commit()
                 last_commit = time.monotonic()
                 if on_retrieved is not None:
-                    for ref, path in unreported:
-                        on_retrieved(ref, path)
+                    for done_ref, done_path in unreported:
+                        on_retrieved(done_ref, done_path)
                 unreported.clear()
     result.seconds = time.perf_counter() - started
     return result
