@@ -255,7 +255,10 @@ def test_the_instance_retrieval_asks_for_stored_bytes_and_reads_every_answer(mon
         with pytest.raises(PacsUnavailable, match=rf"PACS {url} did not answer a WADO-RS retrieve after 2 attempts"):
             pacs.fetch(ref("busy"))
         assert [sop_uid for sop_uid, _ in _StandInPacs.seen].count("busy") == 2
+        server.shutdown()
+        server.server_close()
+        with pytest.raises(PacsUnavailable, match=r"after 2 attempts .*: ConnectionError: Connection refused$"):
+            pacs.fetch(ref("ok"))  # its pooled connection is gone, and so is the server
     finally:
         pacs.close()
-        server.shutdown()
         server.server_close()

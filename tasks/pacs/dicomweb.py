@@ -90,6 +90,15 @@ def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
     return parts
 
 
+def _as_requests_names(exc: urllib3.exceptions.HTTPError) -> str:
+    """The name requests gives a urllib3 failure, so that every request's error reads alike."""
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return "ConnectionError"
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return "ConnectTimeout"
+    return "ReadTimeout" if isinstance(exc, urllib3.exceptions.ReadTimeoutError) else "ConnectionError"
+
+
 def session_for(config: DicomWebConfig, max_parallel: int) -> requests.Session:
     """A session with the site's credentials (from the environment), TLS verification and a
     connection pool as large as the parallel retrievals."""
@@ -158,8 +167,10 @@ class DicomWebPacs:
             except (requests.exceptions.SSLError, urllib3.exceptions.SSLError):
                 raise PacsRefused(f"PACS {self.name}: its TLS certificate is not trusted; name the CA that "
                                   "signed it in pacs.dicomweb.ca_bundle") from None
-            except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
+            except (requests.ConnectionError, requests.Timeout) as exc:
                 raise Transient(f"{type(exc).__name__}: {network_cause(exc)}") from None
+            except urllib3.exceptions.HTTPError as exc:  # the instance retrieval's, named as requests names them
+                raise Transient(f"{_as_requests_names(exc)}: {network_cause(exc)}") from None
             except requests.HTTPError as exc:
                 raise self._refusal(what, exc.response.status_code, exc.response.reason, instance) from None
         return with_retries(attempt, self.retry, self.name, what)
