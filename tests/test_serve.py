@@ -30,6 +30,7 @@ from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Service, Se
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
 from tasks.decode import load_grey
+from tasks.domain import request_facts
 from tasks.export import NORMALISED_FILE, export_self_contained, read_metadata
 from tasks.preprocess import resolve_workers
 from tasks.register import register_model, tracking_run
@@ -322,6 +323,19 @@ def test_requests_are_decoded_with_the_training_voi_window(champion_registry, tm
     served = model.decode(path, open(path, "rb").read())
     np.testing.assert_array_equal(served, load_grey(path, voi_window=1)[0])
     assert np.abs(served - load_grey(path, voi_window=0)[0]).mean() > 0.01
+
+
+@pytest.mark.parametrize(("name", "bare"), [("CT_small.dcm", False), ("US1_J2KR.dcm", False), ("MR_small.dcm", True)])
+def test_a_request_parsed_once_gets_the_facts_and_pixels_of_separate_reads(champion_registry, name, bare):
+    """prepare parses a body's header once for its facts and its decode: the same answers as
+    reading each apart (a bare data set, with no file meta, is one whose transfer syntax the
+    decode infers and writes into the parsed header)."""
+    _, _, full = champion_registry
+    model = open_served_model("serve-test", "1", "fp32", full)
+    body = damaged.without_preamble_and_meta(dicom_bytes(name)) if bare else dicom_bytes(name)
+    prepared = model.prepare(REQUEST_NAME, body)
+    assert prepared.facts == request_facts(body)
+    np.testing.assert_array_equal(prepared.crop, model.spec.to_uint8(model.decode(REQUEST_NAME, body))[0])
 
 
 def test_the_served_session_waits_without_spinning(champion_registry):
