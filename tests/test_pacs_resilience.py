@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pandas as pd
@@ -21,10 +22,14 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage
 
-from configs import PacsConfig, load_config
+from configs import DicomWebConfig, PacsConfig, load_config
 from stack.settings import free_port
 from tasks.pacs.client import connect
-from tasks.pacs.retry import PacsRefused, PacsUnavailable
+from tasks.pacs.dicomweb import DicomWebPacs
+from tasks.pacs.failures import RetrieveFailed
+from tasks.pacs.query import InstanceRef
+from tasks.pacs.retry import PacsRefused, PacsUnavailable, RetryPolicy
+from tasks.rejects import RejectKind
 from tasks.pacs.source import prepare_pacs_dataset
 from tests.conftest import REPO
 from tests.pacs_fixtures import (PACS_AE, PIPELINE_AE, TlsRelay, pacs_section, self_signed_certificate, start_orthanc,
@@ -138,6 +143,18 @@ def test_dicomweb_over_tls_with_basic_credentials_from_the_environment(tmp_path,
         monkeypatch.setenv("MEDXFER_PACS_PASSWORD", "s3cret-pass")
         (found,) = find(ca_bundle=str(cert), auth="basic")
         assert found.is_image and found.sop_class == "1.2.840.10008.5.1.4.1.1.6.1"
+        # The instance retrieval takes its own path to the connection pool: the same CA and credentials.
+        trusted = connect(PacsConfig.model_validate(pacs_section(
+            pacs_sample, tmp_path, dicomweb={"url": url, "ca_bundle": str(cert), "auth": "basic"})))
+        assert pydicom.dcmread(io.BytesIO(trusted.fetch(found))).SOPInstanceUID == found.sop_uid
+        untrusted = connect(PacsConfig.model_validate(pacs_section(pacs_sample, tmp_path, dicomweb={"url": url})))
+        with pytest.raises(PacsRefused, match="its TLS certificate is not trusted"):
+            untrusted.fetch(found)
+        monkeypatch.setenv("MEDXFER_PACS_PASSWORD", "wrong")
+        wrong = connect(PacsConfig.model_validate(pacs_section(
+            pacs_sample, tmp_path, dicomweb={"url": url, "ca_bundle": str(cert), "auth": "basic"})))
+        with pytest.raises(PacsRefused, match=r"refused a WADO-RS retrieve with HTTP 401 Unauthorized"):
+            wrong.fetch(found)
     finally:
         relay.close()
         orthanc.stop()
@@ -188,3 +205,60 @@ def test_the_storage_scp_accepts_only_the_configured_ae_titles(tmp_path, pacs_sa
         assert status.Status == 0x0124
     finally:
         pacs.close()
+
+
+class _StandInPacs(BaseHTTPRequestHandler):
+    """Answers Orthanc cannot be made to give (a redirect, a 503, JSON for an instance), keyed by
+    the instance UID; it records each request's headers."""
+
+    answers: dict[str, tuple[int, str, bytes]] = {}
+    seen: list[tuple[str, dict[str, str]]] = []
+
+    def do_GET(self):
+        sop_uid = self.path.rsplit("/", 1)[-1]
+        self.seen.append((sop_uid, dict(self.headers)))
+        status, content_type, body = self.answers[sop_uid]
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_instance_retrieval_asks_for_stored_bytes_and_reads_every_answer(monkeypatch):
+    dicom = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    multipart = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + dicom + b"\r\n--b--\r\n"
+    _StandInPacs.answers = {"ok": (200, 'multipart/related; type="application/dicom"; boundary=b', multipart),
+                            "gone": (404, "text/plain", b""), "moved": (302, "text/plain", b""),
+                            "busy": (503, "text/plain", b""), "json": (200, "application/json", b"{}")}
+    _StandInPacs.seen = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandInPacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("MEDXFER_PACS_TOKEN", "token-4d1f")
+    url = f"http://127.0.0.1:{server.server_port}/dicom-web"
+    pacs = DicomWebPacs(DicomWebConfig(url=url, auth="bearer"), 5.0, RetryPolicy(2, 0.05, 0.05), 2)
+    ref = lambda sop_uid: InstanceRef("1.2", "1.2.3", sop_uid)  # noqa: E731
+    try:
+        assert pacs.fetch(ref("ok")) == dicom
+        _, headers = _StandInPacs.seen[0]
+        assert headers["Accept"] == 'multipart/related; type="application/dicom"; transfer-syntax=*'
+        assert headers["Accept-Encoding"] == "identity" and headers["Authorization"] == "Bearer token-4d1f"
+        for sop_uid, kind, reason in [("gone", RejectKind.NOT_FOUND, "WADO-RS retrieve answered HTTP 404 Not Found"),
+                                      ("moved", RejectKind.UNREADABLE, "answered HTTP 302 Found"),
+                                      ("json", RejectKind.CORRUPT, "WADO-RS answer is not DICOM")]:
+            with pytest.raises(RetrieveFailed) as failed:
+                pacs.fetch(ref(sop_uid))
+            assert failed.value.failure.kind is kind and reason in failed.value.failure.detail
+        with pytest.raises(PacsUnavailable, match=rf"PACS {url} did not answer a WADO-RS retrieve after 2 attempts"):
+            pacs.fetch(ref("busy"))
+        assert [sop_uid for sop_uid, _ in _StandInPacs.seen].count("busy") == 2
+        server.shutdown()
+        server.server_close()
+        with pytest.raises(PacsUnavailable, match=r"after 2 attempts .*: ConnectionError: Connection refused$"):
+            pacs.fetch(ref("ok"))  # its pooled connection is gone, and so is the server
+    finally:
+        pacs.close()
+        server.server_close()

@@ -9,7 +9,7 @@ import requests
 
 from configs import CONFIG_DIR, ConfigError, DicomWebConfig, load_config
 from serve.app import wants_dicom_result
-from tasks.pacs.dicomweb import session_for
+from tasks.pacs.dicomweb import multipart_parts, session_for
 from tasks.pacs.query import InstanceRef
 from tasks.pacs.retry import RetryPolicy
 from tasks.pacs.scoring import REJECTED, SCORED, ScoringLedger, scan_window
@@ -92,3 +92,23 @@ def test_the_dicomweb_session_reads_the_environment_once_and_keeps_its_proxy(mon
     prepared = outside.prepare_request(requests.Request("GET", "https://pacs.hospital/dicom-web/studies"))
     assert "Authorization" not in prepared.headers
     assert session_for(DicomWebConfig(url="https://pacs.local/dicom-web"), 2).proxies == {}
+
+
+def test_a_multipart_answer_splits_into_its_parts_without_their_headers():
+    body = (b"a preamble to ignore\r\n--b0und\r\nContent-Type: application/dicom\r\n\r\nfirst\r\n--x not a delimiter"
+            b"\r\n--b0und  \r\n\r\nsecond, no headers\r\n--b0und--\r\nan epilogue\r\n--b0und\r\n\r\nignored")
+    parts = multipart_parts('multipart/related; type="application/dicom"; boundary="b0und"', body)
+    assert parts == [b"first\r\n--x not a delimiter", b"second, no headers"]
+    # No preamble, an unquoted boundary, a part that ends in CR LF of its own.
+    assert multipart_parts("Multipart/Related; boundary=b0und",
+                           b"--b0und\r\nX: y\r\n\r\n\x00\r\n\r\n--b0und--") == [b"\x00\r\n"]
+    assert multipart_parts("multipart/related", b"DICM...") == [b"DICM..."]  # no boundary: one part, as sent
+
+
+@pytest.mark.parametrize("content_type, body, message", [
+    ("application/json", b"{}", "not multipart/related"),
+    ("multipart/related; boundary=b", b"--b\r\nContent-Type: application/dicom\r\nDICM\r\n--b--", "blank line"),
+])
+def test_an_answer_that_is_not_multipart_dicom_is_named(content_type, body, message):
+    with pytest.raises(ValueError, match=message):
+        multipart_parts(content_type, body)

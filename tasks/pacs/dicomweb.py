@@ -1,9 +1,13 @@
-"""A PACS over DICOMweb: QIDO-RS search, WADO-RS retrieve and STOW-RS store, with dicomweb-client.
+"""A PACS over DICOMweb: QIDO-RS search, WADO-RS retrieve and STOW-RS store.
 
-Credentials come from the environment (basic or bearer), TLS is verified unless the
-config says otherwise, and every request has a timeout and goes through
-`tasks.pacs.retry`: dicomweb-client's own retrying (which also retries a refused
-connection for half a minute without a word) is switched off.
+Searches and stores go through dicomweb-client. The instance retrieval, one request per
+image, is the hot path: it goes straight to the urllib3 connection pool that requests
+itself would use (same TLS verification, proxy and credentials) and splits the
+multipart answer with a boundary scan, which costs the client about half the CPU of a
+requests call (benchmarks/RESULTS.md, issue 13). Credentials come from the environment
+(basic or bearer), TLS is verified unless the config says otherwise, and every request
+has a timeout and goes through `tasks.pacs.retry`: dicomweb-client's own retrying (which
+also retries a refused connection for half a minute without a word) is switched off.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Callable, Sequence, TypeVar
 
 import pydicom
 import requests
+import urllib3
 from dicomweb_client.api import DICOMwebClient
 from requests.adapters import HTTPAdapter
 
@@ -31,6 +36,9 @@ PAGE = 1000  # QIDO-RS results per request
 RETRIABLE_STATUS = {408, 429, 500, 502, 503, 504}
 # The instance as the PACS stores it: any transfer syntax, so its bytes (and content hash) are the PACS's own.
 ACCEPT_AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# Instances come uncompressed over HTTP: pixel data is mostly already compressed or noise-like, and a
+# gzipped answer costs the PACS its CPU on every image (Orthanc: 2.0 of its 2.7 ms per 66 KB instance).
+INSTANCE_HEADERS = {"Accept": ACCEPT_AS_STORED, "Accept-Encoding": "identity"}
 INSTANCE_FIELDS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "AccessionNumber",
                    "StudyDate", "Rows"]
 _TAGS = {"StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E", "SOPInstanceUID": "00080018",
@@ -53,6 +61,42 @@ class _ConfiguredTLS(HTTPAdapter):
 
     def send(self, request, **kwargs):
         return super().send(request, **(kwargs | {"verify": self._verify}))
+
+    def pool(self, request: requests.PreparedRequest, proxies: dict[str, str]) -> urllib3.HTTPConnectionPool:
+        """The urllib3 pool that `send` would use for `request`: the configured TLS verification,
+        through the proxy `proxies` names for it, if any."""
+        return self.get_connection_with_tls_context(request, self._verify, proxies=proxies)
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[bytes]:
+    """The parts of a multipart/related body (RFC 2046), each without its own headers: what lies
+    between the boundary delimiters, preamble and epilogue dropped. ValueError if the media type
+    is not multipart/related; a body without a boundary is one part, as dicomweb-client reads it."""
+    media_type, *params = [item.strip() for item in content_type.split(";")]
+    if media_type.lower() != "multipart/related":
+        raise ValueError(f"media type {media_type!r}, not multipart/related")
+    boundary = next((value.strip('"') for name, _, value in (p.partition("=") for p in params)
+                     if name.strip().lower() == "boundary"), None)
+    if not boundary:
+        return [body]
+    parts = []
+    for piece in (b"\r\n" + body).split(b"\r\n--" + boundary.encode())[1:]:
+        if piece.startswith(b"--"):  # the close delimiter
+            break
+        headers_end = piece.find(b"\r\n\r\n")
+        if headers_end < 0:
+            raise ValueError("a multipart part without the blank line that ends its headers")
+        parts.append(piece[headers_end + 4:])
+    return parts
+
+
+def _as_requests_names(exc: urllib3.exceptions.HTTPError) -> str:
+    """The name requests gives a urllib3 failure, so that every request's error reads alike."""
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
+        return "ConnectionError"
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return "ConnectTimeout"
+    return "ReadTimeout" if isinstance(exc, urllib3.exceptions.ReadTimeoutError) else "ConnectionError"
 
 
 def session_for(config: DicomWebConfig, max_parallel: int) -> requests.Session:
@@ -87,8 +131,31 @@ class DicomWebPacs:
     def __init__(self, config: DicomWebConfig, timeout: float, retry: RetryPolicy, max_parallel: int):
         self.config, self.retry = config, retry
         self.name = config.url
-        self.client = DICOMwebClient(config.url, session=session_for(config, max_parallel), timeout=(timeout, timeout))
+        session = session_for(config, max_parallel)
+        self.client = DICOMwebClient(config.url, session=session, timeout=(timeout, timeout))
         self.client.set_http_retry_params(retry=False)
+        # The instance retrieval's fixed parts, made once: the session's headers and credentials, the
+        # adapter with its TLS settings, the URL the pool is asked for (a path, or a whole URL through
+        # an HTTP proxy) and the timeouts.
+        self._root = session.prepare_request(requests.Request("GET", self.client.base_url))
+        self._adapter = session.get_adapter(self.client.base_url)
+        self._proxies = session.proxies
+        self._instances_url = self._adapter.request_url(self._root, self._proxies).rstrip("/") + "/studies"
+        self._instance_headers = dict(self._root.headers) | INSTANCE_HEADERS
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+
+    def _refusal(self, what: str, status: int, reason: str, instance: bool) -> Exception:
+        """What an HTTP error status means: medxfer itself refused (PacsRefused), worth a retry
+        (Transient), one `instance` that failed (RetrieveFailed), or any other refusal."""
+        if status in (401, 403):
+            return PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}: check "
+                               f"pacs.dicomweb.auth ({self.config.auth.value}) and its credentials")
+        if status in RETRIABLE_STATUS:
+            return Transient(f"HTTP {status} {reason}")
+        if instance:
+            kind = RejectKind.NOT_FOUND if status in (404, 410) else RejectKind.UNREADABLE
+            return RetrieveFailed(Reject(kind, f"{what.removeprefix('a ')} answered HTTP {status} {reason}"))
+        return PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}")
 
     def _request(self, what: str, call: Callable[[], T], instance: bool = False) -> T:
         """`call()` with retries. Refusals of medxfer itself raise PacsRefused; another HTTP error
@@ -97,22 +164,15 @@ class DicomWebPacs:
         def attempt() -> T:
             try:
                 return call()
-            except requests.exceptions.SSLError:
+            except (requests.exceptions.SSLError, urllib3.exceptions.SSLError):
                 raise PacsRefused(f"PACS {self.name}: its TLS certificate is not trusted; name the CA that "
                                   "signed it in pacs.dicomweb.ca_bundle") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise Transient(f"{type(exc).__name__}: {network_cause(exc)}") from None
+            except urllib3.exceptions.HTTPError as exc:  # the instance retrieval's, named as requests names them
+                raise Transient(f"{_as_requests_names(exc)}: {network_cause(exc)}") from None
             except requests.HTTPError as exc:
-                status, reason = exc.response.status_code, exc.response.reason
-                if status in (401, 403):
-                    raise PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}: check "
-                                      f"pacs.dicomweb.auth ({self.config.auth.value}) and its credentials") from None
-                if status in RETRIABLE_STATUS:
-                    raise Transient(f"HTTP {status} {reason}") from None
-                if instance:
-                    kind = RejectKind.NOT_FOUND if status in (404, 410) else RejectKind.UNREADABLE
-                    raise RetrieveFailed(Reject(kind, f"{what.removeprefix('a ')} answered HTTP {status} {reason}")) from None
-                raise PacsRefused(f"PACS {self.name} refused {what} with HTTP {status} {reason}") from None
+                raise self._refusal(what, exc.response.status_code, exc.response.reason, instance) from None
         return with_retries(attempt, self.retry, self.name, what)
 
     def find(self, study: dict[str, str], query: PacsQuery) -> list[InstanceRef]:
@@ -139,21 +199,25 @@ class DicomWebPacs:
                                   lambda: self.client.search_for_studies(search_filters=study, limit=1)))
 
     def fetch(self, ref: InstanceRef) -> bytes:
-        """The instance's bytes as the PACS stores them (WADO-RS). dicomweb-client's public
-        retrieve_instance returns a parsed and re-encodable Dataset; medxfer keeps the PACS's own
-        bytes (the content hash of the PACS's file, no decode), so it uses the client's
-        multipart GET and decoder directly (pinned in requirements.lock; the folder-versus-PACS
-        test checks the bytes)."""
-        url = f"{self.client.base_url}/studies/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_uid}"
+        """The instance's bytes as the PACS stores them (WADO-RS, any transfer syntax): the content
+        hash is the PACS's file's, with no decode and re-encode (dicomweb-client's retrieve_instance
+        returns a parsed Dataset; the folder-versus-PACS test checks the bytes)."""
+        what = "a WADO-RS retrieve"
+        url = f"{self._instances_url}/{ref.study_uid}/series/{ref.series_uid}/instances/{ref.sop_uid}"
 
         def get() -> list[bytes]:
-            response = self.client._http_get(url, headers={"Accept": ACCEPT_AS_STORED})
-            if response.headers.get("Content-Type", "").startswith("application/dicom"):
-                return [response.content]  # a single part sent without the multipart envelope
-            return list(self.client._decode_multipart_message(response, stream=False))
+            response = self._adapter.pool(self._root, self._proxies).urlopen(
+                "GET", url, headers=self._instance_headers, redirect=False, assert_same_host=False,
+                retries=False, timeout=self._timeout, preload_content=True, decode_content=True)
+            if response.status >= 300:
+                raise self._refusal(what, response.status, response.reason, instance=True)
+            content_type = response.headers.get("Content-Type", "")
+            if content_type.startswith("application/dicom"):
+                return [response.data]  # a single part sent without the multipart envelope
+            return multipart_parts(content_type, response.data)
 
         try:
-            parts = self._request("a WADO-RS retrieve", get, instance=True)
+            parts = self._request(what, get, instance=True)
         except ValueError as exc:  # not multipart/related
             raise RetrieveFailed(Reject(RejectKind.CORRUPT, f"WADO-RS answer is not DICOM: {exc}")) from None
         if len(parts) != 1 or not parts[0]:

@@ -2,7 +2,8 @@
 
 Only instances the store does not hold are fetched, at most `max_parallel` at a time.
 Each answer is checked (it parses as DICOM and is the instance asked for), stored by
-content hash and indexed at once, so a killed run resumes where it stopped. Counts
+content hash and indexed; the index is committed every COMMIT_SECONDS, and an instance is
+reported (`on_retrieved`) only once committed, so a killed run resumes with all it reported. Counts
 reconcile: found = already held + retrieved + failed, each failure with its kind.
 A PACS that stays down stops the run (PacsUnavailable, naming it) instead of failing
 every instance one by one.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import io
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -25,6 +26,9 @@ from tasks.pacs.failures import RetrieveFailed, count_kinds
 from tasks.rejects import Reject, RejectKind
 from tasks.pacs.query import InstanceRef
 from tasks.pacs.store import InstanceStore
+
+# How often the index is committed: a killed run fetches again at most this long's instances.
+COMMIT_SECONDS = 0.25
 
 
 @dataclass
@@ -63,7 +67,8 @@ def checked(ref: InstanceRef, data: bytes) -> bytes:
 
 def retrieve(pacs: Pacs, refs: Sequence[InstanceRef], store: InstanceStore, max_parallel: int,
              on_retrieved: Callable[[InstanceRef, Path], None] | None = None) -> Retrieval:
-    """Fetch every instance of `refs` the store does not hold (each SOPInstanceUID once)."""
+    """Fetch every instance of `refs` the store does not hold (each SOPInstanceUID once);
+    `on_retrieved` hears of each one once the store's index holds it for good."""
     started = time.perf_counter()
     result = Retrieval()
     unique = list({ref.sop_uid: ref for ref in refs}.values())
@@ -78,24 +83,32 @@ def retrieve(pacs: Pacs, refs: Sequence[InstanceRef], store: InstanceStore, max_
     def fetch(ref: InstanceRef) -> Path:
         return store.put(ref.sop_uid, checked(ref, pacs.fetch(ref)))
 
+    unreported: list[tuple[InstanceRef, Path]] = []
+    last_commit = time.monotonic()
     with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pacs-retrieve") as pool:
         pending = {pool.submit(fetch, ref): ref for ref in missing}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                ref = pending.pop(future)
-                try:
-                    path = future.result()
-                except RetrieveFailed as exc:
-                    result.failed.append((ref, exc.failure))
-                    continue
-                except BaseException:  # the PACS is down or refuses medxfer: stop, keep what is stored
-                    for other in pending:
-                        other.cancel()
-                    raise
+        # as_completed waits on every future once; a wait(FIRST_COMPLETED) per instance re-armed all
+        # the pending ones each time: quadratic in the instances, 0.3 ms of CPU each at 780.
+        for future in as_completed(list(pending)):
+            ref = pending.pop(future)
+            try:
+                path = future.result()
+            except RetrieveFailed as exc:
+                result.failed.append((ref, exc.failure))
+            except BaseException:  # the PACS is down or refuses medxfer: stop, keep what is stored
+                for other in pending:
+                    other.cancel()
+                raise
+            else:
                 result.retrieved.append((ref, path))
                 result.bytes_retrieved += path.stat().st_size
+                unreported.append((ref, path))
+            if unreported and (not pending or time.monotonic() - last_commit >= COMMIT_SECONDS):
+                store.commit()
+                last_commit = time.monotonic()
                 if on_retrieved is not None:
-                    on_retrieved(ref, path)
+                    for done_ref, done_path in unreported:
+                        on_retrieved(done_ref, done_path)
+                unreported.clear()
     result.seconds = time.perf_counter() - started
     return result

@@ -2,12 +2,14 @@
 
 `root/objects/ab/<sha256>.dcm` holds each instance's bytes, written atomically (a killed
 download leaves at most a hidden temporary file, swept at the next open), and
-`root/index.sqlite` maps the instance's salted key (ingest's `instance_key`) to its hash,
-committed per instance so a killed run keeps what it finished. Commits are not flushed to disk
-one by one (WAL, `synchronous=NORMAL`): a killed process loses none, and a power cut at most the
-last few, which the next run fetches again, as it would the object files, which are not flushed
-either. One retrieval holds the
-store at a time (an exclusive lock on `root/.lock`).
+`root/index.sqlite` maps the instance's salted key (ingest's `instance_key`) to its hash.
+`put` indexes an instance and `commit` makes the rows put so far last: a retrieval commits a
+batch at a time (`tasks.pacs.retrieve`), since a commit per instance cost about as much as
+checking it, and closing commits what is left. A killed process loses only the rows put after
+its last commit; the next run fetches those instances again (their object files, already there,
+are not rewritten). Commits are not flushed to disk one by one (WAL, `synchronous=NORMAL`): a
+power cut may lose the last few too, like the object files, which are not flushed either. One
+retrieval holds the store at a time (an exclusive lock on `root/.lock`).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class InstanceStore:
         return path if path.is_file() and path.stat().st_size == row[1] else None
 
     def put(self, sop_uid: str, data: bytes) -> Path:
-        """Store `data` under its sha256 (atomically), then index it; its path."""
+        """Store `data` under its sha256 (atomically), then index it (until `commit`, in this
+        process only); its path."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.path(sha)
         if not path.is_file():
@@ -74,10 +77,15 @@ class InstanceStore:
         with self._mutex:
             self._db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?)",
                              (instance_key(sop_uid, self._salt), sha, len(data)))
-            self._db.commit()
         return path
 
+    def commit(self) -> None:
+        """Make every instance put so far last beyond this process."""
+        with self._mutex:
+            self._db.commit()
+
     def close(self) -> None:
+        self.commit()
         self._db.close()
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
