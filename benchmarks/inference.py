@@ -410,7 +410,8 @@ def load_benchmarks(work: Path, onnx_path: Path, model: torch.nn.Module, levels:
     clients on CT_small only against the raw network on the same image; one server process."""
     process, url = start_service(work, onnx_path, model)
     serve = ServeConfig()
-    lines = [f"Service defaults: max_batch {serve.max_batch}, batch_window_ms {serve.batch_window_ms}.\n", *LEVEL_HEADER]
+    lines = [f"Service defaults: max_batch {serve.max_batch}, batch_window_ms {serve.batch_window_ms}, "
+             f"concurrent_batches {serve.concurrent_batches} (None: two on a CPU, one on a GPU).\n", *LEVEL_HEADER]
     try:
         bodies = load_bodies()
         asyncio.run(drive(int(url.rsplit(":", 1)[1]), bodies, 1, 3, process.pid))  # warm-up, not reported

@@ -14,6 +14,7 @@ Measured in one run, on the same files:
 Run: python -m benchmarks.ingest            (about 1.5 minutes on 2 cores)
      python -m benchmarks.ingest --cr-copies 100   (400 CR files: a bigger run, about 4 minutes)
      python -m benchmarks.ingest --reader-floor    (what the BUSI files cost to read, per step)
+     python -m benchmarks.ingest --split           (where a cold 1-worker BUSI run spends its time)
 
 --reader-floor times, per BUSI file held in memory, the steps a cold cache miss
 cannot skip (pydicom's parse and decode, the sha256 cache key, the cache write: one
@@ -48,6 +49,9 @@ from pydicom.uid import generate_uid
 
 from benchmarks.machine import machine
 from configs import PreprocessConfig
+import tasks.decode
+import tasks.preprocess
+import tasks.transforms
 from sample_data.breastmnist import ultrasound_dicom
 from tasks.cache import ImageCache
 from tasks.io import markdown_table, write_bytes_atomic
@@ -245,20 +249,86 @@ def reader_floor(data_dir: Path) -> None:
           + "; ".join(f"{reader}: {verdict}" for reader, verdict in survival.items()))
 
 
+def time_split(data_dir: Path, runs: int = 3) -> None:
+    """Milliseconds per file of a cold 1-worker medxfer run on the BUSI files, stage by stage
+    (perf_counter wrappers; nested stages are inside their callers), against the naive loop's
+    floor; the best of `runs` each."""
+    rel_paths = write_busi(data_dir)
+    paths = [data_dir / rel for rel in rel_paths]
+    contents = [path.read_bytes() for path in paths]
+
+    def best(function: Callable[[], object]) -> float:
+        seconds = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            function()
+            seconds.append(time.perf_counter() - start)
+        return min(seconds)
+
+    runs_made = itertools.count()
+
+    def medxfer() -> None:
+        time_medxfer(data_dir, rel_paths, 1, data_dir / f"cache-{next(runs_made)}")
+    time_loop(naive, paths)
+    rows = [("naive loop, whole", best(lambda: time_loop(naive, paths))),
+            ("  of which dcmread + pixel_array (from memory)",
+             best(lambda: [pydicom.dcmread(io.BytesIO(data)).pixel_array for data in contents])),
+            ("medxfer 1 worker cold, whole", best(medxfer))]
+    stages = [(tasks.preprocess, "_map_files", "  the per-file loop"),
+              (tasks.preprocess, "_probe_cache", "    read + sha256 key + cache look-up"),
+              (tasks.preprocess, "load_grey", "    decode (load_grey)"),
+              (tasks.decode, "read_dataset", "      pydicom dcmread"),
+              (tasks.decode, "transfer_syntax", "      transfer syntax check"),
+              (tasks.decode, "pixel_geometry", "      header geometry"),
+              (tasks.decode, "_decode_dicom_frames", "      pydicom decoder.as_array"),
+              (tasks.decode, "monochrome_to_grey", "      modality LUT, VOI, percentile window"),
+              (tasks.transforms.PreprocessSpec, "to_uint8", "    crop + quantise (to_uint8)"),
+              (tasks.preprocess, "_store", "    cache shard write"),
+              (np, "stack", "  stacking the output array")]
+    spent: dict[str, list[float]] = {label: [] for _, _, label in stages}
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in stages]
+    run_spent: dict[str, float] = {}
+
+    def timed(function: Callable, label: str) -> Callable:
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                run_spent[label] += time.perf_counter() - start
+        return call
+    try:
+        for (owner, name, function), (_, _, label) in zip(originals, stages):
+            setattr(owner, name, timed(function, label))
+        for _ in range(runs):
+            run_spent.update(dict.fromkeys(spent, 0.0))
+            medxfer()
+            for label, seconds in run_spent.items():
+                spent[label].append(seconds)
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
+    rows += [(label, min(seconds)) for label, seconds in spent.items()]
+    print(f"\nBUSI 256 px, {len(paths)} files, one process, best of {runs}\n")
+    print(markdown_table(pd.DataFrame([{"step": step, "ms_per_file": round(seconds / len(paths) * 1e3, 3)}
+                                       for step, seconds in rows])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cr-copies", type=int, default=25, help="copies of each of the 4 CR files")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-busi", action="store_true")
     parser.add_argument("--reader-floor", action="store_true", help="time the per-file read steps on BUSI only")
+    parser.add_argument("--split", action="store_true", help="time a cold BUSI run stage by stage")
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
-    if args.reader_floor:
+    if args.reader_floor or args.split:
         if not BUSI_NPZ.exists():
-            raise SystemExit(f"--reader-floor needs the BUSI images: {BUSI_NPZ} not found")
+            raise SystemExit(f"--reader-floor and --split need the BUSI images: {BUSI_NPZ} not found")
         with tempfile.TemporaryDirectory(prefix="medxfer-bench-") as tmp:
-            reader_floor(Path(tmp))
+            (reader_floor if args.reader_floor else time_split)(Path(tmp))
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="medxfer-bench-") as tmp:

@@ -35,6 +35,7 @@ from benchmarks.machine import machine
 from flows.pipeline import train_pipeline
 from sample_data.breastmnist import write_breastmnist_dicom
 from stack.host import ORDER, Stack
+from stack.processes import children_by_parent
 from stack.settings import REPO, WORKER_LIMIT_ENV, StackSettings, ephemeral_environment
 
 UI_BUDGET_S = 2.0
@@ -62,14 +63,7 @@ def small_config(home: Path, per_split: int) -> Path:
 def pss_mb(pids: list[int]) -> float:
     """Proportional set size of these processes and all their descendants, in MB: shared
     libraries (torch's, in every flow run) counted once across them, not once per process."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(") ", 1)[1].split()[1])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
+    children = children_by_parent()
     total, todo = 0, list(pids)
     while todo:
         pid = todo.pop()

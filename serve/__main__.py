@@ -10,7 +10,7 @@ import torch
 import uvicorn
 
 from configs import load_config
-from serve.app import Settings, create_app
+from serve.app import UVICORN_OPTIONS, Settings, create_app
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     # its own thread pool per call would only fight ONNX Runtime's for the same cores.
     torch.set_num_threads(1)
     uvicorn.run(create_app(Settings.from_config(config)), host=args.host or config.serve.host,
-                port=args.port or config.serve.port, log_level="info")
+                port=args.port or config.serve.port, log_level="info", **UVICORN_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -24,23 +24,26 @@ class MicroBatcher(Generic[Item, Result]):
     """Collects submitted items for up to `window_s` (or `max_batch` items), runs them
     together in a worker thread, and hands each caller its own result.
 
-    One batch runs at a time: on a GPU that is what gives throughput, and on a
-    CPU ONNX Runtime already uses every core for one batch.
+    Up to `lanes` batches run at once, each in its own thread; one lane gathers at a time,
+    so a batch fills while the others run. One lane suits a GPU; on a CPU a second lane
+    keeps the cores busy while a batch is gathered and answered (serve.concurrent_batches).
     """
 
-    def __init__(self, run: Callable[[Sequence[Item]], Sequence[Result]], max_batch: int, window_s: float):
-        self._run, self.max_batch, self.window_s = run, max_batch, window_s
+    def __init__(self, run: Callable[[Sequence[Item]], Sequence[Result]], max_batch: int, window_s: float,
+                 lanes: int = 1):
+        self._run, self.max_batch, self.window_s, self.lanes = run, max_batch, window_s, lanes
         self._queue: asyncio.Queue[tuple[Item, asyncio.Future]] = asyncio.Queue()
-        self._worker: asyncio.Task | None = None
+        self._gathering = asyncio.Lock()  # one lane gathers at a time, or lanes would split batches
+        self._workers: list[asyncio.Task] = []
         self.stats = BatchStats()
 
     def start(self) -> None:
-        self._worker = asyncio.create_task(self._serve())
+        self._workers = [asyncio.create_task(self._serve()) for _ in range(self.lanes)]
 
     async def stop(self) -> None:
-        if self._worker:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
 
     async def submit(self, item: Item) -> Result:
         future = asyncio.get_running_loop().create_future()
@@ -61,7 +64,8 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def _serve(self) -> None:
         while True:
-            batch = await self._collect()
+            async with self._gathering:
+                batch = await self._collect()
             items = [item for item, _ in batch]
             try:
                 results = await asyncio.to_thread(self._run, items)

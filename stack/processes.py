@@ -129,6 +129,18 @@ def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every running process's pid, listed under its parent's pid (read from /proc now)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(_stat_fields(int(stat.parent.name))[1])
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    return children
+
+
 def _start_time(pid: int) -> int:
     return int(_stat_fields(pid)[19])  # field 22 of stat: start time in clock ticks since boot
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -90,6 +91,7 @@ class ServedModel:
     per_image: bool
     limits: DecodeLimits = DEFAULT_LIMITS  # what a request may ask to have decoded
     network_calls: int = 0  # session runs so far: how many images shared a call shows here
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def provider(self) -> str:
@@ -140,7 +142,8 @@ class ServedModel:
         batches = [image[None] for image in images] if self.per_image else [images]
         names = [output.name for output in self.session.get_outputs()]
         runs = [dict(zip(names, self.session.run(None, {INPUT_NAME: batch}))) for batch in batches]
-        self.network_calls += len(batches)
+        with self._count_lock:  # batches of the service's lanes run at once
+            self.network_calls += len(batches)
         outputs = np.concatenate([run[names[0]] for run in runs])
         check = self.domain_check if DOMAIN_OUTPUT in names else None
         scores = np.concatenate([run[DOMAIN_OUTPUT] for run in runs]) if check else np.zeros(len(crops))
@@ -170,8 +173,9 @@ def champion_version(tracking_uri: str, name: str) -> str:
 
 
 def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path,
-                  limits: DecodeLimits = DEFAULT_LIMITS) -> ServedModel:
-    """Fetch the champion's ONNX file (main or a variant), check its sha256, open a session."""
+                  limits: DecodeLimits = DEFAULT_LIMITS, threads: int | None = None) -> ServedModel:
+    """Fetch the champion's ONNX file (main or a variant), check its sha256, open a session
+    (`threads`: its ONNX Runtime threads; None: the runtime's default)."""
     client = MlflowClient(tracking_uri)
     version = champion_version(tracking_uri, name)
     tags = client.get_model_version(name, version).tags
@@ -183,18 +187,18 @@ def load_champion(tracking_uri: str, name: str, variant: str, download_dir: Path
                                                     tracking_uri=tracking_uri))
     if variant == FP32 and tags.get("onnx_sha256") and sha256_file(path) != tags["onnx_sha256"]:
         raise ModelUnavailable(f"{name} v{version}: ONNX file does not match its registered sha256")
-    model = open_served_model(name, version, variant, path, limits)
+    model = open_served_model(name, version, variant, path, limits, threads)
     log.info("loaded %s v%s (%s) on %s", name, version, variant, model.provider)
     return model
 
 
 def open_served_model(name: str, version: str, variant: str, path: Path,
-                      limits: DecodeLimits = DEFAULT_LIMITS) -> ServedModel:
+                      limits: DecodeLimits = DEFAULT_LIMITS, threads: int | None = None) -> ServedModel:
     """The network inside the self-contained ONNX file at `path`, open in a session,
     with the file's metadata (the extracted graph carries none)."""
     proto = onnx.load(path)
     network = network_graph(proto)
     per_image = any(node.op_type == "DynamicQuantizeLinear" for node in network.graph.node)
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
-    return ServedModel(name, version, variant, path, metadata, open_session(network, shares_cores=True), per_image,
-                       limits)
+    session = open_session(network, shares_cores=True, threads=threads)
+    return ServedModel(name, version, variant, path, metadata, session, per_image, limits)

@@ -26,7 +26,7 @@ from tasks.dicom import (PIXEL_DATA_KEYWORDS, PixelGeometry, code_string, header
 from tasks.formats import ImageFormat, detect_format, open_image, pillow_failure
 from tasks.j2k import ReducedDecodeFloor, decode_j2k_reduced
 from tasks.rejects import RejectKind, UnreadableImage, exception_detail
-from tasks.voi import monochrome_to_grey, padding_mask
+from tasks.voi import IndexedGrey, expanded, monochrome_to_grey, padding_mask
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ DEFAULT_LIMITS = DecodeLimits.from_config(PreprocessConfig())
 
 
 def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = FramePolicy.MIDDLE,
-              voi_window: int = 0, floor: ReducedDecodeFloor | None = None,
-              limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[np.ndarray, list[str]]:
+              voi_window: int = 0, floor: ReducedDecodeFloor | None = None, limits: DecodeLimits = DEFAULT_LIMITS,
+              indexed: bool = False) -> tuple[np.ndarray | IndexedGrey, list[str]]:
     """Decode `path` to float32 HxW grey in [0, 1] (bright = dense) and its provenance.
 
     `data`, when given, is the file's content already read (so a caller that
@@ -77,7 +77,9 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
     (the first when the file has fewer). `floor`, when given, lets a JPEG 2000
     DICOM decode at 1/2, 1/4, ... resolution as long as its size stays within it
     (see `tasks.j2k.decode_j2k_reduced`); None decodes every pixel. `limits` are
-    checked from the header before decoding.
+    checked from the header before decoding. `indexed` lets an integer monochrome image
+    come back as an IndexedGrey (its levels and each pixel's index) instead of one
+    value per pixel, for a caller that can use it (`PreprocessSpec.to_uint8`).
 
     This is the fault boundary of one file: every failure, expected or not, is raised
     as UnreadableImage with a kind and a one-line detail (an unexpected error as kind
@@ -92,13 +94,9 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
             grey, provenance = _load_dicom(data, fmt is ImageFormat.RAW_DICOM, frames, voi_window, floor, limits)
         else:
             grey, provenance = _load_pil(data, fmt, limits)
-        # fmax/fmin return the number when the other operand is NaN: NaN -> 0,
-        # +inf -> 1, -inf -> 0, in two passes over a full-size image where
-        # nan_to_num and clip took four; in place, so no second full-size copy is held.
-        grey = np.asarray(grey, dtype=np.float32)
-        if not grey.flags.writeable:
-            grey = grey.copy()
-        np.fmin(np.fmax(grey, 0.0, out=grey), 1.0, out=grey)
+        grey = grey.map(unit_range) if isinstance(grey, IndexedGrey) else unit_range(grey)
+        if not indexed:
+            grey = np.ascontiguousarray(expanded(grey))
     except UnreadableImage as exc:
         exc.path = path
         raise
@@ -107,7 +105,22 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
     except Exception as exc:
         log.debug("unexpected error decoding %s", path, exc_info=True)
         raise UnreadableImage(RejectKind.UNEXPECTED, exception_detail(exc), path) from exc
-    return np.ascontiguousarray(grey), provenance
+    return grey, provenance
+
+
+def unit_range(grey: np.ndarray) -> np.ndarray:
+    """`grey` as float32 in [0, 1]: +inf -> 1, -inf -> 0, NaN -> 0; in place where it can be,
+    so no second full-size copy is held."""
+    grey = np.asarray(grey, dtype=np.float32)
+    if not grey.flags.writeable:
+        grey = grey.copy()
+    # clip is vectorised (fmax/fmin, which drop NaN themselves, took five times as long
+    # on a 256 px image), and NaN is rare enough to look for first.
+    np.clip(grey, 0.0, 1.0, out=grey)
+    nan = np.isnan(grey)
+    if nan.any():
+        grey[nan] = 0.0
+    return grey
 
 
 def read_image_file(path: Path) -> bytes:
@@ -157,7 +170,7 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def _load_dicom(data: bytes, raw: bool, frames: FramePolicy, voi_window: int, floor: ReducedDecodeFloor | None,
-                limits: DecodeLimits) -> tuple[np.ndarray, list[str]]:
+                limits: DecodeLimits) -> tuple[np.ndarray | IndexedGrey, list[str]]:
     ds = read_dataset(data, raw=raw)
     if not any(k in ds for k in PIXEL_DATA_KEYWORDS):
         # pydicom stops quietly at the end of a truncated file, dropping a
@@ -192,12 +205,17 @@ def _load_dicom(data: bytes, raw: bool, frames: FramePolicy, voi_window: int, fl
         # One inversion even when both are set: for DX/MG images the standard
         # pairs MONOCHROME1 with INVERSE to describe the same single inversion.
         if invert:
-            grey = 1.0 - grey
+            grey = grey.map(_inverted) if isinstance(grey, IndexedGrey) else _inverted(grey)
             provenance.append("invert:" + "+".join(invert))
         if padding is not None and padding.any():
+            grey = expanded(grey)
             grey[padding] = 0.0  # padding is "no image": show it as air
             provenance.append(f"padding:zeroed({int(padding.sum())}px)")
     return grey, provenance
+
+
+def _inverted(grey: np.ndarray) -> np.ndarray:
+    return 1.0 - grey
 
 
 def _check_pixel_data_length(ds: pydicom.Dataset, data: bytes, syntax: UID, geometry: PixelGeometry) -> None:

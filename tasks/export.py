@@ -340,13 +340,14 @@ def preload_cuda_libraries() -> None:
 
 
 def open_session(model: Path | onnx.ModelProto, providers: Sequence[str] | None = None,
-                 shares_cores: bool = False) -> ort.InferenceSession:
+                 shares_cores: bool = False, threads: int | None = None) -> ort.InferenceSession:
     """An ONNX Runtime session on a file or an in-memory graph. The provider it really runs
     on is `session.get_providers()[0]`; a fallback from the one asked for is logged.
 
     `shares_cores`: other threads of this process run beside the session's runs (the service
     decodes requests while a batch runs), so its CPU threads wait without spinning: a thread
-    spinning until a preempted sibling catches up holds the core that a decode needs."""
+    spinning until a preempted sibling catches up holds the core that a decode needs.
+    `threads`: its intra-op threads (None: ONNX Runtime's default, one per core)."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     providers = list(providers or choose_providers())
     if any(provider in GPU_PROVIDERS for provider in providers):
@@ -354,6 +355,8 @@ def open_session(model: Path | onnx.ModelProto, providers: Sequence[str] | None 
     options = ort.SessionOptions()
     if shares_cores:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
     session = ort.InferenceSession(source, options, providers=providers)
     if session.get_providers()[0] != providers[0]:
         log.warning("ONNX Runtime could not use %s; the session runs on %s", providers[0],

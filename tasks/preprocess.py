@@ -71,7 +71,7 @@ def _preprocess_one(path: Path, config: PreprocessConfig, cache: ImageCache | No
         return hit
     spec = PreprocessSpec.from_config(config)
     grey, provenance = load_grey(path, data=data, frames=config.frames, voi_window=config.voi_window,
-                                 floor=spec.decode_floor, limits=DecodeLimits.from_config(config))
+                                 floor=spec.decode_floor, limits=DecodeLimits.from_config(config), indexed=True)
     image, steps = spec.to_uint8(grey)
     return Preprocessed(image, key, provenance + steps, cache_hit=False)
 
@@ -301,8 +301,11 @@ def _map_files(paths: list[Path], config: PreprocessConfig, workers: int,
             submit_alone = submit  # a Dask task already runs apart: a killed worker fails only its own tasks
         results: list[Preprocessed | Reject | None] = []
         pending, chunk = [], []
+        # An empty cache holds no hit: the workers read and hash each file anyway, so
+        # reading and hashing it here first too would only keep a core from decoding.
+        probe = bool(cache.index)
         for index, path in enumerate(paths):
-            found = _hit_or_reject(path, config, cache)
+            found = _hit_or_reject(path, config, cache) if probe else None
             results.append(found)
             if found is None:
                 chunk.append(index)

@@ -1,4 +1,5 @@
-"""A real uvicorn server for an app, on a free loopback port, in a background thread."""
+"""A real uvicorn server for an app, on a free loopback port, in a background thread, with the
+event loop and HTTP parser `python -m serve` runs."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import time
 
 import uvicorn
 
+from serve.app import UVICORN_OPTIONS
+
 
 class LiveServer:
     def __init__(self, app, startup_timeout: float = 60.0):
+        self.app = app
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind(("127.0.0.1", 0))  # the OS picks a free port; uvicorn serves this socket
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **UVICORN_OPTIONS))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         daemon=True)
         self._thread.start()

@@ -26,6 +26,7 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless
 from torchvision.transforms.v2 import functional as TF
 
 from configs import Fit, FramePolicy, PreprocessConfig
+from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
 from tasks import cache, decode
 from tasks import preprocess as pp
 from tasks.cache import ImageCache
@@ -34,6 +35,7 @@ from tasks.j2k import ReducedDecodeFloor, decode_j2k_reduced
 from tasks.preprocess import preprocess_file
 from tasks.rejects import RejectKind, UnreadableImage
 from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, to_model_input
+from tasks.voi import IndexedGrey, expanded
 from tests.conftest import MIXED_REJECTS
 
 
@@ -758,6 +760,71 @@ def test_slivers_are_refused_by_either_fit():
         with pytest.raises(UnreadableImage, match="^10x2000 pixels: an aspect ratio over 8:1") as info:
             PreprocessSpec(fit=fit).to_uint8(sliver)
         assert info.value.kind is RejectKind.BAD_GEOMETRY
+
+
+def _ultrasound_8bit(tmp_path: Path) -> Path:
+    """A real 8-bit ultrasound (BreastMNIST, bundled) as DICOM, as the 256 px BUSI benchmark writes them."""
+    path = tmp_path / "ultrasound.dcm"
+    ultrasound_dicom(np.load(BUNDLED_NPZ)["test_images"][0], 0).save_as(path, enforce_file_format=True)
+    return path
+
+
+def _mr_cut_to_64x48(tmp_path: Path) -> Path:
+    ds = pydicom.dcmread(data_file("MR_small.dcm"))
+    return edited(tmp_path, "MR_small.dcm", Columns=48, PixelData=ds.pixel_array[:, :48].tobytes())
+
+
+def _ct_padded_at_its_lowest_value(tmp_path: Path) -> Path:
+    lowest = int(pydicom.dcmread(data_file("CT_small.dcm")).pixel_array.min())
+    return edited(tmp_path, "CT_small.dcm", PixelPaddingValue=lowest)
+
+
+@pytest.mark.parametrize("make, frames, indexed", [
+    (lambda tmp: data_file("MR_small.dcm"), FramePolicy.MIDDLE, True),  # 16-bit signed, header window
+    (lambda tmp: edited(tmp, "MR_small.dcm", PhotometricInterpretation="MONOCHROME1"), FramePolicy.MIDDLE, True),
+    (_mr_cut_to_64x48, FramePolicy.MIDDLE, True),  # not square: the crop cuts one side only
+    (lambda tmp: data_file("vlut_04.dcm"), FramePolicy.MIDDLE, True),  # VOI LUT sequence
+    (lambda tmp: data_file("emri_small.dcm"), FramePolicy.ALL, True),  # every frame, percentile window
+    (_ultrasound_8bit, FramePolicy.MIDDLE, True),  # 8-bit, percentile window
+    (lambda tmp: data_file("CT_small.dcm"), FramePolicy.MIDDLE, True),  # a padding value no pixel has
+    (_ct_padded_at_its_lowest_value, FramePolicy.MIDDLE, False),  # padding pixels: expanded to zero them
+], ids=["window", "monochrome1", "not-square", "voi-lut", "all-frames", "ultrasound-8bit", "no-padding-pixels",
+        "padding"])
+def test_crop_of_indexed_grey_is_the_crop_of_the_expanded_image(tmp_path, make, frames, indexed):
+    # With the short side already at `resize`, nothing is interpolated: preprocessing crops
+    # indices into the grey levels and quantises each level once. Same pixels, same steps.
+    path = make(tmp_path)
+    grey, provenance = load_grey(path, frames=frames, indexed=True)
+    assert isinstance(grey, IndexedGrey) is indexed
+    expanded_grey, expanded_provenance = load_grey(path, frames=frames)
+    assert provenance == expanded_provenance
+    np.testing.assert_array_equal(expanded(grey), expanded_grey)
+    short = min(grey.shape[-2:])
+    spec = PreprocessSpec(resize=short, crop=short * 3 // 4)
+    image, steps = spec.to_uint8(grey)
+    expected, expected_steps = spec.to_uint8(expanded_grey)
+    assert image.dtype == np.uint8 and image.shape[-2:] == (spec.crop, spec.crop)
+    np.testing.assert_array_equal(image, expected)
+    assert steps == expected_steps == [f"crop:centre({spec.crop})", "quantize:uint8"]
+    config = PreprocessConfig(resize=spec.resize, crop=spec.crop, frames=frames, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(preprocess_file(path, config).image, expected)
+
+
+def test_indexed_grey_still_resizes_and_pads_as_the_expanded_image():
+    grey, _ = load_grey(data_file("MR_small.dcm"), indexed=True)  # 64 x 64: resized up, or padded
+    for spec in (PreprocessSpec(resize=80, crop=72), PreprocessSpec(fit=Fit.PAD, crop=72),
+                 PreprocessSpec(resize=64, crop=64)):
+        np.testing.assert_array_equal(spec.to_uint8(grey)[0], spec.to_uint8(expanded(grey))[0])
+        assert spec.to_uint8(grey)[1] == spec.to_uint8(expanded(grey))[1]
+
+
+def test_unit_range_maps_nan_to_black_and_infinities_to_the_ends():
+    grey = np.array([[np.nan, np.inf, -np.inf], [-0.5, 0.25, 7.0]], dtype=np.float32)
+    np.testing.assert_array_equal(decode.unit_range(grey), [[0.0, 1.0, 0.0], [0.0, 0.25, 1.0]])
+    frozen = np.array([2.0, 0.5], dtype=np.float64)
+    frozen.flags.writeable = False
+    out = decode.unit_range(frozen)
+    assert out.dtype == np.float32 and out.tolist() == [1.0, 0.5] and frozen.tolist() == [2.0, 0.5]
 
 
 # ---------------------------------------------------------------- cache

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,11 +26,12 @@ from pydicom.uid import MPEG2MPML
 
 from configs import DomainPolicy, ServeConfig
 from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
-from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Service, Settings, create_app
+from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Service, Settings, batch_lanes, create_app
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
 from tasks.decode import load_grey
 from tasks.export import NORMALISED_FILE, export_self_contained, read_metadata
+from tasks.preprocess import resolve_workers
 from tasks.register import register_model, tracking_run
 from tasks.rejects import RejectKind
 from tasks.variants import quantise_int8
@@ -413,6 +415,49 @@ def test_micro_batcher_runs_waiting_items_together():
 
     assert asyncio.run(scenario()) == [0, 10, 20, 30, 40, 50]
     assert [len(c) for c in calls] == [4, 2]
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_micro_batcher_runs_up_to_its_lanes_of_full_batches_at_once(lanes):
+    """Each lane runs a full batch while the next lane gathers; one lane, one batch at a time."""
+    running, most_at_once, sizes = 0, 0, []
+    lock = threading.Lock()
+
+    def run(items):
+        nonlocal running, most_at_once
+        with lock:
+            running += 1
+            most_at_once = max(most_at_once, running)
+            sizes.append(len(items))
+        time.sleep(0.5)  # long beside the gathering of the next batch, whose items are all queued
+        with lock:
+            running -= 1
+        return [item * 10 for item in items]
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_batch=4, window_s=0.2, lanes=lanes)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(i) for i in range(8)))
+        await batcher.stop()
+        return results
+
+    assert asyncio.run(scenario()) == [10 * i for i in range(8)]
+    assert sizes == [4, 4] and most_at_once == lanes
+
+
+@pytest.mark.parametrize(("configured", "cores", "on_gpu", "expected"), [
+    (None, 2, False, (2, 1)), (None, 8, False, (2, 4)), (None, 1, False, (1, 1)),
+    (3, 2, False, (3, 1)), (None, 16, True, (1, None)), (2, 16, True, (2, None))])
+def test_cpu_lanes_share_the_cores_and_a_gpu_runs_one_batch(configured, cores, on_gpu, expected):
+    assert batch_lanes(configured, cores, on_gpu) == expected
+
+
+def test_the_service_runs_two_lanes_on_a_cpu_each_on_its_share_of_the_cores(service):
+    server, _ = service
+    cores = resolve_workers(None)
+    assert httpx.get(f"{server.url}/readyz").json()["concurrent_batches"] == min(2, cores)
+    options = server.app.state.service.model.session.get_session_options()
+    assert options.intra_op_num_threads == max(1, cores // min(2, cores))
 
 
 def test_a_batch_answers_each_request_with_the_model_that_cropped_it(champion_registry):

@@ -10,6 +10,8 @@ import base64
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,6 +39,7 @@ from flows.pipeline import train_pipeline
 from flows.score import score_studies
 from stack import automations, object_store, postgres
 from stack.host import ORDER, Stack
+from stack.processes import children_by_parent
 from stack.settings import (CONFIG_ENV, REPO, SECRET_NAMES, SECRETS_FILE, StackSettings, ephemeral_environment,
                             load_secrets)
 
@@ -85,6 +88,17 @@ class WebhookSink:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_children_by_parent_lists_a_started_process_under_this_one_and_no_other():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        listing = children_by_parent()
+        assert child.pid in listing[os.getpid()]
+        assert sum(child.pid in pids for pids in listing.values()) == 1
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_secrets_come_from_the_environment_or_are_made_once_and_kept_owner_only(tmp_path):
@@ -202,18 +216,6 @@ def test_every_server_is_healthy_on_loopback_and_refuses_requests_without_creden
     assert not leaked
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (the worker's flow runs)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(") ", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
-
-
 def _session_weight(pid: int) -> int | None:
     """The nice value of the process's scheduling group (Linux autogroup); None without autogroup."""
     try:
@@ -280,7 +282,7 @@ def test_deployed_training_fails_in_register_notifies_and_its_retry_registers_wi
         assert not _finished(run.id), _flow_run_state(run.id)
         # The training runs in the worker's session, at its niceness and its session's weight.
         worker = stack.processes.pid("worker")
-        (flow_run,) = _children(worker)
+        (flow_run,) = children_by_parent().get(worker, [])
         assert os.getsid(flow_run) == os.getsid(worker) == worker
         assert os.getpriority(os.PRIO_PROCESS, flow_run) == os.getpriority(os.PRIO_PROCESS, worker)
         assert _session_weight(flow_run) in (None, settings.flow_run_nice)
