@@ -411,7 +411,7 @@ def load_benchmarks(work: Path, onnx_path: Path, model: torch.nn.Module, levels:
     process, url = start_service(work, onnx_path, model)
     serve = ServeConfig()
     lines = [f"Service defaults: max_batch {serve.max_batch}, batch_window_ms {serve.batch_window_ms}, "
-             f"concurrent_batches {serve.concurrent_batches} (None: two on a CPU, one on a GPU).\n", *LEVEL_HEADER]
+             f"concurrent_batches {serve.concurrent_batches}.\n", *LEVEL_HEADER]
     try:
         bodies = load_bodies()
         asyncio.run(drive(int(url.rsplit(":", 1)[1]), bodies, 1, 3, process.pid))  # warm-up, not reported

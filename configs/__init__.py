@@ -301,10 +301,11 @@ class ServeConfig(Strict):
     # takes about a gigabyte; waiting requests hold only their bodies, batches only crops.
     decode_slots: Annotated[int, Field(ge=1)] | None = None
     batch_window_ms: Annotated[float, Field(ge=0)] = 5.0  # how long a batch waits to fill
-    # Batches run at once (None: one on a GPU; two on a CPU, each on half the cores). With one
-    # at a time a third of the CPU sat idle while a batch was gathered and answered; a second
-    # lane runs its network meanwhile (benchmarks/RESULTS.md, the service, issue 16).
-    concurrent_batches: Annotated[int, Field(ge=1)] | None = None
+    # Batches run at once; on a CPU each gets cores // concurrent_batches ONNX Runtime threads.
+    # On 2 cores two made no measurable difference once the session stopped spinning (service
+    # at the same requests/s, benchmarks/RESULTS.md, issue 16), so one is the default; a CPU
+    # with many cores, where one batch does not scale over all of them, may gain from more.
+    concurrent_batches: Annotated[int, Field(ge=1)] = 1
     reload_seconds: Annotated[float, Field(gt=0)] = 30.0  # how often the champion alias is polled
     variant: Literal["fp32", "int8", "fp16"] = "fp32"  # which registered ONNX file to serve
     # The API key itself is a secret and never in YAML: it is read from this

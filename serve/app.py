@@ -104,14 +104,11 @@ def _unreadable(exc: UnreadableImage, content_type: str) -> JSONResponse:
     return _rejected(exc.kind, f"cannot read the {content_type} body: {exc.detail}", content_type)
 
 
-def batch_lanes(concurrent_batches: int | None, cores: int, on_gpu: bool) -> tuple[int, int | None]:
-    """How many batches run at once, and the session's ONNX Runtime threads (None: its own
-    default): on a GPU one batch (or as configured); on a CPU two lanes (or as configured)
-    sharing the cores, so that together they use each core once."""
-    if on_gpu:
-        return concurrent_batches or 1, None
-    lanes = concurrent_batches or min(2, cores)
-    return lanes, max(1, cores // lanes)
+def session_threads(concurrent_batches: int, cores: int, on_gpu: bool) -> int | None:
+    """The served session's ONNX Runtime threads, so that `concurrent_batches` batches at once
+    use each core once; None (the runtime's own choice, one per physical core) for one batch
+    at a time, and on a GPU."""
+    return None if on_gpu or concurrent_batches == 1 else max(1, cores // concurrent_batches)
 
 
 class Service:
@@ -123,8 +120,8 @@ class Service:
         self.load_error: str | None = None
         self.reloads = 0
         self._download_dir = Path(tempfile.mkdtemp(prefix="medxfer-serve-"))
-        lanes, self.session_threads = batch_lanes(settings.serve.concurrent_batches, resolve_workers(None),
-                                                  choose_providers()[0] in GPU_PROVIDERS)
+        lanes = settings.serve.concurrent_batches
+        self.session_threads = session_threads(lanes, resolve_workers(None), choose_providers()[0] in GPU_PROVIDERS)
         self.batcher = MicroBatcher(self._predict, settings.serve.max_batch,
                                     settings.serve.batch_window_ms / 1000, lanes)
         self.decode_slots = asyncio.Semaphore(resolve_workers(settings.serve.decode_slots))

@@ -24,9 +24,8 @@ class MicroBatcher(Generic[Item, Result]):
     """Collects submitted items for up to `window_s` (or `max_batch` items), runs them
     together in a worker thread, and hands each caller its own result.
 
-    Up to `lanes` batches run at once, each in its own thread; one lane gathers at a time,
-    so a batch fills while the others run. One lane suits a GPU; on a CPU a second lane
-    keeps the cores busy while a batch is gathered and answered (serve.concurrent_batches).
+    Up to `lanes` batches run at once (serve.concurrent_batches), each in its own thread;
+    one lane gathers at a time, so a batch fills while the others run.
     """
 
     def __init__(self, run: Callable[[Sequence[Item]], Sequence[Result]], max_batch: int, window_s: float,

@@ -35,6 +35,8 @@ from configs import TaskKind
 from tasks.decode import DEFAULT_LIMITS, DecodeLimits
 from tasks.domain import DOMAIN_OUTPUT, NOT_CHECKED, DomainCheck, DomainVerdict, ImageFacts, judge, request_facts
 from tasks.export import DEFAULT_THRESHOLD, INPUT_NAME, ServedDecode, decisions, network_graph, open_session
+from tasks.formats import detect_format
+from tasks.ingest import read_dicom_header
 from tasks.io import sha256_file
 from tasks.transforms import PreprocessSpec
 from tasks.register import CHAMPION, onnx_tag
@@ -130,8 +132,12 @@ class ServedModel:
         them, resized and cropped as in evaluation) and its header facts for the domain check.
         The full-size grey image lives only here, so a batch holds crops. Raises
         UnreadableImage; this is one file's fault boundary, header facts included."""
-        grey = self.decode(path, data)
-        return PreparedImage(self.spec.to_uint8(grey)[0], grey.shape, request_facts(data))
+        # One parse of the header for both: the facts first, from the header as it was sent
+        # (ingest reads a training file's the same way), since the decode may amend it.
+        header = read_dicom_header(data, detect_format(data))
+        facts = request_facts(data, header)
+        grey = self.decode(path, data, header)
+        return PreparedImage(self.spec.to_uint8(grey)[0], grey.shape, facts)
 
     def predict(self, crops: Sequence[np.ndarray],
                 facts: Sequence[ImageFacts | None] | None = None) -> list[Prediction]:

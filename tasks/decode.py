@@ -67,7 +67,7 @@ DEFAULT_LIMITS = DecodeLimits.from_config(PreprocessConfig())
 
 def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = FramePolicy.MIDDLE,
               voi_window: int = 0, floor: ReducedDecodeFloor | None = None, limits: DecodeLimits = DEFAULT_LIMITS,
-              indexed: bool = False) -> tuple[np.ndarray | IndexedGrey, list[str]]:
+              indexed: bool = False, dataset: pydicom.Dataset | None = None) -> tuple[np.ndarray | IndexedGrey, list[str]]:
     """Decode `path` to float32 HxW grey in [0, 1] (bright = dense) and its provenance.
 
     `data`, when given, is the file's content already read (so a caller that
@@ -79,7 +79,9 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
     (see `tasks.j2k.decode_j2k_reduced`); None decodes every pixel. `limits` are
     checked from the header before decoding. `indexed` lets an integer monochrome image
     come back as an IndexedGrey (its levels and each pixel's index) instead of one
-    value per pixel, for a caller that can use it (`PreprocessSpec.to_uint8`).
+    value per pixel, for a caller that can use it (`PreprocessSpec.to_uint8`). `dataset`:
+    the DICOM data set already parsed from `data` (the service reads a request's header
+    facts from it first), so that it is not parsed twice; the decode may change it.
 
     This is the fault boundary of one file: every failure, expected or not, is raised
     as UnreadableImage with a kind and a one-line detail (an unexpected error as kind
@@ -91,7 +93,8 @@ def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = Fr
             data = read_image_file(path)
         fmt = detect_format(data)
         if fmt.is_dicom:
-            grey, provenance = _load_dicom(data, fmt is ImageFormat.RAW_DICOM, frames, voi_window, floor, limits)
+            grey, provenance = _load_dicom(data, fmt is ImageFormat.RAW_DICOM, frames, voi_window, floor, limits,
+                                           dataset)
         else:
             grey, provenance = _load_pil(data, fmt, limits)
         grey = grey.map(unit_range) if isinstance(grey, IndexedGrey) else unit_range(grey)
@@ -170,8 +173,8 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
 
 
 def _load_dicom(data: bytes, raw: bool, frames: FramePolicy, voi_window: int, floor: ReducedDecodeFloor | None,
-                limits: DecodeLimits) -> tuple[np.ndarray | IndexedGrey, list[str]]:
-    ds = read_dataset(data, raw=raw)
+                limits: DecodeLimits, dataset: pydicom.Dataset | None) -> tuple[np.ndarray | IndexedGrey, list[str]]:
+    ds = read_dataset(data, raw=raw) if dataset is None else dataset
     if not any(k in ds for k in PIXEL_DATA_KEYWORDS):
         # pydicom stops quietly at the end of a truncated file, dropping a
         # partial Pixel Data element; if its tag is in the bytes, say so.

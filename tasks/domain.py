@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import pydicom
 import torch
 from sklearn.covariance import LedoitWolf
 from torch import nn
@@ -81,11 +82,14 @@ class ImageFacts:
         return cls(values, int(rows or 0), int(columns or 0))
 
 
-def request_facts(data: bytes) -> ImageFacts:
-    """A request's header facts, read as ingest reads a training file's (the pixel data left
-    unread: a request's decode has read it already). Raises UnreadableImage."""
+def request_facts(data: bytes, header: pydicom.Dataset | None = None) -> ImageFacts:
+    """A request's header facts, read as ingest reads a training file's. `header`: its DICOM
+    data set already parsed, as read before decoding (None: its header is read here, the
+    pixel data left unread). Raises UnreadableImage."""
     fmt = detect_format(data)
-    return ImageFacts.from_record(header_facts(data, fmt, read_dicom_header(data, fmt, pixels=False)))
+    if header is None:
+        header = read_dicom_header(data, fmt, pixels=False)
+    return ImageFacts.from_record(header_facts(data, fmt, header))
 
 
 @dataclass(frozen=True)

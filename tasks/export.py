@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pandas as pd
+import pydicom
 import torch
 from onnx import TensorProto
 from onnx import helper as oh
@@ -301,10 +302,11 @@ class ServedDecode:
         return cls.from_metadata(preprocessing_metadata(PreprocessSpec.from_config(preprocess), preprocess.voi_window,
                                                         preprocess.frames), DecodeLimits.from_config(preprocess))
 
-    def __call__(self, path: Path, data: bytes | None = None) -> np.ndarray:
-        """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read). Raises UnreadableImage."""
+    def __call__(self, path: Path, data: bytes | None = None, dataset: pydicom.Dataset | None = None) -> np.ndarray:
+        """A DICOM/PNG/JPEG as grey [0, 1] (`data`: its bytes already read; `dataset`: its DICOM
+        data set already parsed from them). Raises UnreadableImage."""
         return load_grey(path, data=data, frames=self.frame, voi_window=self.voi_window,
-                         floor=self.floor, limits=self.limits)[0]
+                         floor=self.floor, limits=self.limits, dataset=dataset)[0]
 
 
 def decisions(outputs: np.ndarray, threshold: float, positive_index: int) -> np.ndarray:

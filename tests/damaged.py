@@ -310,3 +310,11 @@ def add_fuzzed_files(root: Path, seed: int, count: int) -> tuple[DataConfig, dic
     pd.concat([manifest, extra]).to_csv(root / "manifest.csv", index=False)
     return DataConfig(root=root, manifest=root / "manifest.csv", task=TaskKind.CLASSIFICATION,
                       label_names=["benign", "malignant"]), cases
+
+
+def without_preamble_and_meta(data: bytes) -> bytes:
+    """A DICOM file's data set alone: the 128-byte preamble, "DICM" and the file meta cut off."""
+    # The file meta starts with (0002,0000) UL, explicit VR little endian: the
+    # group's length in bytes after this 12-byte element.
+    assert data[128:140] == b"DICM\x02\x00\x00\x00UL\x04\x00"
+    return data[144 + struct.unpack("<I", data[140:144])[0]:]

@@ -36,6 +36,7 @@ from tasks.preprocess import preprocess_file
 from tasks.rejects import RejectKind, UnreadableImage
 from tasks.transforms import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, to_model_input
 from tasks.voi import IndexedGrey, expanded
+from tests import damaged
 from tests.conftest import MIXED_REJECTS
 
 
@@ -49,14 +50,6 @@ def data_file(name: str) -> Path:
 # Made by tests/data/make_htj2k.py: pydicom-data has no HTJ2K file.
 HTJ2K_FILE = Path(__file__).parent / "data" / "MR_small_htj2k.dcm"
 HTJ2K_CR_CROP = Path(__file__).parent / "data" / "RG1_crop_htj2k.dcm"  # unsigned, 256 x 256
-
-
-def without_preamble_and_meta(data: bytes) -> bytes:
-    """A DICOM file's data set alone: the 128-byte preamble, "DICM" and the file meta cut off."""
-    # The file meta starts with (0002,0000) UL, explicit VR little endian: the
-    # group's length in bytes after this 12-byte element.
-    assert data[128:140] == b"DICM\x02\x00\x00\x00UL\x04\x00"
-    return data[144 + struct.unpack("<I", data[140:144])[0]:]
 
 
 def edited(tmp_path: Path, name: str, **elements) -> Path:
@@ -487,7 +480,7 @@ def test_deflated_explicit_vr_is_the_inflated_data_sets_pixels():
     # Inflate it with zlib and take the 8-bit pixels straight from the inflated
     # Pixel Data bytes, so neither pydicom's inflate nor its decoder makes the reference.
     data = data_file("image_dfl.dcm").read_bytes()
-    ds = pydicom.dcmread(io.BytesIO(zlib.decompress(without_preamble_and_meta(data), -zlib.MAX_WBITS)), force=True)
+    ds = pydicom.dcmread(io.BytesIO(zlib.decompress(damaged.without_preamble_and_meta(data), -zlib.MAX_WBITS)), force=True)
     stored = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
     grey, provenance = load_grey(data_file("image_dfl.dcm"))
     np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
@@ -568,7 +561,7 @@ def test_dicom_without_preamble_or_file_meta_gives_the_same_pixels(tmp_path, nam
     # own encoding (explicit or implicit VR, little or big endian), and the
     # provenance says so.
     bare = tmp_path / "bare"
-    bare.write_bytes(without_preamble_and_meta(data_file(name).read_bytes()))
+    bare.write_bytes(damaged.without_preamble_and_meta(data_file(name).read_bytes()))
     grey, provenance = load_grey(bare)
     reference, reference_provenance = load_grey(data_file(name))
     np.testing.assert_array_equal(grey, reference)
@@ -652,7 +645,7 @@ def test_rejects_compressed_dicom_without_file_meta(tmp_path):
     # The data set's encoding says nothing about which codec compressed the
     # pixels, so no transfer syntax can be inferred: reject, do not guess.
     bare = tmp_path / "bare_j2k"
-    bare.write_bytes(without_preamble_and_meta(data_file("MR_small_jp2klossless.dcm").read_bytes()))
+    bare.write_bytes(damaged.without_preamble_and_meta(data_file("MR_small_jp2klossless.dcm").read_bytes()))
     reject = rejected(bare)
     assert (reject.kind, reject.detail) == (RejectKind.UNSUPPORTED_SYNTAX,
                                             "compressed pixel data but no transfer syntax in the file meta")

@@ -26,10 +26,11 @@ from pydicom.uid import MPEG2MPML
 
 from configs import DomainPolicy, ServeConfig
 from sample_data.breastmnist import BUNDLED_NPZ, ultrasound_dicom
-from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Service, Settings, batch_lanes, create_app
+from serve.app import API_KEY_HEADER, REQUEST_NAME, STATUS_FOR_KIND, Service, Settings, create_app, session_threads
 from serve.batching import MicroBatcher
 from tasks.champion import open_served_model
 from tasks.decode import load_grey
+from tasks.domain import request_facts
 from tasks.export import NORMALISED_FILE, export_self_contained, read_metadata
 from tasks.preprocess import resolve_workers
 from tasks.register import register_model, tracking_run
@@ -324,6 +325,19 @@ def test_requests_are_decoded_with_the_training_voi_window(champion_registry, tm
     assert np.abs(served - load_grey(path, voi_window=0)[0]).mean() > 0.01
 
 
+@pytest.mark.parametrize(("name", "bare"), [("CT_small.dcm", False), ("US1_J2KR.dcm", False), ("MR_small.dcm", True)])
+def test_a_request_parsed_once_gets_the_facts_and_pixels_of_separate_reads(champion_registry, name, bare):
+    """prepare parses a body's header once for its facts and its decode: the same answers as
+    reading each apart (a bare data set, with no file meta, is one whose transfer syntax the
+    decode infers and writes into the parsed header)."""
+    _, _, full = champion_registry
+    model = open_served_model("serve-test", "1", "fp32", full)
+    body = damaged.without_preamble_and_meta(dicom_bytes(name)) if bare else dicom_bytes(name)
+    prepared = model.prepare(REQUEST_NAME, body)
+    assert prepared.facts == request_facts(body)
+    np.testing.assert_array_equal(prepared.crop, model.spec.to_uint8(model.decode(REQUEST_NAME, body))[0])
+
+
 def test_the_served_session_waits_without_spinning(champion_registry):
     """Requests are decoded beside a running batch: the served session's threads must not spin
     on the cores those decodes need (benchmarks/RESULTS.md, issue 16, the service)."""
@@ -445,19 +459,23 @@ def test_micro_batcher_runs_up_to_its_lanes_of_full_batches_at_once(lanes):
     assert sizes == [4, 4] and most_at_once == lanes
 
 
-@pytest.mark.parametrize(("configured", "cores", "on_gpu", "expected"), [
-    (None, 2, False, (2, 1)), (None, 8, False, (2, 4)), (None, 1, False, (1, 1)),
-    (3, 2, False, (3, 1)), (None, 16, True, (1, None)), (2, 16, True, (2, None))])
-def test_cpu_lanes_share_the_cores_and_a_gpu_runs_one_batch(configured, cores, on_gpu, expected):
-    assert batch_lanes(configured, cores, on_gpu) == expected
+@pytest.mark.parametrize(("lanes", "cores", "on_gpu", "expected"), [
+    (1, 2, False, None), (2, 2, False, 1), (2, 8, False, 4), (3, 2, False, 1), (1, 16, True, None)])
+def test_concurrent_batches_share_the_cpu_cores_and_leave_a_gpu_session_its_default(lanes, cores, on_gpu, expected):
+    assert session_threads(lanes, cores, on_gpu) == expected
 
 
-def test_the_service_runs_two_lanes_on_a_cpu_each_on_its_share_of_the_cores(service):
-    server, _ = service
-    cores = resolve_workers(None)
-    assert httpx.get(f"{server.url}/readyz").json()["concurrent_batches"] == min(2, cores)
-    options = server.app.state.service.model.session.get_session_options()
-    assert options.intra_op_num_threads == max(1, cores // min(2, cores))
+def test_the_service_runs_its_configured_batches_at_once_each_on_its_share_of_the_cores(champion_registry):
+    config, _, _ = champion_registry
+    settings = Settings(config.registry.tracking_uri, config.registry.model_name,
+                        ServeConfig(concurrent_batches=2), api_key=None)
+    server = LiveServer(create_app(settings))
+    try:
+        assert httpx.get(f"{server.url}/readyz").json()["concurrent_batches"] == 2
+        options = server.app.state.service.model.session.get_session_options()
+        assert options.intra_op_num_threads == max(1, resolve_workers(None) // 2)
+    finally:
+        server.stop()
 
 
 def test_a_batch_answers_each_request_with_the_model_that_cropped_it(champion_registry):
