@@ -13,8 +13,6 @@ splits only.
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -247,10 +245,13 @@ class BudgetSpent(optuna.TrialPruned):
     """The search's time budget ran out during this trial."""
 
 
-def checkpoint_folder(root: Path, params: dict) -> Path:
-    """One folder per set of settings, so a retried trial finds the checkpoint of the one it retries."""
-    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
-    return root / f"trial-{digest[:16]}"
+def checkpoint_folder(root: Path, trial: optuna.trial.FrozenTrial) -> Path:
+    """One folder per trial, which a retry of it shares (so it resumes from its checkpoint). Not one per
+    set of settings: TPE may run the same settings twice at once, and one must not delete the other's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+    return root / f"trial-{trial.number if retried is None else retried}"
 
 
 def run_trial(ref: StudyRef, trial_id: int, config: PipelineConfig, params: dict, data: TrialData,
@@ -283,7 +284,7 @@ def run_trial(ref: StudyRef, trial_id: int, config: PipelineConfig, params: dict
         if deadline is not None and now + epoch_seconds > deadline:  # another epoch would overrun it
             raise BudgetSpent(f"time budget spent after epoch {epoch.epoch}")
 
-    checkpoints = checkpoint_folder(work_dir / "checkpoints", params)
+    checkpoints = checkpoint_folder(work_dir / "checkpoints", storage.get_trial(trial_id))
     features = DiskFeatureStore(work_dir / "features")
     state, value, note = TrialState.FAIL, None, ""
     with heartbeat(storage, trial_id):

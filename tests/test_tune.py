@@ -148,7 +148,8 @@ def test_a_killed_search_resumes_and_retries_its_running_trial_from_its_checkpoi
     trial_config = config.with_params(params)
     ingested = ingest_dataset(trial_config.data, trial_config.seed, trial_config.patient_salt())
     prepared = preprocess_dataset(ingested.manifest, trial_config.data.root, trial_config.preprocess)
-    checkpoints = checkpoint_folder(config.run_dir / "tune" / ref.name / "checkpoints", params)
+    checkpoints = checkpoint_folder(config.run_dir / "tune" / ref.name / "checkpoints",
+                                    ref.storage().get_trial(killed._trial_id))
 
     def killed_after_first_epoch(epoch):
         if epoch.epoch == 1:
@@ -171,6 +172,30 @@ def test_a_killed_search_resumes_and_retries_its_running_trial_from_its_checkpoi
     assert retry.user_attrs["epochs"] == 1  # resumed after the checkpointed epoch: one of two left
     assert resumed.trials == {"COMPLETE": 3, "PRUNED": 0, "FAIL": 1}
     assert not checkpoints.exists()
+
+
+def test_trials_with_the_same_settings_checkpoint_apart_and_a_retry_shares_its_trials_folder(tmp_path):
+    # TPE may run the same settings twice at once: when one ends it deletes its folder, which must
+    # not be the other's. A retry (heartbeat gone stale) resumes from the checkpoint of the trial it retries.
+    study = optuna.create_study()
+    lr = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    for _ in range(2):
+        study.enqueue_trial({"train.lr": 1e-3})
+    first, twin = study.ask(lr), study.ask(lr)
+    assert first.params == twin.params
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[first.number])
+    retry = study.ask(lr)
+    study.tell(retry, state=optuna.trial.TrialState.FAIL)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, study.trials[retry.number])
+    retry_of_retry = study.ask(lr)
+
+    root = tmp_path / "checkpoints"
+    folder = {trial.number: checkpoint_folder(root, study.trials[trial.number])
+              for trial in (first, twin, retry, retry_of_retry)}
+    assert folder[first.number] != folder[twin.number]
+    assert folder[retry.number] == folder[retry_of_retry.number] == folder[first.number]
+    assert len({first.number, twin.number, retry.number, retry_of_retry.number}) == 4
 
 
 def test_a_trial_behind_the_median_is_pruned_after_its_epoch(tmp_path, breast_dicom_dir, backbone_file):
