@@ -69,6 +69,29 @@ def _park_reactor(assoc: Association) -> Association:
     return assoc
 
 
+class _DroppedAnswers(logging.Handler):
+    """pynetdicom's own report of an answer its reactor took off the queue and dropped
+    ("Received unexpected ... service message", issue #875), counted per association thread.
+    A C-FIND that lost a pending answer still ends in success, one match short: the count lets
+    it search again instead (`_park_reactor` makes the race rare, not impossible: under load
+    its 3 ms may not be enough)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self._counts: dict[int, int] = {}  # thread ident -> reports; each thread writes only its own
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Received unexpected"):
+            self._counts[record.thread] = self._counts.get(record.thread, 0) + 1
+
+    def reported(self, assoc: Association) -> int:
+        return self._counts.get(assoc.ident, 0)
+
+
+_DROPPED = _DroppedAnswers()
+logging.getLogger("pynetdicom.association").addHandler(_DROPPED)  # where pynetdicom reports it
+
+
 def _find_identifier(level: str, **keys: str | None) -> Dataset:
     """A C-FIND/C-GET/C-MOVE identifier; None or "": a return key (universal matching)."""
     ds = Dataset()
@@ -177,12 +200,14 @@ class DimsePacs:
     def _c_find(self, identifier: Dataset) -> list[Dataset]:
         def call() -> list[Dataset]:
             with self._lend("find") as lent:
-                found, status = [], None
+                found, status, dropped = [], None, _DROPPED.reported(lent.assoc)
                 for status, answer in _park_reactor(lent.assoc).send_c_find(identifier, FIND):
                     if status and status.Status in PENDING and answer is not None:
                         found.append(answer)
                 if not status:
                     raise Transient("C-FIND got no answer in time")
+                if _DROPPED.reported(lent.assoc) != dropped:
+                    raise Transient("pynetdicom dropped a C-FIND answer (its issue #875)")
             if status.Status != SUCCESS:
                 raise PacsRefused(f"PACS {self.name} refused a C-FIND with status 0x{status.Status:04X}")
             return found
