@@ -67,7 +67,8 @@ DEFAULT_LIMITS = DecodeLimits.from_config(PreprocessConfig())
 
 def load_grey(path: Path, *, data: bytes | None = None, frames: FramePolicy = FramePolicy.MIDDLE,
               voi_window: int = 0, floor: ReducedDecodeFloor | None = None, limits: DecodeLimits = DEFAULT_LIMITS,
-              indexed: bool = False, dataset: pydicom.Dataset | None = None) -> tuple[np.ndarray | IndexedGrey, list[str]]:
+              indexed: bool = False,
+              dataset: pydicom.Dataset | None = None) -> tuple[np.ndarray | IndexedGrey, list[str]]:
     """Decode `path` to float32 HxW grey in [0, 1] (bright = dense) and its provenance.
 
     `data`, when given, is the file's content already read (so a caller that

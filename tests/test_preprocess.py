@@ -480,7 +480,8 @@ def test_deflated_explicit_vr_is_the_inflated_data_sets_pixels():
     # Inflate it with zlib and take the 8-bit pixels straight from the inflated
     # Pixel Data bytes, so neither pydicom's inflate nor its decoder makes the reference.
     data = data_file("image_dfl.dcm").read_bytes()
-    ds = pydicom.dcmread(io.BytesIO(zlib.decompress(damaged.without_preamble_and_meta(data), -zlib.MAX_WBITS)), force=True)
+    inflated = zlib.decompress(damaged.without_preamble_and_meta(data), -zlib.MAX_WBITS)
+    ds = pydicom.dcmread(io.BytesIO(inflated), force=True)
     stored = np.frombuffer(ds.PixelData, np.uint8).reshape(ds.Rows, ds.Columns)
     grey, provenance = load_grey(data_file("image_dfl.dcm"))
     np.testing.assert_allclose(grey, percentile_window(stored), atol=1e-6)
