@@ -47,11 +47,11 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from benchmarks.machine import machine
-from configs import PreprocessConfig
 import tasks.decode
 import tasks.preprocess
 import tasks.transforms
+from benchmarks.machine import machine
+from configs import PreprocessConfig
 from sample_data.breastmnist import ultrasound_dicom
 from tasks.cache import ImageCache
 from tasks.io import markdown_table, write_bytes_atomic

@@ -118,7 +118,7 @@ LIBRARIES = (("dicomweb_client", "dicomweb-client"), ("/requests/", "requests"),
 
 def _library(filename: str, function: str) -> str:
     where = f"{filename}:{function}"
-    return next((name for key, name in LIBRARIES if key in where), "other (builtins, os, hashlib, ...)")
+    return next((name for key, name in LIBRARIES if key in where), "other (builtins and the rest)")
 
 
 def profile_by_library(pacs: DicomWebPacs, refs, store_dir: Path) -> dict[str, float]:
