@@ -254,12 +254,20 @@ def checkpoint_folder(root: Path, trial: optuna.trial.FrozenTrial) -> Path:
     return root / f"trial-{trial.number if retried is None else retried}"
 
 
+def completed_twin(study: optuna.Study, params: dict) -> optuna.trial.FrozenTrial | None:
+    """The first completed trial with exactly these settings, if any. TPE samples a discrete
+    space's favourite points again and again; training one of them twice buys nothing but noise."""
+    return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params == params),
+                None)
+
+
 def run_trial(ref: StudyRef, trial_id: int, config: PipelineConfig, params: dict, data: TrialData,
               parent_run_id: str, work_dir: Path, deadline: float | None) -> TrialOutcome:
     """Train one trial's config, reporting the validation metric each epoch; tell the study how it ended.
 
     The trial is pruned when the pruner says so, or stopped when wall-clock `deadline`
-    (seconds since the epoch) has passed; an error fails this trial only.
+    (seconds since the epoch) has passed; an error fails this trial only. Settings that an
+    earlier trial completed are not trained again: the trial takes that trial's value.
     """
     storage = ref.storage()
     study = optuna.load_study(study_name=ref.name, storage=storage, pruner=make_pruner(config.tune))
@@ -289,11 +297,15 @@ def run_trial(ref: StudyRef, trial_id: int, config: PipelineConfig, params: dict
     state, value, note = TrialState.FAIL, None, ""
     with heartbeat(storage, trial_id):
         try:
-            result = train_model(config.model, config.train, config.task_spec, config.seed, train, val,
-                                 tracking_uri=config.registry.tracking_uri, on_epoch_end=after_epoch,
-                                 checkpoint_dir=checkpoints, feature_store=features)
-            state, value = TrialState.COMPLETE, result.best_metric
-            note = f"{result.strategy.value}, best epoch {result.best_epoch}"
+            if (twin := completed_twin(study, params)) is not None:
+                state, value = TrialState.COMPLETE, twin.value
+                note = f"same settings as trial {twin.number}: its value, not trained again"
+            else:
+                result = train_model(config.model, config.train, config.task_spec, config.seed, train, val,
+                                     tracking_uri=config.registry.tracking_uri, on_epoch_end=after_epoch,
+                                     checkpoint_dir=checkpoints, feature_store=features)
+                state, value = TrialState.COMPLETE, result.best_metric
+                note = f"{result.strategy.value}, best epoch {result.best_epoch}"
         except optuna.TrialPruned as exc:  # told without a value: Optuna keeps its last reported one
             state, note = TrialState.PRUNED, str(exc)
         except Exception as exc:  # noqa: BLE001 - one bad trial must not end the search

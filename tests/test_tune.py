@@ -222,3 +222,37 @@ def test_a_trial_behind_the_median_is_pruned_after_its_epoch(tmp_path, breast_di
     child = client.get_run(frozen.user_attrs["mlflow_run_id"])
     assert child.info.status == "KILLED" and child.data.tags["mlflow.parentRunId"] == parent
     assert not (tmp_path / "work" / "checkpoints").exists() or not any((tmp_path / "work" / "checkpoints").iterdir())
+
+
+def test_settings_an_earlier_trial_completed_are_not_trained_again(tmp_path, breast_dicom_dir, backbone_file):
+    # TPE resamples a discrete space's best points; the repeat takes the earlier trial's value.
+    config = load_config(tune_config(tmp_path, breast_dicom_dir, backbone_file))
+    ref = StudyRef.for_config(config)
+    study = ref.open(config.tune, config.seed)
+    params = {"train.epochs": 2, "resolution": 32, "model.freeze": "full"}
+    distributions = {"train.epochs": optuna.distributions.CategoricalDistribution([1, 2]),
+                     "resolution": optuna.distributions.CategoricalDistribution([32, 48]),
+                     "model.freeze": optuna.distributions.CategoricalDistribution(["head", "full"])}
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=0.625,
+                                              intermediate_values={1: 0.6, 2: 0.625}))
+    repeat = study.ask(distributions)
+    other = study.ask(distributions)
+    client = MlflowClient(config.registry.tracking_uri)
+    parent = client.create_run(client.create_experiment("tune-unit")).info.run_id
+    trial_config = config.with_params(params)
+    ingested = ingest_dataset(trial_config.data, trial_config.seed, trial_config.patient_salt())
+    prepared = preprocess_dataset(ingested.manifest, trial_config.data.root, trial_config.preprocess)
+    data = {32: (prepared.split("train"), prepared.split("val"))}
+
+    outcome = tasks.tune.run_trial(ref, repeat._trial_id, trial_config, params, data, parent, tmp_path / "work",
+                                   deadline=None)
+    assert (outcome.state, outcome.value) == ("COMPLETE", 0.625)
+    assert outcome.note == "same settings as trial 0: its value, not trained again"
+    assert study.trials[repeat.number].user_attrs["epochs"] == 0
+    assert client.get_run(study.trials[repeat.number].user_attrs["mlflow_run_id"]).data.metrics["value"] == 0.625
+
+    # Other settings train (here the median pruner stops them after their one epoch).
+    other_params = {**params, "train.epochs": 1}
+    outcome = tasks.tune.run_trial(ref, other._trial_id, config.with_params(other_params), other_params, data, parent,
+                                   tmp_path / "work", deadline=None)
+    assert study.trials[other.number].user_attrs["epochs"] == 1 and not outcome.note.startswith("same settings")
