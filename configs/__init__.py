@@ -381,7 +381,7 @@ class DomainConfig(Strict):
 
     method: NoveltyMethod = NoveltyMethod.MAHALANOBIS
     knn_k: Annotated[int, Field(gt=0)] = 5  # method knn
-    # The novelty threshold: this quantile of the in-domain validation images' scores.
+    # The novelty threshold: this quantile of the in-domain validation images' scores (split conformal's rank).
     quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
     # Image rows and columns may lie this fraction outside the range seen in training.
     size_margin: Annotated[float, Field(ge=0)] = 0.25

@@ -8,7 +8,8 @@ Fitted at training time from the training split, thresholded on the validation s
 - **image novelty**: how far an image's penultimate backbone features lie from the training
   images' (`NoveltyMethod`): the Mahalanobis distance to their mean under scikit-learn's
   Ledoit-Wolf shrunk covariance, or the cosine distance to the k-th nearest training image;
-- **threshold**: a quantile (`domain.quantile`, 0.99) of the in-domain validation images' scores.
+- **threshold**: the validation score at `domain.quantile` (0.99) by split conformal's finite-sample
+  rank (`conformal_rank`), so that an in-domain image is rejected with probability at most 1 - q.
 
 The novelty score is a torch module, so the exported ONNX graph computes it from the very
 features the head reads (output `domain_score`), and the parity gate compares it with PyTorch.
@@ -20,6 +21,7 @@ data (a kind and its values), rendered to text only where they leave the program
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Mapping, Sequence
@@ -309,13 +311,27 @@ class DomainFit:
         return params | {f"domain_{k}": v for k, v in c.parameters.items()}
 
 
+def conformal_rank(n: int, quantile: float) -> int:
+    """Which validation score (1-based, ascending, of `n`) thresholds at `quantile`: split
+    conformal's ceil((n + 1) q). An exchangeable in-domain image then scores above it with
+    probability at most 1 - q, where the plain empirical quantile falls short of q on a small
+    split. Past n (under q / (1 - q) scores, 99 for 0.99) no score supports q: the largest."""
+    return min(math.ceil((n + 1) * quantile - 1e-9), n)  # the epsilon: (n + 1) q in floating point
+
+
+def expected_false_rejection(n: int, quantile: float) -> float:
+    """The rate conformal_rank's threshold guarantees in expectation: an exchangeable in-domain
+    image scores above the k-th of n validation scores with probability (n + 1 - k) / (n + 1)."""
+    return (n + 1 - conformal_rank(n, quantile)) / (n + 1)
+
+
 def fit_domain(train_features: np.ndarray, val_features: np.ndarray, train_manifest: pd.DataFrame,
                config: DomainConfig) -> DomainFit:
     """Fit the novelty score on the training features; threshold at `config.quantile` of the
-    validation scores; header facts from the training rows of the manifest."""
+    validation scores (`conformal_rank`); header facts from the training rows of the manifest."""
     novelty, parameters = fit_novelty(train_features, config.method, config.knn_k)
     val_scores = novelty_scores(novelty, val_features)
-    threshold = float(np.quantile(val_scores, config.quantile))
+    threshold = float(np.sort(val_scores)[conformal_rank(len(val_scores), config.quantile) - 1])
     check = DomainCheck(config.method, threshold, config.quantile, TrainingFacts.from_manifest(train_manifest),
                         config.size_margin, parameters)
     return DomainFit(check, novelty, val_scores)

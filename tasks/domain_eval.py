@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -27,8 +28,8 @@ from sklearn import metrics as skm
 
 from configs import OutOfDomainGroup, OutOfDomainSource, PipelineConfig
 from models.resnet import TransferResNet
-from tasks.domain import DomainCheck, DomainFit, Fact, ImageFacts, fit_domain, image_features, novelty_scores, \
-    request_facts, verdicts
+from tasks.domain import DomainCheck, DomainFit, Fact, ImageFacts, conformal_rank, expected_false_rejection, \
+    fit_domain, image_features, novelty_scores, request_facts, verdicts
 from tasks.export import ServedDecode
 from tasks.ingest import SPLITS
 from tasks.io import markdown_table
@@ -188,6 +189,7 @@ class DomainEvaluation:
                 "domain_test_false_rejection_rate_ci_high": self.false_rejection_interval[1],
                 "domain_test_false_rejection_rate_novelty": self.false_rejection_novelty,
                 "domain_val_images": self.val_images,
+                "domain_expected_false_rejection_bound": self.expected_false_rejection,
                 "domain_out_of_domain_undecodable": self.undecodable}
         for g in self.groups:
             name = g.group.value
@@ -196,11 +198,24 @@ class DomainEvaluation:
                      f"domain_flagged_{name}": g.flagged, f"domain_flagged_by_novelty_{name}": g.flagged_by_novelty}
         return flat
 
+    @property
+    def expected_false_rejection(self) -> float:
+        return expected_false_rejection(self.val_images, self.quantile)
+
+    def threshold_text(self) -> str:
+        rank, n = conformal_rank(self.val_images, self.quantile), self.val_images
+        text = (f"threshold **{self.threshold:.4g}** = validation score {rank} of {n} in ascending order (the "
+                f"{self.quantile:g} quantile by split conformal's rank): an in-domain image is expected to be "
+                f"rejected on novelty with probability at most {self.expected_false_rejection:.1%}.")
+        if self.expected_false_rejection > 1 - self.quantile:
+            text += (f" {n} validation images cannot support the {self.quantile:g} quantile (that needs "
+                     f"{math.ceil(self.quantile / (1 - self.quantile) - 1e-9)}), so the largest score is the threshold.")
+        return text
+
     def body(self) -> str:
         """Markdown for the evaluation report and the model card."""
         level = f"{self.confidence:.0%} CI (bootstrap)"
-        lines = [f"Novelty score: {self.method} on the penultimate features; threshold **{self.threshold:.4g}** "
-                 f"= the {self.quantile:g} quantile of the {self.val_images} validation images' scores. An input "
+        lines = [f"Novelty score: {self.method} on the penultimate features; {self.threshold_text()} An input "
                  "is out of domain "
                  "when its score is above the threshold or a header fact (file format, Modality, "
                  "PhotometricInterpretation, SOP class, BodyPartExamined, size) was never seen in training.", "",

@@ -19,8 +19,8 @@ from sklearn.neighbors import NearestNeighbors
 from configs import (DomainConfig, ExportConfig, Fit, NoveltyMethod, OutOfDomainGroup, OutOfDomainSource,
                      PreprocessConfig, TaskKind)
 from tasks.champion import open_served_model
-from tasks.domain import (DOMAIN_OUTPUT, DomainCheck, Fact, ReasonKind, fit_domain, fit_novelty, image_features,
-                          judge, novelty_scores, request_facts)
+from tasks.domain import (DOMAIN_OUTPUT, DomainCheck, Fact, ReasonKind, expected_false_rejection, fit_domain,
+                          fit_novelty, image_features, judge, novelty_scores, request_facts)
 from tasks.domain_eval import PYDICOM_IMAGES, evaluate_domain, held_out_images, prepare_held_out
 from tasks.export import (NORMALISED_FILE, SELF_CONTAINED_FILE, ServedDecode, open_session,
                           run_self_contained_outputs, serving_metadata)
@@ -74,8 +74,14 @@ def test_knn_score_is_the_cosine_distance_to_the_kth_neighbour(breast_features):
 
 def test_threshold_is_the_validation_quantile_and_facts_come_from_the_training_headers(breast_features, breast_facts):
     fit = fit_domain(breast_features["train"], breast_features["val"], breast_facts, DomainConfig(quantile=0.9))
-    assert fit.check.threshold == pytest.approx(np.quantile(fit.val_scores, 0.9))
-    assert (fit.val_scores > fit.check.threshold).mean() == pytest.approx(0.1, abs=1 / len(fit.val_scores))
+    n = len(fit.val_scores)
+    # Split conformal's rank, ceil((n + 1) q): never below the empirical quantile, which on a small
+    # split rejects more than 1 - q of in-domain images.
+    rank = int(np.ceil((n + 1) * 0.9))
+    assert rank < n and fit.check.threshold == np.sort(fit.val_scores)[rank - 1]
+    assert fit.check.threshold >= np.quantile(fit.val_scores, 0.9)
+    assert (fit.val_scores > fit.check.threshold).sum() == n - rank
+    assert expected_false_rejection(n, 0.9) == (n + 1 - rank) / (n + 1) <= 0.1
     facts = fit.check.facts
     assert facts.seen == {Fact.FORMAT: ("dicom",), Fact.MODALITY: ("US",), Fact.PHOTOMETRIC: ("MONOCHROME2",),
                           Fact.SOP_CLASS: ("Ultrasound Image Storage",)}  # the sample has no BodyPartExamined
@@ -198,7 +204,11 @@ def test_held_out_images_by_modality_and_the_evaluation_report(breast_features, 
     metrics = result.mlflow_metrics()
     assert metrics["domain_auroc_other_modality"] == other.auroc and "domain_threshold" in metrics
     body = result.body()
-    assert f"quantile of the {len(breast_features['val'])} validation images' scores" in body
+    n = len(breast_features["val"])  # fewer than the 99 a 0.99 quantile needs: the largest score
+    assert fit.check.threshold == fit.val_scores.max() and n < 99
+    assert f"validation score {n} of {n} in ascending order" in body
+    assert f"at most {1 / (n + 1):.1%}. {n} validation images cannot support the 0.99 quantile (that needs 99)" in body
+    assert metrics["domain_expected_false_rejection_bound"] == 1 / (n + 1)
     assert f"[{low:.1%}, {high:.1%}] (95% exact binomial interval" in body
     assert metrics["domain_test_false_rejection_rate_ci_high"] == high
     assert "| other modality | 2 |" in body and "Skipped: other_modality: folder /nonexistent/nih is absent." in body
