@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import random
+import threading
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -48,12 +49,25 @@ class FeatureStore(Protocol):
         """The features stored under `key`, computing and storing them first if absent."""
 
 
-class ImageDataset(Dataset):
-    """uint8 images (H, W) and targets; `augment` (training only) maps a uint8 (1, H, W) image."""
+# torch's global generator is one per process, and tuning trains trials side by side in threads
+# (flows/tune.py). Whatever draws from it (a model's initial weights, an image's augmentation)
+# does so under this lock from a seed of its own, so a trial trains what its seed gives alone.
+GLOBAL_RNG = threading.Lock()
 
-    def __init__(self, split: SplitData, augment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+
+class ImageDataset(Dataset):
+    """uint8 images (H, W) and targets; `augment` (training only) maps a uint8 (1, H, W) image.
+
+    An image's augmentation is drawn from (seed, epoch, index), so it is the same in any thread,
+    worker process or resumed run; set `epoch` before each pass. (A class-balanced epoch that draws
+    an image twice augments it the same way twice.)
+    """
+
+    def __init__(self, split: SplitData, augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 seed: int = 0):
         self.split = split
         self.augment = augment
+        self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.split)
@@ -61,7 +75,10 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = torch.from_numpy(np.asarray(self.split.images[index]))
         if self.augment is not None:
-            image = self.augment(image[None])[0]
+            draws = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            with GLOBAL_RNG:
+                torch.manual_seed(draws)
+                image = self.augment(image[None])[0]
         return image, torch.tensor(self.split.targets[index])
 
 
@@ -275,7 +292,6 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
     take seconds and are not checkpointed; with `feature_store`, their one feature pass
     is shared by every call that has the same backbone and images.)
     """
-    seed_everything(seed)
     task = spec.kind
     device = select_device(settings.device)
     choice = training_precision(settings.precision, settings.channels_last, device.type, cpu_info(),
@@ -284,7 +300,9 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
     # Everything below (and the checkpoint fingerprint) sees the precision actually used.
     settings = settings.model_copy(update={"precision": choice.precision, "channels_last": choice.channels_last})
     num_outputs, (mean, std) = spec.num_outputs, target_scale(spec, train.targets)
-    model, weights = build_model(model_config, task, num_outputs, mean, std, tracking_uri=tracking_uri)
+    with GLOBAL_RNG:
+        seed_everything(seed)
+        model, weights = build_model(model_config, task, num_outputs, mean, std, tracking_uri=tracking_uri)
     strategy, reason = resolve_freeze(model_config, len(train), weights.pretrained)
     log.info("backbone: %s; strategy %s (%s)", weights.describe(), strategy.value, reason)
     apply_freeze(model, strategy, model_config.frozen_stages)
@@ -300,7 +318,7 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
         features = backbone_features(model, weights, model_config.arch, settings, feature_store)
         return _fit_head_on_features(settings, spec, model, train, val, result, on_epoch_end, features)
     augment = build_augmentation(settings.augment, train.images.shape[-1])
-    dataset = ImageDataset(train, augment)
+    dataset = ImageDataset(train, augment, seed)
     prepare = lambda images: model_input(images, device, settings.channels_last)  # noqa: E731
     forward: Callable[[torch.Tensor], torch.Tensor] = model.standardised
     if settings.compile and device.type == "cuda":
@@ -350,6 +368,7 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
         phase = FreezeStrategy.HEAD if epoch <= warmup_epochs else strategy
         frozen = apply_freeze(model, phase, model_config.frozen_stages)
         set_train_mode(model, frozen)
+        dataset.epoch = epoch
         loss, seen, data_seconds, compute_seconds = run_epoch(
             loader, prepare, forward, criterion, optimizer, scheduler, device, settings.precision,
             f"epoch {epoch}/{settings.epochs}")

@@ -1,6 +1,8 @@
 """Training strategies on real BreastMNIST images at 64 px: cached-feature heads, discriminative
 learning rates and gradual unfreezing, class balance, augmentation, bf16 and resume."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from models.resnet import apply_freeze, build_model
 from tasks.evaluate import compute_metrics, predict
 from tasks.preprocess import SplitData
 from tasks.train import (ImageDataset, build_augmentation, class_weights, extract_features, fit_linear_head,
-                         make_loader, param_groups, standardise_features)
+                         make_loader, param_groups, standardise_features, train_model)
 from tests.test_train_evaluate import breast_splits, config_for, fit  # noqa: F401  (module fixture)
 
 
@@ -232,3 +234,21 @@ def test_head_runs_share_one_feature_pass_through_a_store(tmp_path, breast_split
     assert shared.best_metric == pytest.approx(alone.best_metric, abs=1e-6)
     fit(weak, SplitData(train.images[:20], train.targets[:20]), val, feature_store=store)
     assert store.passes == 3  # other images: a new pass for them, the val features reused
+
+
+def test_trainings_in_parallel_threads_end_as_they_do_alone(tmp_path, breast_splits):
+    # Tuning runs trials side by side in threads of one process, which share torch's global
+    # generator: each must still train the weights its seed gives alone.
+    config = configured(tmp_path, {"weights": "none", "freeze": "full"}, epochs=2, precision="fp32",
+                        augment={"enabled": True})
+    train, val = breast_splits["train"], breast_splits["val"]
+
+    def run(seed):
+        return train_model(config.model, config.train, config.task_spec, seed, train, val).model.state_dict()
+
+    alone = {seed: run(seed) for seed in (0, 1)}
+    with ThreadPoolExecutor(2) as pool:
+        together = dict(zip((0, 1), pool.map(run, (0, 1))))
+    for seed in (0, 1):
+        for key, value in alone[seed].items():
+            assert torch.equal(together[seed][key], value), (seed, key)
