@@ -256,7 +256,7 @@ def checkpoint_folder(root: Path, trial: optuna.trial.FrozenTrial) -> Path:
 
 def completed_twin(study: optuna.Study, params: dict) -> optuna.trial.FrozenTrial | None:
     """The first completed trial with exactly these settings, if any. TPE samples a discrete
-    space's favourite points again and again; training one of them twice buys nothing but noise."""
+    space's favourite points again and again, and a seeded training would only repeat its value."""
     return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.params == params),
                 None)
 
