@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -53,6 +54,15 @@ class FeatureStore(Protocol):
 # (flows/tune.py). Whatever draws from it (a model's initial weights, an image's augmentation)
 # does so under this lock from a seed of its own, so a trial trains what its seed gives alone.
 GLOBAL_RNG = threading.Lock()
+
+
+def _new_rng_lock_after_fork() -> None:
+    # A DataLoader worker forked while another thread held the lock would wait for it forever.
+    global GLOBAL_RNG
+    GLOBAL_RNG = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_rng_lock_after_fork)
 
 
 class ImageDataset(Dataset):

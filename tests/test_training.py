@@ -1,6 +1,7 @@
 """Training strategies on real BreastMNIST images at 64 px: cached-feature heads, discriminative
-learning rates and gradual unfreezing, class balance, augmentation, bf16 and resume."""
+learning rates and gradual unfreezing, class balance, augmentation, bf16, resume, and trainings side by side in threads."""
 
+import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+import tasks.train
 from configs import AugmentConfig, ClassBalance, FreezeStrategy, ModelConfig, PipelineConfig, Precision, TaskKind
 from models.resnet import apply_freeze, build_model
 from tasks.evaluate import compute_metrics, predict
@@ -252,3 +254,18 @@ def test_trainings_in_parallel_threads_end_as_they_do_alone(tmp_path, breast_spl
     for seed in (0, 1):
         for key, value in alone[seed].items():
             assert torch.equal(together[seed][key], value), (seed, key)
+
+
+def test_a_worker_forked_while_another_thread_augments_can_still_augment():
+    # DataLoader workers are forked; one forked while a parallel trial held the lock gets a free one.
+    def child(answer):
+        answer.put(tasks.train.GLOBAL_RNG.acquire(timeout=5))
+
+    context = multiprocessing.get_context("fork")
+    answer = context.Queue()
+    with tasks.train.GLOBAL_RNG:
+        worker = context.Process(target=child, args=(answer,))
+        worker.start()
+        acquired = answer.get(timeout=30)
+    worker.join(timeout=30)
+    assert acquired is True
