@@ -1,5 +1,6 @@
 """Training strategies on real BreastMNIST images at 64 px: cached-feature heads, discriminative
-learning rates and gradual unfreezing, class balance, augmentation, bf16, resume, and trainings side by side in threads."""
+learning rates and gradual unfreezing, class balance, augmentation, bf16, resume, and trainings
+side by side in threads."""
 
 import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
