@@ -24,8 +24,9 @@ every second, averaged over each 30 s of a level: a single sample swings by +-15
 with the batches in flight, so a plateau or a steady climb shows in the window means,
 not in first vs last. It ends with 32 clients posting one image (CT_small) against the
 raw network at batch 32 on that image, in alternating rounds (raw, then the service; the
-median round's ratio is the figure), and where the service's CPU goes per request: each stage timed alone (decode, resize and crop,
-normalise, network, JSON) against the server's whole CPU per request under load.
+median round's ratio is the figure), and where the service's CPU goes per request: each
+stage timed alone (decode, resize and crop, normalise, network, JSON) against the server's
+whole CPU per request under load.
 """
 
 from __future__ import annotations

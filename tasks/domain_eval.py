@@ -208,8 +208,9 @@ class DomainEvaluation:
                 f"{self.quantile:g} quantile by split conformal's rank): an in-domain image is expected to be "
                 f"rejected on novelty with probability at most {self.expected_false_rejection:.1%}.")
         if self.expected_false_rejection > 1 - self.quantile:
+            needed = math.ceil(self.quantile / (1 - self.quantile) - 1e-9)
             text += (f" {n} validation images cannot support the {self.quantile:g} quantile (that needs "
-                     f"{math.ceil(self.quantile / (1 - self.quantile) - 1e-9)}), so the largest score is the threshold.")
+                     f"{needed}), so the largest score is the threshold.")
         return text
 
     def body(self) -> str:
