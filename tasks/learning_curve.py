@@ -168,7 +168,11 @@ class LearningCurve:
                  f"With 2x the labels ({2 * n:,}), expect {name} {doubled[0]:.3f}{unit} "
                  f"[{doubled[1]:.3f}, {doubled[2]:.3f}] (an extrapolation beyond the largest set measured)."]
         gain = f"a doubling gains less than {self.flat_gain:g}{unit}"
-        if flat[0] <= n:
+        smallest = int(self.table["images"].min())
+        if flat[0] < smallest:  # the fit puts the bend below every size measured: say only that
+            lines.append(f"The curve is flat across the sizes measured ({smallest:,} to {n:,} images; {gain}): "
+                         "more labels of the same kind buy little.")
+        elif flat[0] <= n:
             lines.append(f"The curve has already flattened ({gain}) at about {flat[0]:,.0f} images "
                          f"[{flat[1]:,.0f}, {flat[2]:,.0f}]: more labels of the same kind buy little.")
         elif flat[0] > EXTRAPOLATION_LIMIT * n:

@@ -83,6 +83,24 @@ def test_curve_answer_gives_the_doubled_prediction_with_an_interval():
     assert len(curve.table) == 12
 
 
+def test_a_curve_flat_from_the_smallest_size_says_so_without_a_bend_below_it():
+    # As the NIH ages curve came out: the fit's bend lies below the smallest subset, at "about 1 image".
+    rng = np.random.default_rng(2)
+    targets = rng.integers(0, 2, 120).astype(float)
+    points = []
+    for size in (20, 40, 80, 160):
+        for seed in range(3):  # the same separation at every size
+            positive = 1 / (1 + np.exp(-4 * (0.5 * (targets - 0.5) + rng.normal(0, 0.35, len(targets)))))
+            outputs = np.stack([1 - positive, positive], axis=1)
+            points.append(CurvePoint(size, seed, size, size, "full", 5, 1.0,
+                                     compute_metrics(TaskKind.CLASSIFICATION, targets, outputs), outputs))
+    spec = TaskSpec(kind="classification", label_names=("benign", "malignant"))
+    curve = learning_curve(points, spec, targets, LearningCurveConfig(bootstrap_samples=100), seed=0)
+    assert curve.flat[0] < 20
+    assert "The curve is flat across the sizes measured (20 to 160 images; a doubling gains less than" in curve.answer()
+    assert "at about" not in curve.answer()
+
+
 def test_learning_curve_flow_trains_every_subset_and_publishes_the_answer(prefect_server, tmp_path,
                                                                           breast_dicom_dir):
     path = write_config(tmp_path, breast_dicom_dir, model={"weights": "none"}, preprocess={"resize": 37, "crop": 32},
