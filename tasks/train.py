@@ -259,22 +259,6 @@ def run_fingerprint(model_config: ModelConfig, settings: TrainConfig, spec: Task
     return digest.hexdigest()
 
 
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy_keys": torch.from_numpy(numpy_state[1].copy()),
-            "numpy_rest": (numpy_state[0], *numpy_state[2:]), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, *rest = state["numpy_rest"]
-    np.random.set_state((kind, state["numpy_keys"].numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """Written beside `path` and renamed into place: a kill mid-write leaves the previous one."""
     with atomic_path(path) as tmp:
@@ -296,9 +280,9 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
 
     `tracking_uri` is where `model.weights: mlflow:/...` source models are looked up.
     With `checkpoint_dir`, each epoch ends with an atomic checkpoint (model, optimizer,
-    scheduler, early stopping, RNG and data-order state); a later call with the same
-    settings and data resumes from it (`train.resume`) and ends with the same weights as
-    an uninterrupted run. The checkpoint is removed once training finishes. (`head` fits
+    scheduler, early stopping and data-order state; augmentation needs no random state, see
+    ImageDataset); a later call with the same settings and data resumes from it
+    (`train.resume`) and ends with the same weights as an uninterrupted run. The checkpoint is removed once training finishes. (`head` fits
     take seconds and are not checkpointed; with `feature_store`, their one feature pass
     is shared by every call that has the same backbone and images.)
     """
@@ -365,7 +349,6 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
         result.best_epoch, result.best_metric = saved["best_epoch"], saved["best_metric"]
         result.history = [EpochResult(**epoch) for epoch in saved["history"]]
         loader.generator.set_state(saved["loader_generator"])
-        _set_rng_state(saved["rng"])
         start_epoch = result.resumed_from_epoch = saved["epoch"] + 1
         log.info("resumed from %s after epoch %d", checkpoint, saved["epoch"])
 
@@ -396,7 +379,7 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "stopper": asdict(stopper), "best_state": best_state, "best_epoch": result.best_epoch,
                 "best_metric": result.best_metric, "history": [asdict(e) for e in result.history],
-                "loader_generator": loader.generator.get_state(), "rng": _rng_state()})
+                "loader_generator": loader.generator.get_state()})
         if on_epoch_end:
             on_epoch_end(epoch_result)
     model.load_state_dict(best_state)
