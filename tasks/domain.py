@@ -315,8 +315,13 @@ def conformal_rank(n: int, quantile: float) -> int:
     """Which validation score (1-based, ascending, of `n`) thresholds at `quantile`: split
     conformal's ceil((n + 1) q). An exchangeable in-domain image then scores above it with
     probability at most 1 - q, where the plain empirical quantile falls short of q on a small
-    split. Past n (under q / (1 - q) scores, 99 for 0.99) no score supports q: the largest."""
+    split. Past n (fewer than `images_supporting` scores) no score supports q: the largest."""
     return min(math.ceil((n + 1) * quantile - 1e-9), n)  # the epsilon: (n + 1) q in floating point
+
+
+def images_supporting(quantile: float) -> int:
+    """The fewest validation scores whose conformal rank is one of them: q / (1 - q), 99 for 0.99."""
+    return math.ceil(quantile / (1 - quantile) - 1e-9)
 
 
 def expected_false_rejection(n: int, quantile: float) -> float:

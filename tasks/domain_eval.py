@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ from sklearn import metrics as skm
 from configs import OutOfDomainGroup, OutOfDomainSource, PipelineConfig
 from models.resnet import TransferResNet
 from tasks.domain import DomainCheck, DomainFit, Fact, ImageFacts, conformal_rank, expected_false_rejection, \
-    fit_domain, image_features, novelty_scores, request_facts, verdicts
+    fit_domain, image_features, images_supporting, novelty_scores, request_facts, verdicts
 from tasks.export import ServedDecode
 from tasks.ingest import SPLITS
 from tasks.io import markdown_table
@@ -207,10 +206,9 @@ class DomainEvaluation:
         text = (f"threshold **{self.threshold:.4g}** = validation score {rank} of {n} in ascending order (the "
                 f"{self.quantile:g} quantile by split conformal's rank): an in-domain image is expected to be "
                 f"rejected on novelty with probability at most {self.expected_false_rejection:.1%}.")
-        if self.expected_false_rejection > 1 - self.quantile:
-            needed = math.ceil(self.quantile / (1 - self.quantile) - 1e-9)
+        if n < images_supporting(self.quantile):
             text += (f" {n} validation images cannot support the {self.quantile:g} quantile (that needs "
-                     f"{needed}), so the largest score is the threshold.")
+                     f"{images_supporting(self.quantile)}), so the largest score is the threshold.")
         return text
 
     def body(self) -> str:
