@@ -92,6 +92,8 @@ def accuracy(names: list[str], out: Path) -> None:
                     "false_rejection": evaluation.false_rejection,
                     "false_rejection_ci": evaluation.false_rejection_interval,
                     "val_images": evaluation.val_images,
+                    "false_rejection_expected_bound": evaluation.expected_false_rejection,
+                    "false_rejection_upper_bound": evaluation.false_rejection_upper_bound,
                     "false_rejection_novelty": evaluation.false_rejection_novelty,
                     "undecodable": evaluation.undecodable, "skipped": evaluation.skipped,
                     "groups": {g.group.value: {"images": g.images, "auroc": g.auroc, "ci": g.interval,

@@ -9,7 +9,9 @@ Fitted at training time from the training split, thresholded on the validation s
   images' (`NoveltyMethod`): the Mahalanobis distance to their mean under scikit-learn's
   Ledoit-Wolf shrunk covariance, or the cosine distance to the k-th nearest training image;
 - **threshold**: the validation score at `domain.quantile` (0.99) by split conformal's finite-sample
-  rank (`conformal_rank`), so that an in-domain image is rejected with probability at most 1 - q.
+  rank (`conformal_rank`), so that an in-domain image is rejected with probability at most 1 - q
+  on average over validation splits; `false_rejection_upper_bound` says how far above that one
+  split's threshold may leave the rate.
 
 The novelty score is a torch module, so the exported ONNX graph computes it from the very
 features the head reads (output `domain_score`), and the parity gate compares it with PyTorch.
@@ -30,6 +32,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import torch
+from scipy import stats
 from sklearn.covariance import LedoitWolf
 from torch import nn
 
@@ -328,6 +331,14 @@ def expected_false_rejection(n: int, quantile: float) -> float:
     """The rate conformal_rank's threshold guarantees in expectation: an exchangeable in-domain
     image scores above the k-th of n validation scores with probability (n + 1 - k) / (n + 1)."""
     return (n + 1 - conformal_rank(n, quantile)) / (n + 1)
+
+
+def false_rejection_upper_bound(n: int, quantile: float, confidence: float) -> float:
+    """The rate conformal_rank's threshold stays under with probability `confidence` over the draw
+    of the validation split (training-conditional validity, Vovk 2012): with the k-th of n scores
+    as threshold, the in-domain rate above it is Beta(n + 1 - k, k) distributed."""
+    k = conformal_rank(n, quantile)
+    return float(stats.beta.ppf(confidence, n + 1 - k, k))
 
 
 def fit_domain(train_features: np.ndarray, val_features: np.ndarray, train_manifest: pd.DataFrame,

@@ -28,7 +28,7 @@ from sklearn import metrics as skm
 from configs import OutOfDomainGroup, OutOfDomainSource, PipelineConfig
 from models.resnet import TransferResNet
 from tasks.domain import DomainCheck, DomainFit, Fact, ImageFacts, conformal_rank, expected_false_rejection, \
-    fit_domain, image_features, images_supporting, novelty_scores, request_facts, verdicts
+    false_rejection_upper_bound, fit_domain, image_features, images_supporting, novelty_scores, request_facts, verdicts
 from tasks.export import ServedDecode
 from tasks.ingest import SPLITS
 from tasks.io import markdown_table
@@ -189,6 +189,7 @@ class DomainEvaluation:
                 "domain_test_false_rejection_rate_novelty": self.false_rejection_novelty,
                 "domain_val_images": self.val_images,
                 "domain_expected_false_rejection_bound": self.expected_false_rejection,
+                "domain_false_rejection_upper_bound": self.false_rejection_upper_bound,
                 "domain_out_of_domain_undecodable": self.undecodable}
         for g in self.groups:
             name = g.group.value
@@ -201,11 +202,17 @@ class DomainEvaluation:
     def expected_false_rejection(self) -> float:
         return expected_false_rejection(self.val_images, self.quantile)
 
+    @property
+    def false_rejection_upper_bound(self) -> float:
+        return false_rejection_upper_bound(self.val_images, self.quantile, self.confidence)
+
     def threshold_text(self) -> str:
         rank, n = conformal_rank(self.val_images, self.quantile), self.val_images
         text = (f"threshold **{self.threshold:.4g}** = validation score {rank} of {n} in ascending order (the "
                 f"{self.quantile:g} quantile by split conformal's rank): an in-domain image is expected to be "
-                f"rejected on novelty with probability at most {self.expected_false_rejection:.1%}.")
+                f"rejected on novelty with probability at most {self.expected_false_rejection:.1%} on average over "
+                f"validation splits, and at most {self.false_rejection_upper_bound:.1%} with {self.confidence:.0%} "
+                "confidence for the threshold this split gave (training-conditional bound).")
         if n < images_supporting(self.quantile):
             text += (f" {n} validation images cannot support the {self.quantile:g} quantile (that needs "
                      f"{images_supporting(self.quantile)}), so the largest score is the threshold.")

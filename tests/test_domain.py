@@ -19,8 +19,9 @@ from sklearn.neighbors import NearestNeighbors
 from configs import (DomainConfig, ExportConfig, Fit, NoveltyMethod, OutOfDomainGroup, OutOfDomainSource,
                      PreprocessConfig, TaskKind)
 from tasks.champion import open_served_model
-from tasks.domain import (DOMAIN_OUTPUT, DomainCheck, Fact, ReasonKind, expected_false_rejection, fit_domain,
-                          fit_novelty, image_features, judge, novelty_scores, request_facts)
+from tasks.domain import (DOMAIN_OUTPUT, DomainCheck, Fact, ReasonKind, conformal_rank, expected_false_rejection,
+                          false_rejection_upper_bound, fit_domain, fit_novelty, image_features, judge,
+                          novelty_scores, request_facts)
 from tasks.domain_eval import PYDICOM_IMAGES, evaluate_domain, held_out_images, prepare_held_out
 from tasks.export import (NORMALISED_FILE, SELF_CONTAINED_FILE, ServedDecode, open_session,
                           run_self_contained_outputs, serving_metadata)
@@ -88,6 +89,18 @@ def test_threshold_is_the_validation_quantile_and_facts_come_from_the_training_h
     assert facts.rows == facts.columns == (28, 28)
     assert DomainCheck.from_metadata(fit.check.to_metadata()) == fit.check
     assert DomainCheck.from_metadata({}) is None  # a model exported before the check
+
+
+@pytest.mark.parametrize(("n", "quantile"), [(78, 0.99), (200, 0.9)])
+def test_one_splits_threshold_keeps_false_rejection_under_the_upper_bound_as_often_as_its_confidence(n, quantile):
+    """Draw many validation splits of uniform in-domain scores: the rate above each split's conformal
+    threshold (1 - the threshold, for uniform scores) exceeds the bound in 1 - confidence of them."""
+    scores = np.sort(np.random.default_rng(0).random((20_000, n)), axis=1)
+    rates = 1 - scores[:, conformal_rank(n, quantile) - 1]
+    bound = false_rejection_upper_bound(n, quantile, 0.95)
+    assert rates.mean() == pytest.approx(expected_false_rejection(n, quantile), rel=0.03)
+    assert (rates > bound).mean() == pytest.approx(0.05, abs=0.005)
+    assert bound > expected_false_rejection(n, quantile)
 
 
 def test_a_chest_cr_is_outside_a_breast_ultrasound_domain_for_reasons_given_as_data(breast_features, breast_facts,
@@ -207,8 +220,11 @@ def test_held_out_images_by_modality_and_the_evaluation_report(breast_features, 
     n = len(breast_features["val"])  # fewer than the 99 a 0.99 quantile needs: the largest score
     assert fit.check.threshold == fit.val_scores.max() and n < 99
     assert f"validation score {n} of {n} in ascending order" in body
-    assert f"at most {1 / (n + 1):.1%}. {n} validation images cannot support the 0.99 quantile (that needs 99)" in body
+    upper = 1 - 0.05 ** (1 / n)  # the largest of n scores: the rate above it is Beta(1, n)
+    assert f"at most {1 / (n + 1):.1%} on average over validation splits, and at most {upper:.1%} with 95% " in body
+    assert f"(training-conditional bound). {n} validation images cannot support the 0.99 quantile (that needs 99)" in body
     assert metrics["domain_expected_false_rejection_bound"] == 1 / (n + 1)
+    assert metrics["domain_false_rejection_upper_bound"] == pytest.approx(upper)
     assert f"[{low:.1%}, {high:.1%}] (95% exact binomial interval" in body
     assert metrics["domain_test_false_rejection_rate_ci_high"] == high
     assert "| other modality | 2 |" in body and "Skipped: other_modality: folder /nonexistent/nih is absent." in body
