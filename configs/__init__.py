@@ -256,6 +256,9 @@ class RegistryConfig(Strict):
     # restarts costs a wait, not the run. (MLflow's client first retries each request itself.)
     io_retries: Annotated[int, Field(ge=0)] = 3
     io_retry_delay_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # A version whose test interval shows it no better than a model without skill (AUC 0.5,
+    # or the MAE of answering the training mean age) is never made champion, even the first.
+    require_skill: bool = True
     # The MLflow UI's address, for the links on Prefect flow runs and model versions; None:
     # the tracking URI when it is an MLflow server (http/https), else no links.
     ui_url: str | None = None

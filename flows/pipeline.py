@@ -194,7 +194,8 @@ def evaluate(config: ModelRunConfig, trained: TrainResult, prepared: PreparedDat
                             for split in (test, val))
     evaluation = evaluate_predictions(spec.kind, test.targets, outputs, run_dir / "plots",
                                       list(spec.label_names), spec.positive_index,
-                                      config.evaluate, config.seed, validation=(val.targets, val_outputs))
+                                      config.evaluate, config.seed, validation=(val.targets, val_outputs),
+                                      train_targets=prepared.targets("train"))
     mlflow.log_metrics(evaluation.mlflow_metrics())
     for plot in evaluation.plots:
         mlflow.log_artifact(str(plot), "plots")

@@ -1,14 +1,16 @@
 """Evaluate on the held-out test split: metrics from scikit-learn, plots from matplotlib.
 
 Besides point metrics: percentile-bootstrap confidence intervals over test cases,
-an operating threshold chosen on the validation split and reported on test, and
-calibration (expected calibration error and a reliability plot).
+an operating threshold chosen on the validation split and reported on test,
+calibration (expected calibration error and a reliability plot), and the no-skill
+baseline a model has to beat: the training split's mean age, or its class frequencies.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import matplotlib.pyplot as plt  # falls back to the Agg backend with no display
 import numpy as np
@@ -21,6 +23,9 @@ from tasks.transforms import to_model_input
 
 CLASSIFICATION_METRIC = "roc_auc"
 REGRESSION_METRIC = "mae"
+# What says, for each primary metric, that a model has skill, and the value a model without
+# skill (a constant answer: the training mean age, or the training class frequencies) gets.
+SKILL_MEASURE = {CLASSIFICATION_METRIC: ("roc_auc", 0.5), REGRESSION_METRIC: ("mae_skill", 0.0)}
 
 
 def primary_metric(task: TaskKind) -> tuple[str, bool]:
@@ -77,6 +82,39 @@ def compute_metrics(task: TaskKind, targets: np.ndarray, outputs: np.ndarray,
     }
 
 
+def no_skill_outputs(task: TaskKind, train_targets: np.ndarray, count: int, classes: int) -> np.ndarray:
+    """The answer of a model without skill, for `count` images: the training split's mean age,
+    or its class frequencies as probabilities (which rank nothing: AUC 0.5)."""
+    if task is TaskKind.REGRESSION:
+        return np.full(count, float(np.mean(train_targets)))
+    frequencies = np.bincount(train_targets.astype(int), minlength=classes) / len(train_targets)
+    return np.tile(frequencies, (count, 1))
+
+
+def skill_metrics(task: TaskKind, targets: np.ndarray, outputs: np.ndarray, no_skill: np.ndarray,
+                  positive_index: int = 1) -> dict[str, float]:
+    """The no-skill baseline's metric and how far the model is from it: for ages the MAE of the
+    training mean and `mae_skill`, the fraction of that error the model removes (1 - MAE / it);
+    for classes the accuracy of always answering the training split's most frequent class."""
+    baseline = compute_metrics(task, targets, no_skill, positive_index)
+    if task is TaskKind.REGRESSION:
+        mae = float(skm.mean_absolute_error(targets, outputs))
+        return {"no_skill_mae": baseline["mae"], "mae_skill": 1 - mae / baseline["mae"]}
+    return {"no_skill_accuracy": baseline["accuracy"]}
+
+
+def shown_without_skill(test_metrics: Mapping[str, float], metric: str) -> str | None:
+    """Why a model is shown to be no better than one without skill, read from its flat test
+    metrics (the upper end of its skill interval at the no-skill value or below); None when
+    it is not shown to be, which includes a run that logged no interval."""
+    name, none_value = SKILL_MEASURE[metric]
+    high = test_metrics.get(f"test_{name}_ci_high")
+    if high is None or high > none_value:
+        return None
+    return (f"test {name} {test_metrics[f'test_{name}']:.4f} is no better than a model without skill "
+            f"({none_value:g}): its interval ends at {high:.4f}")
+
+
 Interval = tuple[float, float]
 
 
@@ -99,18 +137,25 @@ def _decision_rates(positive_true: np.ndarray, positive_pred: np.ndarray) -> dic
 
 def bootstrap_intervals(task: TaskKind, targets: np.ndarray, outputs: np.ndarray, positive_index: int = 1,
                         samples: int = 1000, seed: int = 0, confidence: float = 0.95,
-                        threshold: float | None = None) -> dict[str, Interval]:
+                        threshold: float | None = None, no_skill: np.ndarray | None = None) -> dict[str, Interval]:
     """Percentile-bootstrap intervals, resampling test cases with replacement.
 
     Classification: roc_auc, accuracy, sensitivity, specificity (argmax decisions) and,
     with `threshold`, the same three at that operating threshold (`*_at_threshold`).
     Resamples that miss a class are left out of AUC/sensitivity/specificity, as those
-    are undefined there. Regression: mae.
+    are undefined there. Regression: mae and, with `no_skill` (`no_skill_outputs`),
+    mae_skill on the same resamples.
     """
     draws = np.random.default_rng(seed).integers(0, len(targets), size=(samples, len(targets)))
     if task is TaskKind.REGRESSION:
         errors = np.abs(np.asarray(outputs, float) - np.asarray(targets, float))
-        return {"mae": _percentile_interval(errors[draws].mean(axis=1), confidence)}
+        intervals = {"mae": _percentile_interval(errors[draws].mean(axis=1), confidence)}
+        if no_skill is not None:
+            no_skill_mae = np.abs(no_skill - np.asarray(targets, float))[draws].mean(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):  # a resample all at the mean: left out
+                skill = np.where(no_skill_mae > 0, 1 - errors[draws].mean(axis=1) / no_skill_mae, np.nan)
+            intervals["mae_skill"] = _percentile_interval(skill, confidence)
+        return intervals
     y_true = targets.astype(int)
     positive_true = y_true == positive_index
     replicates = _decision_rates(positive_true[draws], (outputs.argmax(axis=1) == positive_index)[draws])
@@ -203,6 +248,18 @@ class Evaluation:
         interval = "" if np.isnan(low) else f"{low:.3f} to {high:.3f}"
         return f"| {name} | {value:.4f} | {interval} |"
 
+    def _no_skill_lines(self) -> list[str]:
+        m = self.metrics
+        if "mae_skill" in m:
+            low, high = self.intervals.get("mae_skill", (float("nan"), float("nan")))
+            return ["", f"No-skill baseline: answering every image with the training split's mean age gives MAE "
+                        f"{m['no_skill_mae']:.2f}; this model removes **{m['mae_skill']:.1%}** of that error "
+                        f"[{low:.1%}, {high:.1%}] (`mae_skill`, 1 - MAE / the baseline's)."]
+        if "no_skill_accuracy" in m:
+            return ["", f"No-skill baseline: always answering the training split's most frequent class gives "
+                        f"accuracy {m['no_skill_accuracy']:.4f} on this test split, and AUC 0.5."]
+        return []
+
     def markdown(self, title: str, label_names: list[str]) -> str:
         return f"# {title}\n\n{self.body(label_names)}"
 
@@ -211,6 +268,7 @@ class Evaluation:
         level = f"{self.confidence:.0%} CI (bootstrap)"
         lines = [f"| metric | value | {level} |", "|---|---|---|"]
         lines += [self._row(name, value) for name, value in self.metrics.items()]
+        lines += self._no_skill_lines()
         if self.operating_point is not None:
             point = self.operating_point
             lines += ["", f"Operating threshold **{point.threshold:.4f}** on the probability of the positive "
@@ -281,17 +339,23 @@ def operating_point(val_targets: np.ndarray, val_outputs: np.ndarray, test_targe
 def evaluate_predictions(task: TaskKind, targets: np.ndarray, outputs: np.ndarray, plot_dir: Path,
                          label_names: list[str], positive_index: int = 1,
                          settings: EvaluateConfig = EvaluateConfig(), seed: int = 0,
-                         validation: tuple[np.ndarray, np.ndarray] | None = None) -> Evaluation:
+                         validation: tuple[np.ndarray, np.ndarray] | None = None,
+                         train_targets: np.ndarray | None = None) -> Evaluation:
     """Metrics with bootstrap intervals and plots for test-set outputs.
 
     With `validation` (targets, outputs) for a two-class task, an operating threshold
     is chosen there and reported on test; calibration is reported for two classes.
+    With `train_targets`, the no-skill baseline they give (`skill_metrics`).
     """
     metrics = compute_metrics(task, targets, outputs, positive_index)
+    no_skill = None
+    if train_targets is not None:
+        no_skill = no_skill_outputs(task, train_targets, len(targets), len(label_names))
+        metrics |= skill_metrics(task, targets, outputs, no_skill, positive_index)
     if task is TaskKind.REGRESSION:
         plot = plot_predicted_vs_true(targets, outputs, metrics["mae"], plot_dir / "predicted_vs_true.png")
         intervals = bootstrap_intervals(task, targets, outputs, samples=settings.bootstrap_samples, seed=seed,
-                                        confidence=settings.confidence)
+                                        confidence=settings.confidence, no_skill=no_skill)
         return Evaluation(metrics, [plot], intervals=intervals, confidence=settings.confidence)
     y_true = targets.astype(int)
     positive_true, positive_scores = y_true == positive_index, outputs[:, positive_index]

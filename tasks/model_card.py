@@ -89,8 +89,8 @@ def registry_status(registration: Registration) -> list[str]:
     if registration.is_champion:
         status = (f"**Champion.** This version is the one served (alias `champion`): {registration.reason}.")
     else:
-        status = (f"**Challenger, not served.** This version has the alias `challenger` only; the champion "
-                  f"stays: {registration.reason}.")
+        status = (f"**Challenger, not served.** This version has the alias `challenger` only; the `champion` "
+                  f"alias stays where it was (with no version, if none earned it yet): {registration.reason}.")
     return [status, "", "The aliases in the registry are the live state: an alias moved later by hand is not "
             "reflected in this card."]
 

@@ -110,11 +110,19 @@ class PreparedData:
     images: np.ndarray  # uint8 (N, crop, crop), row-aligned with `manifest`
     cache_hits: int
 
-    def split(self, name: str) -> SplitData:
+    def _rows(self, name: str) -> np.ndarray:
         rows = np.flatnonzero(self.manifest["split"].to_numpy() == name)
         if len(rows) == 0:
             raise ValueError(f"the {name!r} split has no usable images")
-        return SplitData(self.images[rows], self.manifest["target"].to_numpy(dtype=np.float32)[rows])
+        return rows
+
+    def split(self, name: str) -> SplitData:
+        rows = self._rows(name)
+        return SplitData(self.images[rows], self.targets(name))
+
+    def targets(self, name: str) -> np.ndarray:
+        """One split's labels (class index or age) alone, without copying its images."""
+        return self.manifest["target"].to_numpy(dtype=np.float32)[self._rows(name)]
 
     def rejects_with(self, earlier: pd.DataFrame) -> pd.DataFrame:
         return pd.concat([earlier, self.rejects], ignore_index=True)

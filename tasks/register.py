@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from configs import ModelRunConfig, PipelineConfig
+from tasks.evaluate import shown_without_skill
 from tasks.export import update_metadata
 from tasks.io import sha256_file
 
@@ -172,6 +173,10 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
                    provenance: Provenance | None = None) -> Registration:
     """Log model and ONNX files to the run, create a registry version, and move the aliases.
 
+    A version becomes champion when it beats the champion's test metric (or there is none),
+    unless its test interval shows it no better than a model without skill
+    (`tasks.evaluate.shown_without_skill`, with `registry.require_skill`): such a version is never served.
+
     `onnx_path` is the main ONNX file (tag `onnx_uri`); each of `onnx_variants`
     (e.g. normalised, int8, fp16) is logged beside it and tagged `onnx_<name>_uri`.
     With `provenance`, the version gets a description and tags saying how good it is,
@@ -203,7 +208,10 @@ def register_model(config: PipelineConfig, run_id: str, model: torch.nn.Module, 
         client.set_model_version_tag(name, version.version, "onnx_sha256", sha256_file(onnx_path))
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         current = champion_metric(client, name, metric)
-        if current is None:
+        without_skill = shown_without_skill(run_metrics, metric) if config.registry.require_skill else None
+        if without_skill is not None:  # never served, even as the first version
+            promote, reason = False, without_skill
+        elif current is None:
             promote, reason = True, "no champion yet"
         else:
             promote = beats(new_value, current[1], higher_is_better)

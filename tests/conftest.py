@@ -92,6 +92,10 @@ def write_config(tmp_path: Path, data_root: Path, **overrides) -> Path:
     raw["data"]["manifest"] = str(data_root / "manifest.csv")
     raw["preprocess"]["cache_dir"] = str(tmp_path / "cache")
     raw["registry"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # The tests' models train an epoch or two on 40 images: they have no skill (one scored test AUC
+    # 0.27), and the tests that need a champion from them are about what happens around it. The
+    # skill gate itself: tests/test_register_export.py; the default stays on (tests/test_config.py).
+    raw["registry"]["require_skill"] = False
     # A few real held-out images keep the domain evaluation real and the tests quick.
     raw["domain"]["out_of_domain"] = [{"group": "other_modality", "pydicom": ["CT", "RTDOSE"]}]
     for section, values in overrides.items():

@@ -10,6 +10,7 @@ from tests.conftest import write_config
 def test_shipped_configs_validate(name):
     config = load_config(CONFIG_DIR / name, check_paths=False)
     assert config.registry.model_name
+    assert config.registry.require_skill  # a model without skill is never served (tests turn it off)
 
 
 def test_shipped_configs_tasks():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from configs import EvaluateConfig, TaskKind, ThresholdRule
-from tasks.evaluate import bootstrap_intervals, calibration, choose_threshold, evaluate_predictions
+from tasks.evaluate import bootstrap_intervals, calibration, choose_threshold, evaluate_predictions, shown_without_skill
 
 # Validation scores ranked: 0.9 P, 0.8 P, 0.4 N, 0.35 N, 0.3 P, 0.1 N.
 VAL_TRUE = np.array([0, 0, 0, 1, 1, 1], dtype=bool)
@@ -91,3 +91,40 @@ def test_regression_evaluation_has_an_mae_interval(tmp_path):
     low, high = evaluation.intervals["mae"]
     assert 0.0 <= low <= evaluation.metrics["mae"] <= high <= 10.0
     assert evaluation.operating_point is None and "test_mae_ci_high" in evaluation.mlflow_metrics()
+
+
+def test_ages_are_measured_against_answering_the_training_mean(tmp_path):
+    targets, predictions = np.array([30.0, 50.0, 70.0, 60.0]), np.array([35.0, 50.0, 60.0, 61.0])
+    train = np.array([40.0, 60.0, 50.0])  # mean 50: errors 20, 0, 20, 10
+    evaluation = evaluate_predictions(TaskKind.REGRESSION, targets, predictions, tmp_path, [],
+                                      settings=EvaluateConfig(bootstrap_samples=500), train_targets=train)
+    metrics = evaluation.metrics
+    assert metrics["no_skill_mae"] == 12.5 and metrics["mae"] == 4.0
+    assert metrics["mae_skill"] == pytest.approx(1 - 4.0 / 12.5)
+    low, high = evaluation.intervals["mae_skill"]  # the same resamples for model and baseline
+    assert low <= metrics["mae_skill"] <= high <= 1.0
+    logged = evaluation.mlflow_metrics()
+    assert logged["test_mae_skill_ci_high"] == high and shown_without_skill(logged, "mae") is None
+    assert (f"this model removes **68.0%** of that error [{low:.1%}, {high:.1%}]"
+            in evaluation.body([]))
+    far_off = np.array([90.0, 10.0, 20.0, 100.0])  # MAE 47.5
+    worse = evaluate_predictions(TaskKind.REGRESSION, targets, far_off, tmp_path, [],
+                                 settings=EvaluateConfig(bootstrap_samples=500), train_targets=train).mlflow_metrics()
+    assert worse["test_mae_skill_ci_high"] < 0
+    assert shown_without_skill(worse, "mae").startswith("test mae_skill -2.8000 is no better than a model without "
+                                                        "skill (0): its interval ends at")
+
+
+def test_classes_are_measured_against_always_answering_the_most_frequent_training_class(tmp_path):
+    test_true = np.array([0, 0, 1, 1, 1, 0, 1, 0, 0, 0])
+    scores = np.array([0.2, 0.85, 0.9, 0.5, 0.81, 0.1, 0.3, 0.6, 0.4, 0.1])
+    train = np.array([0, 0, 0, 1])  # benign is the most frequent
+    evaluation = evaluate_predictions(TaskKind.CLASSIFICATION, test_true, two_class(scores), tmp_path,
+                                      ["benign", "malignant"], 1, EvaluateConfig(bootstrap_samples=200),
+                                      train_targets=train)
+    assert evaluation.metrics["no_skill_accuracy"] == 0.6
+    assert "most frequent class gives accuracy 0.6000 on this test split, and AUC 0.5" in evaluation.body(
+        ["benign", "malignant"])
+    logged = evaluation.mlflow_metrics()
+    assert shown_without_skill(logged, "roc_auc") is None
+    assert shown_without_skill(logged | {"test_roc_auc_ci_high": 0.5}, "roc_auc") is not None

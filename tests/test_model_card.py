@@ -70,8 +70,9 @@ def test_card_says_champion_or_challenger_and_why(breast_config, tmp_path):
                               "roc_auc", 0.65)
     card = card_for(breast_config, tmp_path, WeightsInfo("none", None, False), challenger)
     assert card.startswith("# Model card: breast-ultrasound-resnet18 version 4 (challenger)\n")
-    assert ("**Challenger, not served.** This version has the alias `challenger` only; the champion stays: "
-            "test roc_auc 0.6500 does not beat champion v3 (0.8100).") in card
+    assert ("**Challenger, not served.** This version has the alias `challenger` only; the `champion` alias stays "
+            "where it was (with no version, if none earned it yet): test roc_auc 0.6500 does not beat champion v3 "
+            "(0.8100).") in card
     assert "**Champion.**" not in card
 
 

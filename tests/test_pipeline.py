@@ -215,6 +215,10 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     metrics = run.data.metrics
     assert 0.0 <= metrics["test_roc_auc_ci_low"] <= metrics["test_roc_auc"] <= metrics["test_roc_auc_ci_high"] <= 1.0
     assert 0.0 <= metrics["test_ece"] <= 1.0 and 0.0 <= metrics["operating_threshold"] <= 1.0
+    # The no-skill baseline: always answering the training split's most frequent class (benign).
+    test_labels = usable.loc[usable["split"] == "test", "label"]
+    assert usable.loc[usable["split"] == "train", "label"].mode()[0] == "benign"
+    assert metrics["test_no_skill_accuracy"] == pytest.approx((test_labels == "benign").mean())
     assert "patient_salt" not in json.dumps(run.data.params)
     artifacts = config.output_dir / "mlartifacts"
     assert run.info.artifact_uri.startswith(artifacts.resolve().as_uri())
@@ -228,6 +232,7 @@ def test_full_pipeline_registers_champion_and_verified_onnx(prefect_server, tmp_
     card = (run_dir / "model_card.md").read_text()
     assert f"# Model card: {name} version 1" in card and "random initialisation (no pretrained weights)" in card
     assert "plots/reliability.png" in card and "| sensitivity_at_threshold |" in card
+    assert "No-skill baseline: always answering the training split's most frequent class" in card
     assert f"Training precision: {chosen.precision.value}" in card and chosen.reason in card
 
     # The self-contained ONNX file takes decoded grey images of any size and agrees with

@@ -67,13 +67,29 @@ def registry_config(tmp_path) -> PipelineConfig:
     })
 
 
-def run_with_auc(config, classifier, onnx_file, tmp_path, auc, onnx_override=None):
+def run_with_auc(config, classifier, onnx_file, tmp_path, auc, onnx_override=None, interval=None):
     local_onnx = tmp_path / f"model-{auc}.onnx"
     local_onnx.write_bytes(onnx_file.read_bytes())
     with tracking_run(config, "t") as run_id:
         mlflow.log_metric("test_roc_auc", auc)
+        if interval is not None:
+            mlflow.log_metrics({"test_roc_auc_ci_low": interval[0], "test_roc_auc_ci_high": interval[1]})
         return register_model(config, run_id, classifier, onnx_override or local_onnx, "roc_auc", True,
                               torch.zeros(1, 3, 224, 224))
+
+
+def test_a_version_shown_to_have_no_skill_is_never_champion_even_the_first(tmp_path, classifier, onnx_file):
+    config = registry_config(tmp_path)
+    client = MlflowClient(config.registry.tracking_uri)
+    useless = run_with_auc(config, classifier, onnx_file, tmp_path, 0.42, interval=(0.33, 0.50))
+    assert not useless.is_champion
+    assert useless.reason == ("test roc_auc 0.4200 is no better than a model without skill (0.5): "
+                              "its interval ends at 0.5000")
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("reg-test", CHAMPION)
+    assert str(client.get_model_version_by_alias("reg-test", CHALLENGER).version) == "1"
+    uncertain = run_with_auc(config, classifier, onnx_file, tmp_path, 0.55, interval=(0.38, 0.71))
+    assert uncertain.is_champion and uncertain.reason == "no champion yet"  # not shown to lack skill
 
 
 def test_a_run_that_loses_the_race_to_create_the_experiment_runs_in_it(tmp_path, monkeypatch):
