@@ -98,7 +98,6 @@ def prepare(workdir: Path, source: str | None, minutes: float, trials: int) -> N
     nih = {"root": str(NIH), "manifest": str(nih_manifest), "task": "regression", "age_range": [0, 110],
            "patient_salt": BENCHMARK_SALT}
     configs = {
-        # Breast ultrasound: left-right flips do not change a lesion's appearance.
         # BUSI is 256 px; MedMNIST v2's ResNet-18 reached AUC 0.901 at 28 px, so small sizes are in the space
         # (and fit a CPU). Breast ultrasound: left-right flips do not change a lesion's appearance.
         # Searched from random initialisation (the issue's "without ImageNet"); the source model is then
