@@ -27,7 +27,7 @@ from flows.parallel import in_flight, threads_per_run
 from flows.pipeline import ingest, preprocess
 from flows.run_links import artifact_key
 from flows.stages import stage
-from tasks.evaluate import compute_metrics, predict
+from tasks.evaluate import compute_metrics, no_skill_outputs, predict, skill_metrics
 from tasks.io import write_csv_atomic, write_text_atomic
 from tasks.learning_curve import (CurvePoint, LearningCurve, curve_markdown, curve_sizes, extrapolation_note,
                                   learning_curve, nested_subsets, plot_curve)
@@ -46,6 +46,8 @@ def curve_point(config: PipelineConfig, train: SplitData, val: SplitData, test: 
     outputs = predict(result.model, test.images, config.train.batch_size, result.device)
     spec = config.task_spec
     metrics = compute_metrics(spec.kind, test.targets, outputs, spec.positive_index)
+    no_skill = no_skill_outputs(spec.kind, train.targets, len(test), spec.num_outputs)
+    metrics |= skill_metrics(spec.kind, test.targets, outputs, no_skill, spec.positive_index)
     get_run_logger().info("%d images (%d patients), seed %d, %s: %s", len(train), patients, seed,
                           result.strategy.value, {k: round(v, 4) for k, v in metrics.items()})
     seconds = sum(epoch.seconds for epoch in result.history) + result.feature_seconds

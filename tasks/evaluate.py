@@ -103,6 +103,14 @@ def skill_metrics(task: TaskKind, targets: np.ndarray, outputs: np.ndarray, no_s
     return {"no_skill_accuracy": baseline["accuracy"]}
 
 
+def no_skill_value(metric: str, metrics: Mapping[str, float]) -> float | None:
+    """What a model without skill scores on the primary `metric`: AUC 0.5, or the training
+    mean's MAE from `metrics` (`skill_metrics`; None where it was not measured)."""
+    if metric == REGRESSION_METRIC:
+        return metrics.get("no_skill_mae")
+    return SKILL_MEASURE[metric][1]
+
+
 def shown_without_skill(test_metrics: Mapping[str, float], metric: str) -> str | None:
     """Why a model is shown to be no better than one without skill, read from its flat test
     metrics (the upper end of its skill interval at the no-skill value or below); None when

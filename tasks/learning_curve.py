@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from configs import LearningCurveConfig, TaskKind, TaskSpec
-from tasks.evaluate import primary_metric, primary_value, save_figure
+from tasks.evaluate import no_skill_value, primary_metric, primary_value, save_figure
 
 AGE_STRATA = 5  # regression subsets keep the training split's age quintiles
 EXPONENT_BOUNDS = (0.05, 2.0)  # learning-curve exponents outside this range are not plausible
@@ -158,6 +158,7 @@ class LearningCurve:
     bands: dict[str, np.ndarray]  # grid of sizes, the fit's lower and upper percentiles
     replicates: int  # bootstrap replicates whose fit converged
     flat_gain: float
+    no_skill: float | None = None  # the metric without skill (AUC 0.5; the training mean's MAE at all images)
 
     def answer(self) -> str:
         name, n = {"roc_auc": "AUC", "mae": "MAE"}.get(self.metric, self.metric), self.n_now
@@ -185,6 +186,9 @@ class LearningCurve:
         if self.marked:
             size, mean, low, high = self.marked
             lines.append(f"At {size} images: {name} {mean:.3f}{unit} [{low:.3f}, {high:.3f}].")
+        if self.no_skill is not None:
+            without = "answering every image with the training mean age" if unit else "a constant answer"
+            lines.append(f"Without skill ({without}): {name} {self.no_skill:.3f}{unit}.")
         return " ".join(lines)
 
 
@@ -244,7 +248,8 @@ def learning_curve(points: list[CurvePoint], spec: TaskSpec, test_targets: np.nd
         flat=summary(fit.flat_at(settings.flat_gain), "flat"), marked=marked,
         bands={"sizes": grid, **dict(zip(("low", "high"), np.nanpercentile(band, [50 * (1 - confidence),
                                                                                50 * (1 + confidence)], axis=0)))},
-        replicates=int(np.isfinite(band[:, 0]).sum()), flat_gain=settings.flat_gain)
+        replicates=int(np.isfinite(band[:, 0]).sum()), flat_gain=settings.flat_gain,
+        no_skill=no_skill_value(metric, table.loc[table["size"] == max(by_size)].mean(numeric_only=True).to_dict()))
 
 
 def plot_curve(curve: LearningCurve, path: Path, title: str) -> Path:
@@ -262,6 +267,8 @@ def plot_curve(curve: LearningCurve, path: Path, title: str) -> Path:
     if curve.marked:
         size = curve.marked[0]
         ax.axvline(size, color="C3", linestyle=":", label=f"{size} images")
+    if curve.no_skill is not None:
+        ax.axhline(curve.no_skill, color="grey", linestyle=":", label="without skill")
     if curve.flat[0] <= sizes.max():
         ax.axvline(curve.flat[0], color="C2", linestyle="-.", label=f"flat (< {curve.flat_gain:g} per doubling)")
     ax.set_xscale("log")

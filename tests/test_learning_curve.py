@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from configs import LearningCurveConfig, TaskKind, TaskSpec, load_config
 from flows.learning_curve import learning_curve_flow
-from tasks.evaluate import compute_metrics
+from tasks.evaluate import compute_metrics, no_skill_outputs, skill_metrics
 from tasks.learning_curve import CurvePoint, curve_sizes, fit_power_law, learning_curve, nested_subsets
 from tests.conftest import write_config
 from tests.test_pipeline import _run_artifacts
@@ -80,7 +80,28 @@ def test_curve_answer_gives_the_doubled_prediction_with_an_interval():
     answer = curve.answer()
     assert answer.startswith("With 160 labelled training images, test AUC is")
     assert "With 2x the labels (320), expect AUC" in answer and "At 40 images: AUC" in answer
+    assert answer.endswith("Without skill (a constant answer): AUC 0.500.")
     assert len(curve.table) == 12
+
+
+def test_an_age_curve_says_what_answering_the_training_mean_scores():
+    rng = np.random.default_rng(3)
+    ages = rng.uniform(20, 80, 150)
+    points, train_means = [], {}
+    for size in (20, 40, 80, 160):
+        train = rng.uniform(20, 80, size)  # each subset's own training ages give its no-skill answer
+        train_means[size] = train.mean()
+        for seed in range(3):
+            outputs = ages + rng.normal(0, 40 / np.sqrt(size), len(ages))
+            metrics = compute_metrics(TaskKind.REGRESSION, ages, outputs) | skill_metrics(
+                TaskKind.REGRESSION, ages, outputs, no_skill_outputs(TaskKind.REGRESSION, train, len(ages), 1))
+            points.append(CurvePoint(size, seed, size, size, "full", 5, 1.0, metrics, outputs))
+    spec = TaskSpec(kind="regression")
+    curve = learning_curve(points, spec, ages, LearningCurveConfig(bootstrap_samples=100, flat_gain=0.25), seed=0)
+    expected = np.abs(ages - train_means[160]).mean()  # at all images
+    assert curve.no_skill == pytest.approx(expected)
+    assert curve.answer().endswith(f"Without skill (answering every image with the training mean age): MAE "
+                                   f"{expected:.3f} years.")
 
 
 def test_a_curve_flat_from_the_smallest_size_says_so_without_a_bend_below_it():
@@ -112,6 +133,8 @@ def test_learning_curve_flow_trains_every_subset_and_publishes_the_answer(prefec
     assert sorted(zip(table["size"], table["seed"])) == [(n, s) for n in (10, 20, 40) for s in (0, 1)]
     assert (table["images"] >= table["size"]).all() and set(table["strategy"]) == {"full"}
     assert summary.plot.stat().st_size > 10_000 and "With 2x the labels (80)" in summary.answer
+    assert "Without skill (a constant answer): AUC 0.500." in summary.answer
+    assert table["no_skill_accuracy"].between(0.5, 1).all()  # the subsets' most frequent class, on test
 
     config = load_config(path)
     run = MlflowClient(config.registry.tracking_uri).get_run(summary.run_id)
