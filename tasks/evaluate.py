@@ -111,16 +111,44 @@ def no_skill_value(metric: str, metrics: Mapping[str, float]) -> float | None:
     return SKILL_MEASURE[metric][1]
 
 
+@dataclass(frozen=True)
+class Skill:
+    """A model's skill measure on test, with its interval, beside what a model without skill scores."""
+
+    name: str
+    value: float
+    low: float
+    high: float
+    none_value: float
+
+    @classmethod
+    def from_metrics(cls, test_metrics: Mapping[str, float], metric: str) -> "Skill | None":
+        """From a run's flat test metrics; None for a run that logged no interval."""
+        name, none_value = SKILL_MEASURE[metric]
+        keys = [f"test_{name}{suffix}" for suffix in ("", "_ci_low", "_ci_high")]
+        if not all(key in test_metrics for key in keys):
+            return None
+        return cls(name, *(test_metrics[key] for key in keys), none_value)
+
+
 def shown_without_skill(test_metrics: Mapping[str, float], metric: str) -> str | None:
-    """Why a model is shown to be no better than one without skill, read from its flat test
-    metrics (the upper end of its skill interval at the no-skill value or below); None when
-    it is not shown to be, which includes a run that logged no interval."""
-    name, none_value = SKILL_MEASURE[metric]
-    high = test_metrics.get(f"test_{name}_ci_high")
-    if high is None or high > none_value:
+    """Why a model is shown to be no better than one without skill (the upper end of its skill
+    interval at the no-skill value or below); None when it is not shown to be."""
+    skill = Skill.from_metrics(test_metrics, metric)
+    if skill is None or skill.high > skill.none_value:
         return None
-    return (f"test {name} {test_metrics[f'test_{name}']:.4f} is no better than a model without skill "
-            f"({none_value:g}): its interval ends at {high:.4f}")
+    return (f"test {skill.name} {skill.value:.4f} is no better than a model without skill "
+            f"({skill.none_value:g}): its interval ends at {skill.high:.4f}")
+
+
+def skill_not_shown(test_metrics: Mapping[str, float], metric: str) -> str | None:
+    """Why a model is not shown to be better than one without skill (its skill interval starts at
+    the no-skill value or below); None when it is shown to be, or logged no interval."""
+    skill = Skill.from_metrics(test_metrics, metric)
+    if skill is None or skill.low > skill.none_value:
+        return None
+    return (f"test {skill.name} {skill.value:.4f}, interval {skill.low:.4f} to {skill.high:.4f}, reaches "
+            f"{skill.none_value:g}, what a model without skill scores")
 
 
 Interval = tuple[float, float]

@@ -8,7 +8,7 @@ import pandas as pd
 
 from configs import DomainPolicy, PipelineConfig, TaskKind
 from tasks.domain_eval import DomainEvaluation
-from tasks.evaluate import Evaluation
+from tasks.evaluate import Evaluation, skill_not_shown
 from tasks.ingest import SPLITS
 from tasks.register import Registration
 from tasks.train import TrainResult
@@ -61,6 +61,10 @@ def limits(trained: TrainResult, evaluation: Evaluation, n_test: int, spec: Prep
     if not trained.weights.pretrained:
         items.insert(0, "The backbone was trained from random initialisation (no pretrained weights were "
                         "available), which usually needs more data than a pretrained start.")
+    unproven = skill_not_shown(evaluation.mlflow_metrics(), trained.metric_name)
+    if unproven is not None:
+        items.insert(0, f"**Not shown to be better than a model without skill**: {unproven}. Do not rely on "
+                        "its answers until a larger test split or a better model shows it.")
     if evaluation.operating_point is not None:
         items.append("The operating threshold was chosen on the validation split; re-check it on local data "
                      "before relying on its sensitivity.")

@@ -6,7 +6,7 @@ import pandas as pd
 from configs import EvaluateConfig, FreezeStrategy, PipelineConfig, TaskKind
 from models.resnet import TransferResNet, WeightsInfo
 from tasks.evaluate import evaluate_predictions
-from tasks.model_card import CardContext, model_card
+from tasks.model_card import CardContext, limits, model_card
 from tasks.register import Registration
 from tasks.train import TrainResult
 from tasks.transforms import PreprocessSpec
@@ -96,3 +96,20 @@ def test_regression_card_reports_ages_and_mae_interval(tmp_path):
                                                                 PreprocessSpec.from_config(config.preprocess)))
     assert "output: age in years" in card and "| train | 2 | 2 | 40.0 (30-50) |" in card
     assert "| mae | 6.0000 | 3.000 to 9.000 |" in card and "Operating threshold" not in card
+
+
+def test_card_warns_first_when_the_model_is_not_shown_better_than_no_skill(breast_config, tmp_path):
+    rng = np.random.default_rng(0)
+    targets = np.array([0, 1] * 20)
+    trained = trained_with(WeightsInfo("none", None, False))
+    spec = PreprocessSpec.from_config(breast_config.preprocess)
+
+    def first_limit(scores: np.ndarray) -> str:
+        evaluation = evaluate_predictions(TaskKind.CLASSIFICATION, targets, np.stack([1 - scores, scores], 1),
+                                          tmp_path, ["benign", "malignant"], 1, EvaluateConfig(bootstrap_samples=200))
+        return limits(trained, evaluation, len(targets), spec)[0]
+
+    separated = np.clip(targets * 0.5 + rng.uniform(0.1, 0.45, len(targets)), 0, 1)  # AUC 1
+    assert "Not shown to be better" not in first_limit(separated)
+    noise = rng.uniform(0, 1, len(targets))  # no relation to the labels: the AUC interval holds 0.5
+    assert first_limit(noise).startswith("- **Not shown to be better than a model without skill**: test roc_auc ")
