@@ -32,7 +32,7 @@ from models.resnet import build_model
 from sample_data.breastmnist import write_breastmnist_dicom
 from tasks.domain import fit_novelty
 from tasks.domain_eval import fit_and_evaluate
-from tasks.evaluate import compute_metrics, predict
+from tasks.evaluate import compute_metrics, no_skill_outputs, predict, skill_metrics
 from tasks.export import CPU_PROVIDER, INPUT_NAME, export_onnx, export_self_contained
 from tasks.ingest import ingest_dataset
 from tasks.preprocess import preprocess_dataset
@@ -75,12 +75,14 @@ def accuracy(names: list[str], out: Path) -> None:
             prepared = preprocess_dataset(ingested.manifest, config.data.root, config.preprocess)
             trained = train_model(config.model, config.train, config.task_spec, config.seed, prepared.split("train"),
                                   prepared.split("val"), tracking_uri=config.registry.tracking_uri)
-            test = prepared.split("test")
+            test, spec = prepared.split("test"), config.task_spec
             outputs = predict(trained.model, test.images, 32, trained.device)
+            # The model's own skill beside the check's: features of a model that learnt nothing carry little.
+            no_skill = no_skill_outputs(spec.kind, prepared.targets("train"), len(test), spec.num_outputs)
             task = {"train_seconds": round(time.perf_counter() - started, 1), "strategy": trained.strategy.value,
                     "weights": trained.weights.describe(),
-                    "test_metrics": compute_metrics(config.task_spec.kind, test.targets, outputs,
-                                                    config.task_spec.positive_index),
+                    "test_metrics": compute_metrics(spec.kind, test.targets, outputs, spec.positive_index)
+                    | skill_metrics(spec.kind, test.targets, outputs, no_skill, spec.positive_index),
                     "splits": {s: int((prepared.manifest["split"] == s).sum()) for s in ("train", "val", "test")},
                     "methods": {}}
             for method in NoveltyMethod:
