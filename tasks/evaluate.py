@@ -122,7 +122,7 @@ class Skill:
     none_value: float
 
     @classmethod
-    def from_metrics(cls, test_metrics: Mapping[str, float], metric: str) -> "Skill | None":
+    def from_metrics(cls, test_metrics: Mapping[str, float], metric: str) -> Skill | None:
         """From a run's flat test metrics; None for a run that logged no interval."""
         name, none_value = SKILL_MEASURE[metric]
         keys = [f"test_{name}{suffix}" for suffix in ("", "_ci_low", "_ci_high")]

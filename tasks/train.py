@@ -282,9 +282,10 @@ def train_model(model_config: ModelConfig, settings: TrainConfig, spec: TaskSpec
     With `checkpoint_dir`, each epoch ends with an atomic checkpoint (model, optimizer,
     scheduler, early stopping and data-order state; augmentation needs no random state, see
     ImageDataset); a later call with the same settings and data resumes from it
-    (`train.resume`) and ends with the same weights as an uninterrupted run. The checkpoint is removed once training finishes. (`head` fits
-    take seconds and are not checkpointed; with `feature_store`, their one feature pass
-    is shared by every call that has the same backbone and images.)
+    (`train.resume`) and ends with the same weights as an uninterrupted run. The checkpoint
+    is removed once training finishes. (`head` fits take seconds and are not checkpointed;
+    with `feature_store`, their one feature pass is shared by every call that has the same
+    backbone and images.)
     """
     task = spec.kind
     device = select_device(settings.device)

@@ -222,7 +222,8 @@ def test_held_out_images_by_modality_and_the_evaluation_report(breast_features, 
     assert f"validation score {n} of {n} in ascending order" in body
     upper = 1 - 0.05 ** (1 / n)  # the largest of n scores: the rate above it is Beta(1, n)
     assert f"at most {1 / (n + 1):.1%} on average over validation splits, and at most {upper:.1%} with 95% " in body
-    assert f"(training-conditional bound). {n} validation images cannot support the 0.99 quantile (that needs 99)" in body
+    assert (f"(training-conditional bound). {n} validation images cannot support the 0.99 quantile "
+            "(that needs 99)") in body
     assert metrics["domain_expected_false_rejection_bound"] == 1 / (n + 1)
     assert metrics["domain_false_rejection_upper_bound"] == pytest.approx(upper)
     assert f"[{low:.1%}, {high:.1%}] (95% exact binomial interval" in body
